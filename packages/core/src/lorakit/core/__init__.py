@@ -1,0 +1,42 @@
+"""lorakit.core: composable low-rank adapters.
+
+Core knows no primitive: generators, normalizers, initializers and magnitude heads
+arrive through the plugin registry (``lorakit.core.plugins``), built-ins included.
+"""
+
+from .adapter import Adapter, adapted_layers, default_targets
+from .checkpoint import CheckpointError, load, save
+from .hookspecs import hookimpl
+from .layer import AdaptedLayer
+from .model_ops import (
+    ExportedLayer,
+    disabled,
+    export_factors,
+    freeze_generators,
+    merge,
+    merge_and_unload,
+    parameter_report,
+    set_enabled,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .plugins import register_plugin, registry
+from .primitives import (
+    AdapterError,
+    Generator,
+    Initializer,
+    Magnitude,
+    Normalizer,
+    ParameterSlots,
+    Primitive,
+    Slot,
+)
+
+__all__ = [
+    "Adapter", "AdaptedLayer", "AdapterError", "CheckpointError", "ExportedLayer", "Generator",
+    "Initializer", "Magnitude", "Normalizer", "ParameterSlots", "Primitive", "Slot",
+    "adapted_layers", "default_targets", "disabled", "export_factors", "freeze_generators",
+    "hookimpl", "load", "merge", "merge_and_unload", "parameter_report", "register_plugin",
+    "registry", "save", "set_enabled", "trainable_parameters", "unload", "unmerge",
+]

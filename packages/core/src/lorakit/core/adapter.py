@@ -1,0 +1,165 @@
+"""``Adapter``: a composition of primitives, applied to the layers of any model.
+
+    adapter = Adapter(generator=MLP(32), normalizer=DeLoRA(), init=LDU(), rank=8)
+    model = adapter.apply(model, targets=["q_proj", "v_proj"])
+
+Primitives may be given as instances, registered names (``"mlp"``) or specs
+(``{"name": "mlp", "args": {"width": 32}}``); ``Adapter.from_recipe("dora", rank=8)``
+takes a registered recipe.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer import AdaptedLayer
+from .plugins import registry
+from .primitives import AdapterError, Generator, Initializer, Magnitude, Normalizer
+
+Targets = str | Iterable[str] | None
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def _matches(name: str, targets: Targets) -> bool:
+    if isinstance(targets, str):  # a regex over the full module name
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Targets registered for this model's family (``config.model_type`` or class)."""
+    keys = [getattr(getattr(model, "config", None), "model_type", None), type(model).__name__]
+    for key in keys:
+        if key in registry.load().targets:
+            return registry.targets[key]
+    raise AdapterError(
+        f"no default targets for {type(model).__name__}; pass targets=[...] "
+        "(module names or a regex) or install an integration that registers them"
+    )
+
+
+@dataclass
+class Adapter:
+    generator: Any = "direct"
+    normalizer: Any = "scale"
+    init: Any = "kaiming"
+    magnitude: Any = None
+    rank: int = 8
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    seed: int = 0
+    dtype: torch.dtype | None = None
+    recipe: str | None = None
+
+    def __post_init__(self) -> None:
+        self.generator: Generator = registry.create("generator", self.generator)
+        self.normalizer: Normalizer = registry.create("normalizer", self.normalizer)
+        self.init: Initializer = registry.create("initializer", self.init)
+        self.magnitude: Magnitude | None = registry.create("magnitude", self.magnitude)
+        for name, r in {"rank": self.rank, **self.rank_pattern}.items():
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                raise AdapterError(f"{name}={r!r}: the rank must be an integer >= 1")
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides: Any) -> Adapter:
+        recipe = registry.recipe(name)
+        return cls(**{**recipe.composition(), "recipe": name, **overrides})
+
+    # -- description ----------------------------------------------------------------
+    def config(self) -> dict:
+        """JSON description: registered names + arguments only (no import paths)."""
+        return {
+            "recipe": self.recipe,
+            "generator": self.generator.spec(),
+            "normalizer": self.normalizer.spec(),
+            "init": self.init.spec(),
+            "magnitude": None if self.magnitude is None else self.magnitude.spec(),
+            "rank": self.rank,
+            "rank_pattern": dict(self.rank_pattern),
+            "seed": self.seed,
+            "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Adapter:
+        fields = ("generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "recipe")
+        kwargs = {k: config[k] for k in fields if k in config}
+        if config.get("dtype"):
+            kwargs["dtype"] = getattr(torch, config["dtype"])
+        return cls(**kwargs)
+
+    def rank_for(self, name: str) -> int:
+        for pattern, r in self.rank_pattern.items():
+            if _matches(name, [pattern]) or re.fullmatch(pattern, name):
+                return r
+        return self.rank
+
+    # -- apply -------------------------------------------------------------------------
+    def apply(self, model: nn.Module, targets: Targets = None, *, freeze_base: bool = True,
+              verbose: bool = False) -> nn.Module:
+        """Wrap every target module of ``model`` in place and return ``model``.
+
+        ``targets``: module names (a name matches itself and any ``*.name``), a regex
+        string over full names, or None for the model family's registered defaults.
+        All checks run before anything is replaced: on error the model is unchanged.
+        """
+        if adapted_layers(model):
+            raise AdapterError(
+                f"{type(model).__name__} already has a lorakit adapter; call "
+                "lorakit.core.unload(model) (or merge_and_unload) before applying another"
+            )
+        targets = default_targets(model) if targets is None else targets
+        chosen = {n: m for n, m in model.named_modules() if n and _matches(n, targets)}
+        if not chosen:
+            raise AdapterError(
+                f"targets {targets!r} match no module of {type(model).__name__}; "
+                "module names look like: " + ", ".join(n for n, _ in list(model.named_modules())[1:8])
+            )
+        new = {name: self._wrap(name, module) for name, module in chosen.items()}
+        for name, layer in new.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+        if freeze_base:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for layer in new.values():
+                for p in layer.slots.parameters():
+                    p.requires_grad_(True)
+        model.lorakit_config = {**self.config(), "targets": sorted(new)}
+        if verbose:
+            print(f"lorakit: adapted {len(new)} modules of {type(model).__name__}: {', '.join(sorted(new))}")
+        return model
+
+    def _wrap(self, name: str, module: nn.Module) -> AdaptedLayer:
+        kind = registry.layer_kind(module)
+        if kind is None:
+            types = ", ".join(sorted(t.__name__ for t in registry.layers))
+            raise AdapterError(
+                f"module {name!r} is a {type(module).__name__}; lorakit adapts {types}. "
+                "Narrow the targets or register a layer kind for it (lorakit_layers hook)."
+            )
+        if (reason := kind.check(module)) is not None:
+            raise AdapterError(f"module {name!r}: {reason}")
+        out_f, in_f = kind.matrix(module).shape
+        rank = self.rank_for(name)
+        if rank > min(out_f, in_f):
+            raise AdapterError(
+                f"module {name!r} ({out_f}x{in_f}): rank {rank} exceeds min(out, in) = "
+                f"{min(out_f, in_f)}; lower the rank or set rank_pattern for it"
+            )
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        try:
+            layer = AdaptedLayer(module, kind, rank, self.generator, self.normalizer, self.init,
+                                 self.magnitude, rng, self.dtype)
+        except AdapterError as exc:
+            raise AdapterError(f"module {name!r}: {exc}") from None
+        return layer.to(kind.matrix(module).device)

@@ -1,0 +1,200 @@
+"""Native checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The config names primitives by registered name + JSON arguments, so loading never
+imports code by path and never unpickles. Optionally the optimizer state is saved
+beside it (``optimizer.safetensors`` + ``optimizer.json``) so a resumed run takes
+the identical next step. Every file is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter import Adapter, adapted_layers
+from .primitives import AdapterError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+OPT_STATE, OPT_CONFIG = "optimizer.safetensors", "optimizer.json"
+FORMAT = "lorakit"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(AdapterError):
+    """A checkpoint that cannot be loaded into this model; nothing was changed."""
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for dist in ("lorakit-core", "lorakit-generators", "lorakit-normalizers",
+                 "lorakit-initializers", "lorakit-magnitudes"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True)))
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor (slots, generator, frozen residual), base weights excluded."""
+    state = {}
+    for name, layer in adapted_layers(model).items():
+        for key, value in layer.state_dict().items():
+            if not key.startswith("base."):
+                state[f"{name}.{key}"] = value.detach().contiguous().clone()
+    return state
+
+
+def save(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> Path:
+    layers = adapted_layers(model)
+    if not layers:
+        raise AdapterError(f"{type(model).__name__} has no lorakit adapter to save")
+    if any(layer.merged for layer in layers.values()):
+        raise AdapterError("the adapter is merged; unmerge(model) before saving")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "adapter": {k: v for k, v in model.lorakit_config.items() if k != "targets"},
+        "modules": {n: {"shape": list(layer.kind.matrix(layer.base).shape), "rank": layer.rank}
+                    for n, layer in layers.items()},
+        "base_model": type(model).__name__,
+        "versions": _versions(),
+    }
+    _atomic(path / WEIGHTS, lambda p: save_file(adapter_state(model), str(p), metadata={"format": "pt"}))
+    if optimizer is not None:
+        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        _atomic(path / OPT_STATE, lambda p: save_file(tensors, str(p)))
+        _write_json(path / OPT_CONFIG, meta)
+    _write_json(path / CONFIG, config)  # last: a config on disk means its tensors are complete
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    file = Path(path) / CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} not found; is {path} a lorakit checkpoint folder?") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a lorakit config (no \"format\": \"lorakit\")")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format_version {config.get('format_version')!r} is not "
+                              f"{FORMAT_VERSION}; upgrade lorakit-core")
+    if not isinstance(config.get("adapter"), dict) or not isinstance(config.get("modules"), dict):
+        raise CheckpointError(f"{file}: 'adapter' and 'modules' must be objects")
+    return config
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} not found; the checkpoint is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is truncated or corrupt ({exc}); use an earlier checkpoint") from None
+
+
+def load(model: nn.Module, path: str | os.PathLike,
+         optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    """Apply the saved adapter to ``model`` (or check the one it has) and load its tensors.
+
+    On any mismatch a :class:`CheckpointError` names the module and the model is
+    left as it was.
+    """
+    path = Path(path)
+    config = read_config(path)
+    tensors = _read_tensors(path / WEIGHTS)
+    modules = config["modules"]
+    applied_here = not adapted_layers(model)
+    if applied_here:
+        try:
+            adapter = Adapter.from_config(config["adapter"])
+        except (TypeError, KeyError) as exc:
+            raise CheckpointError(f"{path / CONFIG}: malformed adapter section ({exc})") from None
+        names = "|".join(re.escape(n) for n in modules)
+        adapter.apply(model, targets=f"(?:{names})")
+    try:
+        _check_and_load(model, config, tensors, path)
+    except Exception:
+        if applied_here:
+            from .model_ops import unload
+
+            unload(model)
+        raise
+    if optimizer is not None:
+        meta = json.loads((path / OPT_CONFIG).read_text())
+        optimizer.load_state_dict(_unflatten_optimizer(_read_tensors(path / OPT_STATE), meta))
+    return model
+
+
+def _check_and_load(model, config, tensors, path) -> None:
+    layers = adapted_layers(model)
+    saved = {k: v for k, v in config["adapter"].items() if k not in ("seed",)}
+    current = {k: v for k, v in model.lorakit_config.items() if k not in ("seed", "targets")}
+    current = json.loads(json.dumps(current))  # compare as JSON (tuples become lists)
+    if saved != current:
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise CheckpointError(f"{path}: the checkpoint's adapter differs from the model's in {diff}; "
+                              "load it into a model without an adapter, or apply the same recipe")
+    if set(config["modules"]) != set(layers):
+        missing = sorted(set(config["modules"]) - set(layers))
+        extra = sorted(set(layers) - set(config["modules"]))
+        raise CheckpointError(f"{path}: adapted modules differ (in checkpoint only: {missing}; "
+                              f"in model only: {extra})")
+    expected = adapter_state(model)
+    if set(expected) != set(tensors):
+        raise CheckpointError(f"{path}: tensors missing {sorted(set(expected) - set(tensors))[:5]}, "
+                              f"unexpected {sorted(set(tensors) - set(expected))[:5]}")
+    for key, value in expected.items():
+        if tensors[key].shape != value.shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(tensors[key].shape)} in the checkpoint but "
+                f"{tuple(value.shape)} in the model; the checkpoint was made for another model or rank")
+    for name, layer in layers.items():
+        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")
+               and k[len(name) + 1:] in dict(layer.state_dict())}
+        layer.load_state_dict(own, strict=False)
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, state in state_dict["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

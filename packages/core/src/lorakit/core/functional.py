@@ -1,0 +1,63 @@
+"""Pure math shared by layers, merge and export. No modules, no state.
+
+Convention: ``W`` is out × in, ``B`` is out × R, ``A`` is R × in, ``ΔW = B A``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def row_sq_norms_of_sum(W: Tensor, W_row_sq: Tensor, B: Tensor, A: Tensor) -> Tensor:
+    """``‖(W + B A)_i‖²`` for every row i without forming the out × in sum.
+
+    ``‖W_i + B_i A‖² = ‖W_i‖² + 2 (W Aᵀ)_i · B_i + B_i (A Aᵀ) B_iᵀ`` (DESIGN §4, DoRA).
+    Cost O(out·in·R) and memory O((out + in)·R). Clamped at 0 against cancellation.
+    """
+    WA = W.to(A.dtype) @ A.T  # out × R
+    cross = (WA * B).sum(dim=1)
+    quad = ((B @ (A @ A.T)) * B).sum(dim=1)
+    return (W_row_sq + 2 * cross + quad).clamp_min(0)
+
+
+def lowrank_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``B A`` from the factors: ``B A = U diag(S) Vh``.
+
+    QR of each factor, then an SVD of the small R × R core: O((out + in)·R²).
+    """
+    Qb, Rb = torch.linalg.qr(B)  # out × R, R × R
+    Qa, Ra = torch.linalg.qr(A.T)  # in × R, R × R
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    return Qb @ U, S, Vh @ Qa.T
+
+
+def reduce_lowrank(
+    B: Tensor, A: Tensor, rank: int | None = None, rtol: float | None = None
+) -> tuple[Tensor, Tensor, float]:
+    """Rewrite ``B A`` with as few rank-1 terms as possible; return ``(B_k, A_k, rel_err)``.
+
+    ``rank=None`` keeps every singular value above ``rtol·S_max`` (numerically exact);
+    an explicit ``rank`` truncates, and ``rel_err = ‖BA − B_kA_k‖_F / ‖BA‖_F`` reports
+    what was lost. The singular values are split evenly: ``B_k = U√S``, ``A_k = √S Vh``.
+    """
+    work = torch.float64 if B.dtype == torch.float64 else torch.float32
+    U, S, Vh = lowrank_svd(B.to(work), A.to(work))
+    if rtol is None:
+        rtol = torch.finfo(work).eps * max(B.shape[0], A.shape[1], 1) * 4
+    if rank is None:
+        keep = int((S > rtol * S.max()).sum()) if S.numel() and S.max() > 0 else 0
+        keep = max(keep, 1)
+    else:
+        keep = min(rank, S.numel())
+    total = S.square().sum()
+    dropped = S[keep:].square().sum()
+    rel_err = float((dropped / total).sqrt()) if total > 0 else 0.0
+    root = S[:keep].sqrt()
+    B_k = U[:, :keep] * root
+    A_k = root[:, None] * Vh[:keep]
+    if keep < (rank or 0):  # pad with zero terms so the requested rank is honoured
+        pad = rank - keep
+        B_k = torch.cat([B_k, B_k.new_zeros(B_k.shape[0], pad)], 1)
+        A_k = torch.cat([A_k, A_k.new_zeros(pad, A_k.shape[1])], 0)
+    return B_k, A_k, rel_err

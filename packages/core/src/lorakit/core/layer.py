@@ -1,0 +1,130 @@
+"""The adapted layer: a frozen base module plus the composed adapter (DESIGN §3).
+
+    ΔW(θ)  = B'A'                         (normalizer applied to generated slots)
+    W_eff  = M(W̄ + ΔW(θ) − ΔW(θ0))         (residualized: W_eff = W̄ at step 0)
+    y      = g ⊙ (W̄ x + [B', −B0'] ([A'; A0'] x)) + b     g = 1 without a magnitude head
+
+The frozen initial factors ``(B0', A0')`` are kept (they are small) instead of
+rewriting ``W̄``: the base weight is never touched until ``merge``, identity at
+init is exact in every dtype, and ``W̄`` is always available for export.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .layer_kinds import LayerKind
+from .primitives import FACTOR_SLOTS, Generator, Initializer, Magnitude, Normalizer, Slot
+
+
+class AdaptedLayer(nn.Module):
+    def __init__(self, base: nn.Module, kind: LayerKind, rank: int, generator: Generator,
+                 normalizer: Normalizer, init: Initializer, magnitude: Magnitude | None,
+                 rng: torch.Generator, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.base = base
+        self.kind = kind
+        self.rank = rank
+        self.normalizer = normalizer
+        self.magnitude = magnitude
+        self.merged = False
+        self.disabled = False
+        self._cache: tuple[Tensor, Tensor] | None = None
+
+        W = kind.matrix(base).detach()
+        dtype = dtype or (torch.float64 if W.dtype == torch.float64 else torch.float32)
+        W = W.to(dtype)
+        B0, d0, A0 = init.factors(W, rank, normalizer.initial_scale(rank), rng)
+        slots = {name: Slot(value.to(dtype), generator.trainable_factors.get(name, False))
+                 for name, value in zip(FACTOR_SLOTS, (A0, B0, d0))}
+        slots.update(normalizer.slots(W, rank))
+        if magnitude is not None:
+            self.register_buffer("row_sq_norm", W.square().sum(dim=1))
+            slots.update(magnitude.slots(W, self.row_sq_norm))
+        self.slots = generator.build(slots, rng)
+
+        with torch.no_grad():
+            B0n, A0n = normalizer.factors(self.slots(), rank)
+        # Residualize only when the initial update is non-zero (a static decision).
+        self.residual = bool(B0n.abs().amax() > 0 and A0n.abs().amax() > 0)
+        if self.residual:
+            self.register_buffer("residual_B", B0n.detach().clone())
+            self.register_buffer("residual_A", A0n.detach().clone())
+
+    # -- math --------------------------------------------------------------------
+    def factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Effective ``(B, A, g)``: ``W_eff = diag(g)·(W̄ + B A)``, ``g`` None without
+        a magnitude head. Generated slots are evaluated once per call."""
+        if self._cache is not None and not self.training:
+            return self._cache
+        s = self.slots()
+        B, A = self.normalizer.factors(s, self.rank)
+        if self.residual:
+            B = torch.cat([B, -self.residual_B], dim=1)
+            A = torch.cat([A, self.residual_A], dim=0)
+        g = None
+        if self.magnitude is not None:
+            W = self.kind.matrix(self.base)
+            g = self.magnitude.row_scale(s, W, self.row_sq_norm, B, A)
+        if not self.training and not torch.is_grad_enabled():
+            self._cache = (B, A, g)  # eval: generated factors are computed once
+        return B, A, g
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or self.disabled:
+            return self.base(x)
+        B, A, g = self.factors()
+        delta = self.kind.lowrank(self.base, x.to(A.dtype), B, A).to(x.dtype)
+        if g is None:
+            return self.base(x) + delta
+        y = self.kind.linear(self.base, x) + delta
+        return self.kind.add_bias(self.base, self.kind.scale_rows(y, g))
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # -- merge -------------------------------------------------------------------
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """``W_eff`` in the adapter's dtype (fp32, or fp64); materializes out × in."""
+        self._cache = None
+        B, A, g = self.factors()
+        V = self.kind.matrix(self.base).to(A.dtype) + B @ A
+        return V if g is None else V * g[:, None]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write ``W_eff`` (computed in fp32) into the base weight."""
+        if self.merged:
+            return
+        W_eff = self.effective_weight()
+        if not torch.isfinite(W_eff).all():
+            raise FloatingPointError(
+                "merge refused: the adapted weight has non-finite values; the base "
+                "weight is unchanged. Check the adapter's parameters for NaN/inf."
+            )
+        self._merged_with = tuple(t if t is None else t.clone() for t in self.factors())
+        self.kind.set_matrix(self.base, W_eff.to(self.kind.matrix(self.base).dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore ``W̄ = W_eff / g − B A`` with the factors used at merge time."""
+        if not self.merged:
+            return
+        B, A, g = self._merged_with
+        W = self.kind.matrix(self.base).to(A.dtype)
+        if g is not None:
+            W = W / g[:, None]
+        self.kind.set_matrix(self.base, (W - B @ A).to(self.kind.matrix(self.base).dtype))
+        self.merged = False
+        del self._merged_with
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, residual={self.residual}, merged={self.merged}"

@@ -1,0 +1,93 @@
+"""How an adapter sees a base layer as a matrix ``W̄`` (out × in) and applies factors.
+
+A layer kind is registered per module type through the ``lorakit_layers`` hook, so
+transformers' ``Conv1D`` (weight stored in × out) or a third party's quantized linear
+plug in without touching the adapted layer.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerKind:
+    """Matrix view of one base module type. Methods never allocate out × in tensors
+    except :meth:`matrix` callers that merge."""
+
+    def matrix(self, base: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+    def set_matrix(self, base: nn.Module, W: Tensor) -> None:
+        raise NotImplementedError
+
+    def linear(self, base: nn.Module, x: Tensor) -> Tensor:
+        """``W̄ x`` without bias."""
+        raise NotImplementedError
+
+    def lowrank(self, base: nn.Module, x: Tensor, B: Tensor, A: Tensor) -> Tensor:
+        """``B (A x)`` in the layer's geometry."""
+        raise NotImplementedError
+
+    def scale_rows(self, y: Tensor, g: Tensor) -> Tensor:
+        """Multiply output channel i of ``y`` by ``g_i``."""
+        return y * g.to(y.dtype)
+
+    def add_bias(self, base: nn.Module, y: Tensor) -> Tensor:
+        bias = getattr(base, "bias", None)
+        return y if bias is None else y + bias
+
+    def check(self, base: nn.Module) -> str | None:
+        """A reason this module cannot be adapted, or None."""
+        return None
+
+
+class LinearKind(LayerKind):
+    def matrix(self, base):
+        return base.weight
+
+    def set_matrix(self, base, W):
+        base.weight.data.copy_(W)
+
+    def linear(self, base, x):
+        return F.linear(x, base.weight)
+
+    def lowrank(self, base, x, B, A):
+        return F.linear(F.linear(x, A), B)
+
+
+class Conv2dKind(LayerKind):
+    """``W̄`` is the kernel flattened to out × (in·kh·kw); ``A`` is a conv with the
+    base's geometry producing r channels, ``B`` a 1×1 conv (as PEFT and diffusers)."""
+
+    def matrix(self, base):
+        return base.weight.flatten(1)
+
+    def set_matrix(self, base, W):
+        base.weight.data.copy_(W.view_as(base.weight))
+
+    def _conv(self, base, x, weight):
+        return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation)
+
+    def linear(self, base, x):
+        return self._conv(base, x, base.weight)
+
+    def lowrank(self, base, x, B, A):
+        h = self._conv(base, x, A.view(A.shape[0], *base.weight.shape[1:]))
+        return F.conv2d(h, B[:, :, None, None])
+
+    def scale_rows(self, y, g):
+        return y * g.to(y.dtype)[:, None, None]
+
+    def add_bias(self, base, y):
+        return y if base.bias is None else y + base.bias[:, None, None]
+
+    def check(self, base):
+        if base.groups != 1:
+            return "grouped convolutions (groups != 1) are not supported"
+        if base.padding_mode != "zeros":
+            return f"padding_mode={base.padding_mode!r} is not supported; use 'zeros'"
+        return None
+
+
+BUILTIN_KINDS: dict[type, LayerKind] = {nn.Linear: LinearKind(), nn.Conv2d: Conv2dKind()}

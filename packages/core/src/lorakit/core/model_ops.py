@@ -1,0 +1,143 @@
+"""Whole-model operations on an adapted model: merge, disable, report, export factors."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .adapter import adapted_layers
+from .functional import reduce_lowrank
+from .plugins import registry
+from .primitives import AdapterError, ParameterSlots, Slot
+
+
+def _layers(model: nn.Module):
+    layers = adapted_layers(model)
+    if not layers:
+        raise AdapterError(f"{type(model).__name__} has no lorakit adapter; call Adapter(...).apply(model) first")
+    return layers
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (computed in fp32, cast back)."""
+    for layer in _layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for layer in _layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Put the base modules back (unmerged: the pretrained model)."""
+    for name, layer in _layers(model).items():
+        layer.unmerge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
+    model.__dict__.pop("lorakit_config", None)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """A plain model with the adaptation baked into its weights."""
+    merge(model)
+    for name, layer in _layers(model).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
+    model.__dict__.pop("lorakit_config", None)
+    return model
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    for layer in _layers(model).values():
+        layer.disabled = not enabled
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """``with disabled(model):`` runs the base model."""
+    states = {n: layer.disabled for n, layer in _layers(model).items()}
+    set_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for name, layer in adapted_layers(model).items():
+            layer.disabled = states[name]
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def parameter_report(model: nn.Module) -> dict:
+    """Counts of trainable and total parameters, with a per-slot breakdown."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = trainable_parameters(model)
+    per_slot: dict[str, int] = {}
+    for name, p in trainable.items():
+        key = name.rsplit(".", 1)[-1]
+        per_slot[key] = per_slot.get(key, 0) + p.numel()
+    n = sum(p.numel() for p in trainable.values())
+    return {"trainable": n, "total": total, "percent": 100.0 * n / max(total, 1), "per_slot": per_slot}
+
+
+def freeze_generators(model: nn.Module) -> nn.Module:
+    """Evaluate every generator once and keep only its outputs as plain slots.
+
+    OP-LoRA's MLP is discarded here; what remains is a ``direct`` adapter with
+    the same output. Trainability of each generated slot is kept.
+    """
+    for layer in _layers(model).values():
+        if isinstance(layer.slots, ParameterSlots):
+            continue
+        trainable = getattr(layer.slots, "trainable_names", set())
+        with torch.no_grad():
+            values = layer.slots()
+        layer.slots = ParameterSlots({n: Slot(v, n in trainable) for n, v in values.items()})
+        layer._cache = None
+    config = getattr(model, "lorakit_config", None)
+    if config is not None:
+        config["generator"] = registry.create("generator", "direct").spec()
+    return model
+
+
+@dataclass
+class ExportedLayer:
+    """``W_eff − W̄ = B A`` (and ``W_eff = diag(m/‖W̄ + BA‖)(W̄ + BA)`` with DoRA)."""
+
+    B: Tensor
+    A: Tensor
+    magnitude: Tensor | None
+    rel_error: float
+
+
+@torch.no_grad()
+def export_factors(model: nn.Module, rank: int | None = None) -> dict[str, ExportedLayer]:
+    """Each adapted layer's total update as standard low-rank factors.
+
+    The residualized update ``[B', −B0'][A'; A0']`` has rank ≤ 2r; it is reduced
+    exactly (QR + small SVD). ``rank`` truncates and reports the relative error.
+    With a magnitude head, the factors are ``V − W̄`` and the magnitude is ``m``,
+    which is PEFT's DoRA parameterization exactly.
+    """
+    out = {}
+    for name, layer in _layers(model).items():
+        if layer.merged:
+            raise AdapterError(f"module {name!r} is merged; unmerge(model) before exporting")
+        if layer.disabled:
+            raise AdapterError(f"module {name!r} is disabled; enable it before exporting")
+        layer._cache = None
+        B, A, _ = layer.factors()
+        B_k, A_k, err = reduce_lowrank(B, A, rank)
+        m = None
+        if layer.magnitude is not None:
+            m = layer.magnitude.export_magnitude(layer.slots()) if hasattr(
+                layer.magnitude, "export_magnitude") else layer.slots()["m"]
+        out[name] = ExportedLayer(B_k, A_k, None if m is None else m.detach().clone(), err)
+    return out

@@ -1,0 +1,131 @@
+"""The four kinds of primitive an adapter is composed of (DESIGN.md §3).
+
+A target layer has a frozen weight ``W̄`` (out × in). Its adapter owns named
+tensors, *slots*: ``A`` (r × in), ``B`` (out × r), ``d`` (r) and whatever a
+primitive declares for itself (``lambda_`` for DeLoRA, ``sigma`` for a learnable
+scale, ``m`` for DoRA).
+
+- an :class:`Initializer` gives ``B0, d0, A0`` from ``W̄``;
+- a :class:`Generator` decides which factor slots train and how they are
+  parameterized; its module returns the current slot values each forward;
+- a :class:`Normalizer` maps ``(B, d, A)`` to effective factors ``B', A'`` with
+  ``ΔW = B'A'``;
+- a :class:`Magnitude` head (optional) rescales the rows of ``V = W̄ + ΔW``.
+
+Primitives are small dataclasses: their fields are their JSON arguments, which is
+how checkpoints name them (registered name + arguments, never an import path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+KINDS = ("generator", "normalizer", "initializer", "magnitude")
+FACTOR_SLOTS = ("A", "B", "d")
+
+
+class AdapterError(ValueError):
+    """Bad input to lorakit: the message names the module and the fix."""
+
+
+@dataclass
+class Slot:
+    """Initial value of a slot and whether the optimizer sees it."""
+
+    value: Tensor
+    trainable: bool
+
+
+class Primitive:
+    """Base of every primitive. Subclasses are dataclasses with JSON-able fields."""
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+
+    def config(self) -> dict:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+    def spec(self) -> dict:
+        return {"name": self.name, "args": self.config()}
+
+
+class Initializer(Primitive):
+    kind = "initializer"
+
+    def factors(
+        self, weight: Tensor, rank: int, scale: float, rng: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``(B0, d0, A0)`` in ``weight``'s dtype.
+
+        ``weight`` is ``W̄`` (out × in, fp32 or fp64); ``scale`` is the normalizer's
+        initial scale ``s`` so an initializer that wants ``s·B0A0`` to equal a given
+        matrix can compensate for it.
+        """
+        raise NotImplementedError
+
+
+class Normalizer(Primitive):
+    kind = "normalizer"
+
+    def slots(self, weight: Tensor, rank: int) -> dict[str, Slot]:
+        """Slots this normalizer owns (e.g. a learnable λ, cached weight norms)."""
+        return {}
+
+    def initial_scale(self, rank: int) -> float:
+        return 1.0
+
+    def factors(self, s: Mapping[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
+        """Effective ``(B', A')`` from the current slot values ``s``."""
+        raise NotImplementedError
+
+
+class Magnitude(Primitive):
+    kind = "magnitude"
+
+    def slots(self, weight: Tensor, row_sq_norm: Tensor) -> dict[str, Slot]:
+        """Slots of the head, e.g. DoRA's ``m``; ``row_sq_norm`` is ``‖W̄_i‖²``."""
+        return {}
+
+    def row_scale(
+        self, s: Mapping[str, Tensor], weight: Tensor, row_sq_norm: Tensor, B: Tensor, A: Tensor
+    ) -> Tensor:
+        """Per-output-row multiplier ``g`` with ``W_eff = diag(g)·(W̄ + B A)``."""
+        raise NotImplementedError
+
+
+class Generator(Primitive):
+    kind = "generator"
+
+    #: trainability of the factor slots A, B, d under this generator
+    trainable_factors: ClassVar[Mapping[str, bool]] = {"A": True, "B": True, "d": False}
+
+    def build(self, slots: Mapping[str, Slot], rng: torch.Generator) -> nn.Module:
+        """A module whose ``forward()`` returns ``{slot name: current value}``."""
+        raise NotImplementedError
+
+
+class ParameterSlots(nn.Module):
+    """Slots held as plain tensors: trainable ones as parameters, the rest as buffers.
+
+    This is the ``Direct`` parameterization and the storage every other generator
+    falls back on for the slots it does not generate.
+    """
+
+    def __init__(self, slots: Mapping[str, Slot]):
+        super().__init__()
+        self.names = tuple(slots)
+        for name, slot in slots.items():
+            value = slot.value.detach().clone()
+            if slot.trainable:
+                self.register_parameter(name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+
+    def forward(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.names}

@@ -1,0 +1,5 @@
+"""lorakit generators: how the trainable slots are parameterized."""
+
+from .direct import Direct
+
+__all__ = ["Direct"]

@@ -1,0 +1,3 @@
+"""lorakit magnitude heads: rescale the rows of V = W̄ + ΔW."""
+
+__all__: list[str] = []
