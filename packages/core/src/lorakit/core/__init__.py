@@ -5,7 +5,7 @@ arrive through the plugin registry (``lorakit.core.plugins``), built-ins include
 """
 
 from .adapter import Adapter, adapted_layers, default_targets
-from .checkpoint import CheckpointError, load, save
+from .checkpoint import CheckpointError, load, load_optimizer, save
 from .hookspecs import hookimpl
 from .layer import AdaptedLayer
 from .model_ops import (
@@ -37,6 +37,6 @@ __all__ = [
     "Adapter", "AdaptedLayer", "AdapterError", "CheckpointError", "ExportedLayer", "Generator",
     "Initializer", "Magnitude", "Normalizer", "ParameterSlots", "Primitive", "Slot",
     "adapted_layers", "default_targets", "disabled", "export_factors", "freeze_generators",
-    "hookimpl", "load", "merge", "merge_and_unload", "parameter_report", "register_plugin",
+    "hookimpl", "load", "load_optimizer", "merge", "merge_and_unload", "parameter_report", "register_plugin",
     "registry", "save", "set_enabled", "trainable_parameters", "unload", "unmerge",
 ]

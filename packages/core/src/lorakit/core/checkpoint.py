@@ -147,9 +147,18 @@ def load(model: nn.Module, path: str | os.PathLike,
             unload(model)
         raise
     if optimizer is not None:
-        meta = json.loads((path / OPT_CONFIG).read_text())
-        optimizer.load_state_dict(_unflatten_optimizer(_read_tensors(path / OPT_STATE), meta))
+        load_optimizer(optimizer, path)
     return model
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
+    """Restore an optimizer saved by :func:`save` (built over the same parameters)."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / OPT_CONFIG).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / OPT_CONFIG}: no readable optimizer state ({exc})") from None
+    optimizer.load_state_dict(_unflatten_optimizer(_read_tensors(path / OPT_STATE), meta))
 
 
 def _check_and_load(model, config, tensors, path) -> None:

@@ -1,0 +1,200 @@
+"""Conformance kit: the properties of DESIGN §7 for any combination of primitives.
+
+In a plugin's tests::
+
+    from hypothesis import given, settings
+    from lorakit.core.conformance import cases, check_combination, combinations
+
+    @pytest.mark.parametrize("combo", combinations(include=[MyInit()]), ids=str)
+    @given(case=cases())
+    @settings(max_examples=10, deadline=None)
+    def test_my_init_conforms(combo, case):
+        check_combination(combo, case)
+
+``combinations()`` crosses every registered generator, normalizer, initializer and
+magnitude head (default arguments) and adds every registered recipe; ``include``
+restricts it to the combinations containing the given primitives.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+from .adapter import Adapter, adapted_layers
+from .checkpoint import load, load_optimizer, save
+from .model_ops import export_factors, merge, unmerge
+from .plugins import registry
+from .primitives import Primitive
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class Combo:
+    generator: dict
+    normalizer: dict
+    init: dict
+    magnitude: dict | None
+
+    def adapter(self, rank: int, seed: int = 0) -> Adapter:
+        return Adapter(generator=self.generator, normalizer=self.normalizer, init=self.init,
+                       magnitude=self.magnitude, rank=rank, seed=seed)
+
+    def __str__(self) -> str:
+        parts = [self.generator, self.normalizer, self.init, self.magnitude]
+        return "+".join(p["name"] + "".join(f",{k}={v}" for k, v in p["args"].items()) for p in parts if p)
+
+
+def _key(spec):
+    return None if spec is None else (spec["name"], tuple(sorted(spec["args"].items())))
+
+
+def combinations(include: list[Primitive] = ()) -> list[Combo]:
+    reg = registry.load()
+    default = {kind: [{"name": n, "args": {}} for n in sorted(reg.primitives[kind])]
+               for kind in ("generator", "normalizer", "initializer", "magnitude")}
+    for p in include:
+        spec = p.spec()
+        if spec not in default[p.kind]:
+            default[p.kind].append(spec)
+    combos = [Combo(g, n, i, m) for g, n, i, m in itertools.product(
+        default["generator"], default["normalizer"], default["initializer"], [None, *default["magnitude"]])]
+    combos += [Combo(**r.composition()) for r in reg.recipes.values()]
+    unique = {(_key(c.generator), _key(c.normalizer), _key(c.init), _key(c.magnitude)): c for c in combos}
+    wanted = [p.spec() for p in include]
+    return [c for c in unique.values()
+            if all(s in (c.generator, c.normalizer, c.init, c.magnitude) for s in wanted)]
+
+
+@dataclass
+class Case:
+    layer: str  # "linear" or "conv2d"
+    in_f: int
+    hidden: int
+    out_f: int
+    rank: int
+    dtype: torch.dtype
+    batch: int
+    seed: int
+
+
+@st.composite
+def cases(draw, max_dim: int = 64, dtypes=(torch.float64, torch.float32, torch.bfloat16)) -> Case:
+    layer = draw(st.sampled_from(["linear", "linear", "linear", "conv2d"]))
+    top = max_dim if layer == "linear" else 8
+    in_f, hidden, out_f = (draw(st.integers(1, top)) for _ in range(3))
+    limit = min(in_f, hidden, out_f) if layer == "linear" else min(hidden, out_f, in_f * 9)
+    rank = draw(st.integers(1, max(limit, 1)))
+    return Case(layer, in_f, hidden, out_f, rank, draw(st.sampled_from(dtypes)),
+                draw(st.integers(1, 4)), draw(st.integers(0, 2**16)))
+
+
+def build_model(case: Case) -> tuple[nn.Module, torch.Tensor]:
+    """Two target layers with a non-linearity between them, and an input batch."""
+    g = torch.Generator().manual_seed(case.seed)
+    if case.layer == "linear":
+        model = nn.Sequential(nn.Linear(case.in_f, case.hidden), nn.Tanh(), nn.Linear(case.hidden, case.out_f))
+        x = torch.randn(case.batch, case.in_f, generator=g)
+    else:
+        model = nn.Sequential(nn.Conv2d(case.in_f, case.hidden, 3, padding=1), nn.Tanh(),
+                              nn.Conv2d(case.hidden, case.out_f, 1))
+        x = torch.randn(case.batch, case.in_f, 5, 5, generator=g)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 if p.dim() > 1 else
+                    torch.randn(p.shape, generator=g) * 0.1)
+    return model.to(case.dtype), x.to(case.dtype)
+
+
+def assert_close(actual, expected, dtype, what: str, scale: float = 1.0) -> None:
+    tol = TOLERANCE[dtype] * scale
+    ref = expected.detach().double()
+    err = (actual.detach().double() - ref).abs().max().item()
+    bound = tol * (1 + ref.abs().max().item())
+    assert err <= bound, f"{what}: max abs diff {err:.3e} > {bound:.3e}"
+
+
+def perturb(model: nn.Module, seed: int, size: float = 0.3) -> None:
+    """Move every trainable parameter, as training would."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+                p.add_(noise * size * (p.detach().abs().mean() + 0.1))
+
+
+def _loss(model, x):
+    return model(x).float().square().mean()
+
+
+def check_combination(combo: Combo, case: Case) -> None:
+    """All properties of DESIGN §7 that need no external client, for one case."""
+    model, x = build_model(case)
+    pristine = copy.deepcopy(model)
+    base_out = model(x)
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapter = combo.adapter(case.rank, seed=case.seed)
+    adapter.apply(model, targets=["0", "2"])
+
+    # 1. identity at init
+    assert_close(model(x), base_out, case.dtype, f"{combo}: identity at init")
+
+    # 5. only trainable slots get gradients
+    _loss(model, x).backward()
+    for name, p in model.named_parameters():
+        if ".base." in name:
+            assert not p.requires_grad and p.grad is None, f"{combo}: base parameter {name} is trainable"
+        elif p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"{combo}: {name} has no finite gradient"
+    model.zero_grad(set_to_none=True)
+
+    # 2. merged == unmerged, unmerge restores W̄
+    perturb(model, case.seed)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        merge(model)
+        assert_close(model(x), y, case.dtype, f"{combo}: merged vs unmerged", scale=10)
+        unmerge(model)
+        for name, layer in adapted_layers(model).items():
+            assert_close(layer.base.weight, base_weights[f"{name}.weight"], case.dtype,
+                         f"{combo}: unmerge restores W of {name}", scale=10)
+            layer.base.weight.copy_(base_weights[f"{name}.weight"])  # exact W̄ for the checks below
+    model.train()
+
+    # exported factors reproduce the adapted weight
+    if case.dtype != torch.bfloat16:  # bf16 W̄ makes this a bf16-resolution check only
+        for name, exp in export_factors(model).items():
+            layer = adapted_layers(model)[name]
+            W = layer.kind.matrix(layer.base).to(exp.B.dtype)
+            V = W + exp.B @ exp.A
+            if exp.magnitude is not None:
+                V = V * (exp.magnitude / V.norm(dim=1).clamp_min(1e-30))[:, None]
+            assert_close(V, layer.effective_weight(), case.dtype, f"{combo}: export of {name}", scale=10)
+
+    # 4. save -> load -> identical outputs and identical next step
+    if any(p.requires_grad for p in model.parameters()):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        _loss(model, x).backward()
+        opt.step()
+        opt.zero_grad()
+        with tempfile.TemporaryDirectory() as tmp:
+            save(model, tmp, optimizer=opt)
+            clone = copy.deepcopy(pristine)
+            load(clone, tmp)
+            opt2 = torch.optim.AdamW([p for p in clone.parameters() if p.requires_grad], lr=1e-2)
+            load_optimizer(opt2, tmp)
+        assert torch.equal(clone(x), model(x)), f"{combo}: outputs differ after save/load"
+        for m, o in ((model, opt), (clone, opt2)):
+            _loss(m, x).backward()
+            o.step()
+        for (n, p), (_, q) in zip(model.named_parameters(), clone.named_parameters()):
+            assert torch.equal(p, q), f"{combo}: next step differs after save/load at {n}"
