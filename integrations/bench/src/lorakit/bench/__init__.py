@@ -1,0 +1,1 @@
+"""lorakit bench: step time and memory against PEFT."""

@@ -1,0 +1,3 @@
+"""Hooks of lorakit-bench."""
+
+from lorakit.core import hookimpl  # noqa: F401

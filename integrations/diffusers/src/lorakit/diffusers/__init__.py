@@ -1,0 +1,1 @@
+"""lorakit for diffusers: UNet/DiT targets and diffusers LoRA export."""

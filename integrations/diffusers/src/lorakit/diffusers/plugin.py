@@ -1,0 +1,3 @@
+"""Hooks of lorakit-diffusers."""
+
+from lorakit.core import hookimpl  # noqa: F401

@@ -1,0 +1,3 @@
+"""Hooks of lorakit-finetune."""
+
+from lorakit.core import hookimpl  # noqa: F401

@@ -1,0 +1,1 @@
+"""lorakit for HF transformers: default targets, Conv1D, PEFT-format export/import, Trainer support."""

@@ -1,0 +1,3 @@
+"""Hooks of lorakit-transformers."""
+
+from lorakit.core import hookimpl  # noqa: F401
