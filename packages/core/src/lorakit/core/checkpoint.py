@@ -93,21 +93,69 @@ def save(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optim
 
 
 def read_config(path: str | os.PathLike) -> dict:
+    """Read and validate ``adapter_config.json``; any defect is a :class:`CheckpointError`."""
     file = Path(path) / CONFIG
     try:
         config = json.loads(file.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{file} not found; is {path} a lorakit checkpoint folder?") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{file} is not a lorakit config (no \"format\": \"lorakit\")")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{file}: format_version {config.get('format_version')!r} is not "
-                              f"{FORMAT_VERSION}; upgrade lorakit-core")
-    if not isinstance(config.get("adapter"), dict) or not isinstance(config.get("modules"), dict):
-        raise CheckpointError(f"{file}: 'adapter' and 'modules' must be objects")
+    problem = _config_problem(config)
+    if problem:
+        raise CheckpointError(f"{file}: {problem}")
     return config
+
+
+_DTYPES = {"float32", "float64", "bfloat16", "float16"}
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _spec_problem(key: str, spec: Any) -> str | None:
+    if not (isinstance(spec, dict) and set(spec) == {"name", "args"}
+            and isinstance(spec["name"], str) and isinstance(spec["args"], dict)):
+        return f"adapter.{key} must be {{\"name\": str, \"args\": {{...}}}}, got {spec!r:.80}"
+    return None
+
+
+def _config_problem(config: Any) -> str | None:
+    """What is wrong with a config, or None. Unknown fields are errors, not ignored."""
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        return 'not a lorakit config (no "format": "lorakit")'
+    if config.get("format_version") != FORMAT_VERSION:
+        return f"format_version {config.get('format_version')!r} is not {FORMAT_VERSION}; upgrade lorakit-core"
+    extra = set(config) - {"format", "format_version", "adapter", "modules", "base_model", "versions"}
+    if extra:
+        return f"unknown fields {sorted(extra)}; remove them"
+    adapter, modules = config.get("adapter"), config.get("modules")
+    if not isinstance(adapter, dict) or not isinstance(modules, dict) or not modules:
+        return "'adapter' must be an object and 'modules' a non-empty object"
+    required = {"generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "dtype", "recipe"}
+    if set(adapter) != required:
+        return f"adapter fields must be {sorted(required)}; got {sorted(adapter)}"
+    for key in ("generator", "normalizer", "init"):
+        if problem := _spec_problem(key, adapter[key]):
+            return problem
+    if adapter["magnitude"] is not None and (problem := _spec_problem("magnitude", adapter["magnitude"])):
+        return problem
+    if not _is_int(adapter["rank"], 1) or not _is_int(adapter["seed"]):
+        return "adapter.rank must be an integer >= 1 and adapter.seed an integer >= 0"
+    pattern = adapter["rank_pattern"]
+    if not isinstance(pattern, dict) or not all(_is_int(r, 1) for r in pattern.values()):
+        return "adapter.rank_pattern must map module patterns to integers >= 1"
+    if adapter["dtype"] is not None and adapter["dtype"] not in _DTYPES:
+        return f"adapter.dtype must be null or one of {sorted(_DTYPES)}"
+    if adapter["recipe"] is not None and not isinstance(adapter["recipe"], str):
+        return "adapter.recipe must be a string or null"
+    for name, info in modules.items():
+        if not (isinstance(info, dict) and set(info) == {"shape", "rank"} and _is_int(info["rank"], 1)
+                and isinstance(info["shape"], list) and len(info["shape"]) == 2
+                and all(_is_int(n, 1) for n in info["shape"])):
+            return f"modules[{name!r}] must be {{\"shape\": [out, in], \"rank\": r}}"
+    return None
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -134,10 +182,9 @@ def load(model: nn.Module, path: str | os.PathLike,
     if applied_here:
         try:
             adapter = Adapter.from_config(config["adapter"])
-        except (TypeError, KeyError) as exc:
-            raise CheckpointError(f"{path / CONFIG}: malformed adapter section ({exc})") from None
-        names = "|".join(re.escape(n) for n in modules)
-        adapter.apply(model, targets=f"(?:{names})")
+            adapter.apply(model, targets="(?:" + "|".join(re.escape(n) for n in modules) + ")")
+        except Exception as exc:  # e.g. a primitive rejecting its arguments
+            raise CheckpointError(f"{path / CONFIG}: cannot build the saved adapter: {exc}") from None
     try:
         _check_and_load(model, config, tensors, path)
     except Exception:
