@@ -1,11 +1,18 @@
-"""Registers the built-in initializers with lorakit."""
+"""Registers the built-in initializers and the recipe built on PiSSA."""
 
 from lorakit.core import hookimpl
 
-from . import Kaiming
+from . import LDU, Kaiming, PiSSA
 
 
 @hookimpl
 def lorakit_primitives(register):
-    for cls in (Kaiming,):
+    for cls in (Kaiming, PiSSA, LDU):
         register(cls)
+
+
+@hookimpl
+def lorakit_recipes(register):
+    register("pissa", generator="direct", normalizer="scale", init="pissa",
+             description="PiSSA (Meng et al., 2024): B0 A0 = rank-r principal part of W̄, "
+                         "the rest kept as the residual weight")

@@ -1,3 +1,5 @@
 """lorakit magnitude heads: rescale the rows of V = W̄ + ΔW."""
 
-__all__: list[str] = []
+from .dora import DoRA
+
+__all__ = ["DoRA"]

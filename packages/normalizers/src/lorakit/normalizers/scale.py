@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from lorakit.core import AdapterError, Normalizer, Slot
 
 

@@ -1,0 +1,106 @@
+"""``LDU``: LoLDU's Lower-Diag-Upper initialization (Shi et al., 2024;
+papers/loldu.txt §III-A/B, Eq. 1 and 3–5; the equations were lost in extraction,
+so here they are).
+
+    W̄ = P L D U      (LU with partial pivoting, then D = diag(U), U ← D⁻¹ U)
+
+``P`` a permutation, ``L`` unit lower-triangular (out × k), ``U`` unit
+upper-triangular (k × in), ``k = min(out, in)``; rectangular ``W̄`` works. The top-r
+components are
+
+    B0 = P L[:, :r]   (P applied as a row index, never as a dense out × out matrix)
+    A0 = U[:r]
+    d0 = D[:r] / s    (``init="lu"``, "Regular LDU")
+
+so ``s·B0 diag(d0) A0`` is the rank-r LDU part (the paper's DSM, Eq. 6, with
+``σ0 = s``). Other ``init`` options replace ``D_r`` by a statistic of it (§IV-F,
+Table V); with ``μ, σ_D`` the mean and (population) standard deviation of ``D_r``:
+
+- ``constant``: every entry ``μ``;
+- ``uniform``:  ``U(−|μ|/2, +|μ|/2)``;
+- ``normal``:   ``N(μ, σ_D²)``;
+
+each also divided by ``s``; ``ones`` and ``zeros`` are literal. Random draws use the
+layer's generator. Whatever the option, core's residualization subtracts the
+initial update, so the adapted layer equals the pretrained one at step 0 (the
+reference code breaks the pretrained function for ``ones``/``zeros``).
+
+A zero (or numerically zero) pivot among the first r — ``W̄``'s leading columns
+are linearly dependent after pivoting — makes ``U ← D⁻¹U`` undefined: that is an
+``AdapterError`` naming the pivot and the fix, never inf/NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from lorakit.core import AdapterError, Initializer
+
+INITS = ("lu", "constant", "uniform", "normal", "ones", "zeros")
+
+
+def permutation_from_pivots(pivots: torch.Tensor, rows: int) -> torch.Tensor:
+    """Row index ``perm`` with ``W̄[perm] = L U`` from LAPACK's 1-based row swaps."""
+    perm = list(range(rows))
+    for i, p in enumerate(pivots.tolist()):
+        perm[i], perm[p - 1] = perm[p - 1], perm[i]
+    return torch.tensor(perm, device=pivots.device)
+
+
+@dataclass
+class LDU(Initializer):
+    init: str = "lu"
+
+    name = "ldu"
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise AdapterError(f"LDU(init={self.init!r}): use one of {INITS}")
+
+    def decompose(self, weight: torch.Tensor, rank: int):
+        """``(P L[:, :r], D[:r], U[:r])`` with unit-triangular L and U."""
+        out_f, in_f = weight.shape
+        LU, pivots = torch.linalg.lu_factor(weight)
+        D = LU.diagonal()[:rank]
+        tol = torch.finfo(weight.dtype).eps * max(out_f, in_f) * weight.abs().max()
+        small = (D.abs() <= tol).nonzero()
+        if small.numel():
+            i = int(small[0])
+            raise AdapterError(
+                f"LDU: pivot {i} of the LU factorization of the {out_f}x{in_f} weight is zero "
+                f"(the weight is singular at rank {rank}); use rank <= {i} for this layer "
+                "(rank_pattern) or another initializer such as PiSSA"
+            )
+        eye = torch.eye(out_f, rank, dtype=weight.dtype, device=weight.device)
+        L = torch.tril(LU[:, :rank], diagonal=-1) + eye
+        U = torch.triu(LU[:rank]) / D[:, None]
+        inverse = torch.argsort(permutation_from_pivots(pivots, out_f))
+        return L[inverse], D, U  # (P L)[i] = L[perm⁻¹[i]]
+
+    def diagonal(self, D: torch.Tensor, scale: float, rng: torch.Generator) -> torch.Tensor:
+        if self.init == "ones":
+            return torch.ones_like(D)
+        if self.init == "zeros":
+            return torch.zeros_like(D)
+        if scale == 0:
+            raise AdapterError(
+                f"LDU(init={self.init!r}) divides the diagonal by the normalizer's initial scale, "
+                "which is 0; set a non-zero alpha"
+            )
+        mean = D.mean()
+        if self.init == "lu":
+            d = D
+        elif self.init == "constant":
+            d = torch.full_like(D, float(mean))
+        elif self.init == "uniform":
+            u = torch.rand(D.shape, generator=rng, dtype=torch.float64).to(D)
+            d = (u - 0.5) * mean.abs()  # half-width |μ|/2
+        else:  # normal
+            z = torch.randn(D.shape, generator=rng, dtype=torch.float64).to(D)
+            d = mean + z * D.std(correction=0)
+        return d / scale
+
+    def factors(self, weight, rank, scale, rng):
+        B0, D, A0 = self.decompose(weight, rank)
+        return B0.contiguous(), self.diagonal(D, scale, rng), A0.contiguous()

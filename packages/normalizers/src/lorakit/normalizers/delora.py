@@ -1,0 +1,77 @@
+"""``DeLoRA``: decoupled low-rank adaptation (Bini et al., 2025; papers/delora.txt
+§2, Eq. 5–9 and 15).
+
+    ΔW = (λ/r) · B diag(d ⊙ ξ) A diag(w),   ξ_i = 1 / (max(‖b_i‖, eps) · max(‖a_i‖, eps))
+
+``b_i`` is column i of ``B``, ``a_i`` row i of ``A``; ``d`` is the diagonal core
+(fixed ones under ``Direct``). Each rank-1 term is normalized (Eq. 5), the sum
+scaled by ``λ/r`` (Eq. 7) and by the pretrained weight norm (Eq. 8):
+
+- ``weight_norm="column"``: ``w_j = ‖W̄[:, j]‖`` per input column (as PEFT's
+  ``delora`` and the official code);
+- ``weight_norm="frobenius"``: ``w = ‖W̄‖_F``, the scalar of Eq. 8 as written.
+
+``w`` is computed once from ``W̄`` and stored as the frozen slot ``w_norm``; ``λ`` is
+the trainable scalar slot ``lambda_``, one per layer, initialized to ``lambda0``
+(default 15, PEFT's ``delora_lambda`` default; the paper tunes it per task).
+
+**Bound** (property-tested): ``‖ΔW‖_F ≤ |λ| · max_j w_j · max_i |d_i|``. Proof:
+``‖ΔW‖_F ≤ (|λ|/r) Σ_i |d_i| ξ_i ‖b_i‖ ‖diag(w) a_i‖ ≤ (|λ|/r) Σ_i |d_i| max_j w_j
+≤ |λ| max_j w_j max_i |d_i|``, because ``‖diag(w) a_i‖ ≤ max_j w_j ‖a_i‖`` and
+``ξ_i ‖b_i‖ ‖a_i‖ ≤ 1`` (``max(x, eps) ≥ x``). With the Frobenius norm ``w`` is one
+number and the same chain holds.
+
+Eq. 9 (subtracting a frozen copy of the initial update) is core's residualization:
+the recipe ``delora`` draws both factors Kaiming-uniform (``Kaiming(zero_b=False)``)
+and core keeps a *clone* of the initial factors (the official code aliased the
+frozen copy with the live parameter) and unmerges exactly. PEFT's variant
+(``B0 = 0``, no residual) is ``init=Kaiming()``.
+
+Only factors are returned — ``(B', A') = ((λ/r)·B·(d ⊙ ξ), A·diag(w))`` — so
+nothing out × in is formed. Norms are ``sqrt(max(‖·‖², eps²))``: equal to
+``max(‖·‖, eps)`` and finite in value and gradient for zero rows/columns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from lorakit.core import AdapterError, Normalizer, Slot
+
+WEIGHT_NORMS = ("column", "frobenius")
+
+
+@dataclass
+class DeLoRA(Normalizer):
+    lambda0: float = 15.0
+    weight_norm: str = "column"
+    eps: float = 1e-4
+
+    name = "delora"
+
+    def __post_init__(self):
+        if isinstance(self.lambda0, bool) or not isinstance(self.lambda0, (int, float)) \
+                or not math.isfinite(self.lambda0):
+            raise AdapterError(f"DeLoRA(lambda0={self.lambda0!r}): lambda0 must be a finite number")
+        if self.weight_norm not in WEIGHT_NORMS:
+            raise AdapterError(f"DeLoRA(weight_norm={self.weight_norm!r}): use one of {WEIGHT_NORMS}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise AdapterError(f"DeLoRA(eps={self.eps!r}): eps must be a number > 0")
+
+    def slots(self, weight, rank):
+        sq = weight.square()
+        w = sq.sum(dim=0).sqrt() if self.weight_norm == "column" else sq.sum().sqrt()
+        return {
+            "lambda_": Slot(torch.tensor(float(self.lambda0), dtype=weight.dtype), trainable=True),
+            "w_norm": Slot(w, trainable=False),
+        }
+
+    def factors(self, s, rank):
+        B, A = s["B"], s["A"]
+        eps2 = self.eps * self.eps
+        b_norm = B.square().sum(dim=0).clamp_min(eps2).sqrt()  # ‖b_i‖, columns of B
+        a_norm = A.square().sum(dim=1).clamp_min(eps2).sqrt()  # ‖a_i‖, rows of A
+        coef = (s["lambda_"] / rank) * s["d"] / (b_norm * a_norm)
+        return B * coef, A * s["w_norm"]
