@@ -27,6 +27,7 @@ from .primitives import (
     Generator,
     Initializer,
     Magnitude,
+    MergeError,
     Normalizer,
     ParameterSlots,
     Primitive,
@@ -35,7 +36,7 @@ from .primitives import (
 
 __all__ = [
     "Adapter", "AdaptedLayer", "AdapterError", "CheckpointError", "ExportedLayer", "Generator",
-    "Initializer", "Magnitude", "Normalizer", "ParameterSlots", "Primitive", "Slot",
+    "Initializer", "Magnitude", "MergeError", "Normalizer", "ParameterSlots", "Primitive", "Slot",
     "adapted_layers", "default_targets", "disabled", "export_factors", "freeze_generators",
     "hookimpl", "load", "load_optimizer", "merge", "merge_and_unload", "parameter_report", "register_plugin",
     "registry", "save", "set_enabled", "trainable_parameters", "unload", "unmerge",

@@ -65,6 +65,11 @@ class Adapter:
         self.normalizer: Normalizer = registry.create("normalizer", self.normalizer)
         self.init: Initializer = registry.create("initializer", self.init)
         self.magnitude: Magnitude | None = registry.create("magnitude", self.magnitude)
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise AdapterError(f"dtype={self.dtype!r}: the adapter dtype must be a floating torch dtype "
+                               "(torch.float32 is the default for fp16/bf16/fp32 models)")
+        if not isinstance(self.rank_pattern, Mapping):
+            raise AdapterError(f"rank_pattern={self.rank_pattern!r}: give a dict of module pattern -> rank")
         for name, r in {"rank": self.rank, **self.rank_pattern}.items():
             if not isinstance(r, int) or isinstance(r, bool) or r < 1:
                 raise AdapterError(f"{name}={r!r}: the rank must be an integer >= 1")
@@ -149,6 +154,13 @@ class Adapter:
             )
         if (reason := kind.check(module)) is not None:
             raise AdapterError(f"module {name!r}: {reason}")
+        weight = kind.matrix(module)
+        if weight.is_meta:
+            raise AdapterError(f"module {name!r} has its weight on the meta device; materialize the base "
+                               "weights first (model.to_empty(device=...) and load them), then apply")
+        if not weight.dtype.is_floating_point:
+            raise AdapterError(f"module {name!r} has a {weight.dtype} weight (quantized?); lorakit adapts "
+                               "floating-point weights: dequantize or register a layer kind for it")
         out_f, in_f = kind.matrix(module).shape
         rank = self.rank_for(name)
         if rank > min(out_f, in_f):

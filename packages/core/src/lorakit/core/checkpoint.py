@@ -146,7 +146,7 @@ def _config_problem(config: Any) -> str | None:
     pattern = adapter["rank_pattern"]
     if not isinstance(pattern, dict) or not all(_is_int(r, 1) for r in pattern.values()):
         return "adapter.rank_pattern must map module patterns to integers >= 1"
-    if adapter["dtype"] is not None and adapter["dtype"] not in _DTYPES:
+    if adapter["dtype"] is not None and not (isinstance(adapter["dtype"], str) and adapter["dtype"] in _DTYPES):
         return f"adapter.dtype must be null or one of {sorted(_DTYPES)}"
     if adapter["recipe"] is not None and not isinstance(adapter["recipe"], str):
         return "adapter.recipe must be a string or null"
@@ -179,6 +179,7 @@ def load(model: nn.Module, path: str | os.PathLike,
     tensors = _read_tensors(path / WEIGHTS)
     modules = config["modules"]
     applied_here = not adapted_layers(model)
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     if applied_here:
         try:
             adapter = Adapter.from_config(config["adapter"])
@@ -188,10 +189,12 @@ def load(model: nn.Module, path: str | os.PathLike,
     try:
         _check_and_load(model, config, tensors, path)
     except Exception:
-        if applied_here:
+        if applied_here:  # leave the model exactly as it was
             from .model_ops import unload
 
             unload(model)
+            for p, flag in grad_flags:
+                p.requires_grad_(flag)
         raise
     if optimizer is not None:
         load_optimizer(optimizer, path)
@@ -227,6 +230,10 @@ def _check_and_load(model, config, tensors, path) -> None:
         raise CheckpointError(f"{path}: tensors missing {sorted(set(expected) - set(tensors))[:5]}, "
                               f"unexpected {sorted(set(tensors) - set(expected))[:5]}")
     for key, value in expected.items():
+        if tensors[key].dtype != value.dtype:
+            raise CheckpointError(
+                f"{path}: {key} is {tensors[key].dtype} in the checkpoint but {value.dtype} in the model; "
+                "apply the adapter with the checkpoint's dtype (Adapter(dtype=...)) or convert the checkpoint")
         if tensors[key].shape != value.shape:
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(tensors[key].shape)} in the checkpoint but "

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .layer_kinds import LayerKind
-from .primitives import FACTOR_SLOTS, Generator, Initializer, Magnitude, Normalizer, Slot
+from .primitives import FACTOR_SLOTS, MergeError, Generator, Initializer, Magnitude, Normalizer, Slot
 
 
 class AdaptedLayer(nn.Module):
@@ -105,7 +105,7 @@ class AdaptedLayer(nn.Module):
             return
         W_eff = self.effective_weight()
         if not torch.isfinite(W_eff).all():
-            raise FloatingPointError(
+            raise MergeError(
                 "merge refused: the adapted weight has non-finite values; the base "
                 "weight is unchanged. Check the adapter's parameters for NaN/inf."
             )

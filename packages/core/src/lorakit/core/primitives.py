@@ -34,6 +34,10 @@ class AdapterError(ValueError):
     """Bad input to lorakit: the message names the module and the fix."""
 
 
+class MergeError(AdapterError):
+    """A merge refused because the result would not be finite; the base is unchanged."""
+
+
 @dataclass
 class Slot:
     """Initial value of a slot and whether the optimizer sees it."""

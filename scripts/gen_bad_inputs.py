@@ -1,0 +1,23 @@
+"""Regenerate docs/bad-inputs.md from the cases in tests/test_bad_input.py."""
+
+import pathlib
+import sys
+import tempfile
+
+root = pathlib.Path(__file__).parents[1]
+sys.path.insert(0, str(root / "tests"))
+import test_bad_input as cases  # noqa: E402
+
+doc = root / "docs" / "bad-inputs.md"
+head = doc.read_text().split("| case | input | error |")[0]
+rows = []
+for cid, what, action, _, _ in cases.CASES:
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            action(cases.model(), pathlib.Path(d))
+            msg = "NO ERROR"
+        except Exception as exc:
+            msg = f"{type(exc).__name__}: {exc}".replace(d, "CKPT").replace("|", "\\|")
+    rows.append(f"| `{cid}` | {what} | {msg} |")
+doc.write_text(head + "| case | input | error |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+print(f"wrote {len(rows)} rows to {doc}")
