@@ -11,11 +11,20 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lorakit.core import (
+    Adapter,
+    AdapterError,
+    CheckpointError,
+    MergeError,
+    adapted_layers,
+    export_factors,
+    load,
+    merge,
+    save,
+    set_enabled,
+)
 from safetensors.torch import save_file
 from torch import nn
-
-from lorakit.core import Adapter, AdapterError, CheckpointError, MergeError, adapted_layers, export_factors
-from lorakit.core import load, merge, save, set_enabled
 
 DOC = Path(__file__).parents[1] / "docs" / "bad-inputs.md"
 

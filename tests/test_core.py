@@ -6,11 +6,9 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from lorakit.core import (
-    Adapter,
     AdaptedLayer,
+    Adapter,
     adapted_layers,
     disabled,
     export_factors,
@@ -24,6 +22,7 @@ from lorakit.core import (
 )
 from lorakit.core.cli import main
 from lorakit.core.functional import reduce_lowrank, row_sq_norms_of_sum
+from torch import nn
 
 
 class Block(nn.Module):
