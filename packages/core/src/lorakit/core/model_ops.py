@@ -135,9 +135,6 @@ def export_factors(model: nn.Module, rank: int | None = None) -> dict[str, Expor
         layer._cache = None
         B, A, _ = layer.factors()
         B_k, A_k, err = reduce_lowrank(B, A, rank)
-        m = None
-        if layer.magnitude is not None:
-            m = layer.magnitude.export_magnitude(layer.slots()) if hasattr(
-                layer.magnitude, "export_magnitude") else layer.slots()["m"]
-        out[name] = ExportedLayer(B_k, A_k, None if m is None else m.detach().clone(), err)
+        m = None if layer.magnitude is None else layer.slots()["m"].detach().clone()
+        out[name] = ExportedLayer(B_k, A_k, m, err)
     return out
