@@ -61,7 +61,7 @@ class LDU(Initializer):
     def decompose(self, weight: torch.Tensor, rank: int):
         """``(P L[:, :r], D[:r], U[:r])`` with unit-triangular L and U."""
         out_f, in_f = weight.shape
-        LU, pivots = torch.linalg.lu_factor(weight)
+        LU, pivots, _ = torch.linalg.lu_factor_ex(weight)  # zero pivots are checked below
         D = LU.diagonal()[:rank]
         tol = torch.finfo(weight.dtype).eps * max(out_f, in_f) * weight.abs().max()
         small = (D.abs() <= tol).nonzero()
