@@ -1,5 +1,7 @@
 """lorakit generators: how the trainable slots are parameterized."""
 
+from .diagonal import Diagonal
 from .direct import Direct
+from .mlp import MLP
 
-__all__ = ["Direct"]
+__all__ = ["Diagonal", "Direct", "MLP"]

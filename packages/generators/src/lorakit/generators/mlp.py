@@ -1,0 +1,119 @@
+"""``MLP``: OP-LoRA's over-parameterized generator (papers/op-lora.txt §4, supp. §2.1).
+
+One small MLP and one learned embedding ``z ∈ R^embed_dim`` per adapted layer
+generate the trainable factor slots (``A``, ``B``; DoRA's magnitude ``m`` too, which
+makes OP-DoRA, op-lora.txt §5)::
+
+    h    = ReLU(W1 z + b1)                      W1: width × embed_dim
+    flat = W2 h + b2_eff                        W2: P × width,  P = Σ numel(slot)
+    (A, B, m) = split(flat)
+
+Paper init (supp. §2.1): ``W1, W2`` Kaiming-uniform, the rows of ``W2`` producing
+``B`` (and ``m``) zero, biases zero. So that any initializer composes (DESIGN §3
+item 2), the effective output bias is ``b2_eff = b2 + (F0 − W2 h(z0))`` with the
+learned ``b2`` zero-initialized as in the paper and ``F0`` the initializer's values:
+at step 0 the output is ``F0``. The constant is kept as two frozen buffers and
+applied as ``((W2 h − W2 h(z0)) + b2) + F0`` — the first difference is exactly 0 at
+step 0 in floating point, so the output equals ``F0`` bit for bit. Gradients of the
+MLP are those of the paper's MLP (a constant bias offset changes none of them).
+
+Trainable parameters: ``embed_dim + width·(embed_dim + 1) + (width + 1)·P``,
+about ``width × (numel A + numel B)`` (op-lora.txt §4). Slots the MLP does not
+generate (frozen ones, a normalizer's ``lambda_``/``sigma``) stay plain tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lorakit.core import AdapterError, Generator, ParameterSlots
+from torch import Tensor, nn
+
+#: slots the MLP generates when they are trainable
+GENERATED = ("A", "B", "d", "m")
+#: slots whose W2 rows start at zero (B: LoRA's "no change at init"; m: OP-DoRA's Δm)
+ZERO_ROWS = ("B", "m")
+
+
+def _kaiming_uniform(shape: tuple[int, int], rng: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """``nn.init.kaiming_uniform_(w, a=√5)`` (``nn.Linear``'s default) from ``rng``."""
+    bound = 1.0 / math.sqrt(shape[1])  # gain √(2/(1+a²)) · √(3/fan_in) with a = √5
+    return ((torch.rand(shape, generator=rng, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
+
+
+@dataclass
+class MLP(Generator):
+    """OP-LoRA generator: ``width`` hidden units, embedding ``z ∈ R^embed_dim``.
+
+    ``z_std`` is the std of the initial embedding, ``z0 ~ N(0, z_std²)``. The default
+    0.01 is the authors' and the value that reproduces the matrix-factorization study
+    (op-lora.txt §4.1; docs/papers/op-lora-mf.md): with ``z_std=1`` the pre-activations
+    are large, the MLP's effective step in the ~width directions it spans is huge and
+    OP-MF stalls at ~1.15× the SVD error for every stable SGD learning rate.
+    """
+
+    width: int = 32
+    embed_dim: int = 128
+    z_std: float = 0.01
+
+    name = "mlp"
+
+    def __post_init__(self):
+        for field in ("width", "embed_dim"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise AdapterError(
+                    f"MLP({field}={value!r}): {field} must be an integer >= 1 "
+                    "(OP-LoRA uses width=32, embed_dim=128)"
+                )
+        if not isinstance(self.z_std, (int, float)) or not math.isfinite(self.z_std) or self.z_std < 0:
+            raise AdapterError(f"MLP(z_std={self.z_std!r}): z_std must be a finite number >= 0")
+
+    def build(self, slots, rng):
+        return MLPSlots(slots, self.width, self.embed_dim, float(self.z_std), rng)
+
+
+class MLPSlots(nn.Module):
+    """The per-layer MLP. ``forward()`` evaluates it once and returns every slot."""
+
+    def __init__(self, slots, width: int, embed_dim: int, z_std: float, rng: torch.Generator):
+        super().__init__()
+        self.trainable_names = {n for n, s in slots.items() if s.trainable}
+        gen = [n for n in GENERATED if n in slots and slots[n].trainable]
+        self.generated = tuple(gen)
+        self.shapes = tuple(tuple(slots[n].value.shape) for n in gen)
+        self.sizes = tuple(slots[n].value.numel() for n in gen)
+        self.rest = ParameterSlots({n: s for n, s in slots.items() if n not in gen})
+
+        F0 = torch.cat([slots[n].value.detach().reshape(-1) for n in gen])
+        dtype, P = F0.dtype, F0.numel()
+        self.z = nn.Parameter(torch.randn(embed_dim, generator=rng, dtype=torch.float64).mul_(z_std).to(dtype))
+        self.W1 = nn.Parameter(_kaiming_uniform((width, embed_dim), rng, dtype))
+        self.b1 = nn.Parameter(torch.zeros(width, dtype=dtype))
+        W2 = _kaiming_uniform((P, width), rng, dtype)
+        start = 0
+        for n, size in zip(gen, self.sizes):
+            if n in ZERO_ROWS:
+                W2[start:start + size] = 0
+            start += size
+        self.W2 = nn.Parameter(W2)
+        self.b2 = nn.Parameter(torch.zeros(P, dtype=dtype))
+        self.register_buffer("init_values", F0.clone())  # F0
+        with torch.no_grad():
+            self.register_buffer("init_output", self._head())  # W2 h(z0), same op as forward
+
+    def _head(self) -> Tensor:
+        return F.linear(torch.relu(F.linear(self.z, self.W1, self.b1)), self.W2)
+
+    def forward(self) -> dict[str, Tensor]:
+        flat = ((self._head() - self.init_output) + self.b2) + self.init_values
+        out = self.rest()
+        for name, part, shape in zip(self.generated, flat.split(self.sizes), self.shapes):
+            out[name] = part.view(shape)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"generates={','.join(self.generated)}, width={self.W1.shape[0]}, embed_dim={self.z.numel()}"
