@@ -1,1 +1,18 @@
-"""lorakit for HF transformers: default targets, Conv1D, PEFT-format export/import, Trainer support."""
+"""lorakit for HF transformers: default targets, ``Conv1D``, PEFT-format export and
+import, and ``Trainer`` support (docs/integrations/transformers.md)."""
+
+from .conv1d import Conv1DKind
+from .peft_export import (
+    PeftExport,
+    TruncationWarning,
+    export_peft,
+    lora_config,
+    peft_export,
+    peft_state_dict,
+)
+from .targets import DEFAULT_TARGETS
+
+__all__ = [
+    "DEFAULT_TARGETS", "Conv1DKind", "PeftExport", "TruncationWarning", "export_peft",
+    "lora_config", "peft_export", "peft_state_dict",
+]

@@ -1,3 +1,26 @@
-"""Hooks of lorakit-transformers."""
+"""Hooks of lorakit-transformers: the ``Conv1D`` layer kind, default targets per
+architecture, and the ``peft`` exporter."""
 
-from lorakit.core import hookimpl  # noqa: F401
+from lorakit.core import hookimpl
+
+from transformers.pytorch_utils import Conv1D
+
+from .conv1d import Conv1DKind
+from .peft_export import export_peft
+from .targets import DEFAULT_TARGETS
+
+
+@hookimpl
+def lorakit_layers(register):
+    register(Conv1D, Conv1DKind())
+
+
+@hookimpl
+def lorakit_targets(register):
+    for model_type, names in DEFAULT_TARGETS.items():
+        register(model_type, names)
+
+
+@hookimpl
+def lorakit_exporters(register):
+    register("peft", export_peft)
