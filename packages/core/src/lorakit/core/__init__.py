@@ -21,6 +21,7 @@ from .model_ops import (
     unload,
     unmerge,
 )
+from .optim import param_groups
 from .plugins import register_plugin, registry
 from .primitives import (
     AdapterError,
@@ -38,6 +39,6 @@ __all__ = [
     "Adapter", "AdaptedLayer", "AdapterError", "CheckpointError", "ExportedLayer", "Generator",
     "Initializer", "Magnitude", "MergeError", "Normalizer", "ParameterSlots", "Primitive", "Slot",
     "adapted_layers", "default_targets", "disabled", "export_factors", "freeze_generators",
-    "hookimpl", "load", "load_optimizer", "merge", "merge_and_unload", "parameter_report", "register_plugin",
+    "hookimpl", "load", "load_optimizer", "merge", "param_groups", "merge_and_unload", "parameter_report", "register_plugin",
     "registry", "save", "set_enabled", "trainable_parameters", "unload", "unmerge",
 ]
