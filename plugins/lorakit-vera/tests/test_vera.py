@@ -1,6 +1,8 @@
 """VeRA's own tests: Eq. (2), sharing, parameter count, then the conformance kit
 crossed with every registered normalizer, initializer and magnitude head."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +16,10 @@ def model_and_input():
     model = torch.nn.Sequential(torch.nn.Linear(12, 12), torch.nn.Tanh(), torch.nn.Linear(12, 12),
                                 torch.nn.Tanh(), torch.nn.Linear(12, 5))
     return model, torch.randn(6, 12)
+
+
+# conformance examples per combination (tests/test_plugins_thirdparty.py runs 1 in CI)
+EXAMPLES = int(os.environ.get("LORAKIT_CONFORMANCE_EXAMPLES", "3"))
 
 
 def test_registered_through_the_entry_point():
@@ -66,7 +72,7 @@ def test_vera_over_another_basis_is_a_valid_composition():
 
 @pytest.mark.parametrize("combo", combinations(include=[VeRA()]), ids=str)
 @given(case=cases(max_dim=24))
-@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_conformance_generator(combo, case):
     check_combination(combo, case)
 
@@ -74,6 +80,6 @@ def test_conformance_generator(combo, case):
 @pytest.mark.parametrize("combo", [c for c in combinations(include=[SharedRandom()])
                                    if c.generator["name"] in ("direct", "vera")], ids=str)
 @given(case=cases(max_dim=24))
-@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_conformance_initializer(combo, case):
     check_combination(combo, case)

@@ -48,7 +48,7 @@ def new_plugin(name: str, kind: str = "initializer", directory: str | Path = "."
     values = placeholders(name, kind)
     taken = registry.load().primitives[kind].get(values["name"])
     if taken is not None:
-        raise AdapterError(f"a {kind} named {values['name']!r} is already registered "
+        raise AdapterError(f"{kind} {values['name']!r} is already registered "
                            f"({taken.__module__}); choose another name")
     target = Path(directory) / values["dist"]
     if target.exists():

@@ -1,0 +1,219 @@
+"""The plugin registry (DESIGN §5), each behaviour on a fresh ``Registry()``:
+lazy idempotent loading, the environment switches, failures reported not fatal,
+name clashes, unknown hooks rejected; and the ``plugins``/``recipes`` commands."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint
+
+import pytest
+import torch
+from lorakit.core import AdapterError, Initializer, hookimpl
+from lorakit.core import plugins as plugins_mod
+from lorakit.core.cli import main
+from lorakit.core.layer_kinds import LinearKind
+from lorakit.core.plugins import HOOKS, Registry
+from torch import nn
+
+
+@dataclass
+class Zeros(Initializer):
+    name = "zeros-test"
+
+    def factors(self, weight, rank, scale, rng):
+        out_f, in_f = weight.shape
+        return weight.new_zeros(out_f, rank), weight.new_ones(rank), weight.new_zeros(rank, in_f)
+
+
+class MyLinear(nn.Linear):
+    pass
+
+
+def export_nothing(model, path, **options):
+    return path
+
+
+class Everything:
+    """A plugin implementing every hook of lorakit.core.hookspecs."""
+
+    @hookimpl
+    def lorakit_primitives(register):
+        register(Zeros)
+
+    @hookimpl
+    def lorakit_recipes(register):
+        register("zeros-recipe", generator="direct", normalizer="scale", init="zeros-test",
+                 description="test recipe")
+
+    @hookimpl
+    def lorakit_layers(register):
+        register(MyLinear, LinearKind())
+
+    @hookimpl
+    def lorakit_targets(register):
+        register("my-model", ["q", "v"])
+
+    @hookimpl
+    def lorakit_exporters(register):
+        register("nothing", export_nothing)
+
+    @hookimpl
+    def lorakit_commands(register):
+        register("hello", "say hello", lambda parser: None, lambda args: 0)
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv("LORAKIT_DISABLE_AUTOLOAD", raising=False)
+    monkeypatch.delenv("LORAKIT_LOAD_PLUGINS", raising=False)
+
+
+def test_every_hook_registers_through_its_callback():
+    reg = Registry()
+    reg.register_plugin(Everything, "everything")
+    assert reg.failures == {}
+    info = reg.plugins["everything"]
+    assert sorted(info.hooks) == sorted(HOOKS)  # lorakit_primitives ... lorakit_commands
+    assert reg.primitives["initializer"]["zeros-test"] is Zeros
+    assert reg.recipes["zeros-recipe"].init == {"name": "zeros-test", "args": {}}
+    assert reg.recipes["zeros-recipe"].plugin == "everything"
+    assert isinstance(reg.layer_kind(MyLinear(2, 2)), LinearKind)  # found through the MRO
+    assert reg.targets["my-model"] == ["q", "v"]
+    assert reg.exporters["nothing"] is export_nothing
+    assert reg.commands["hello"][0] == "say hello"
+    assert "initializer 'zeros-test'" in info.registered and "command 'hello'" in info.registered
+
+
+def test_loading_is_lazy_and_idempotent(no_env):
+    reg = Registry()
+    assert not reg.loaded and reg.plugins == {} and reg.primitives["generator"] == {}
+    reg.load()
+    assert reg.loaded and {"core", "generators", "normalizers", "initializers"} <= set(reg.plugins)
+    snapshot = ({k: dict(v) for k, v in reg.primitives.items()}, dict(reg.recipes), dict(reg.failures))
+    assert reg.load() is reg
+    assert ({k: dict(v) for k, v in reg.primitives.items()}, dict(reg.recipes), dict(reg.failures)) == snapshot
+    # a lookup loads on first use
+    fresh = Registry()
+    assert fresh.primitive_class("generator", "direct").__name__ == "Direct" and fresh.loaded
+
+
+def test_autoload_can_be_disabled(monkeypatch):
+    monkeypatch.setenv("LORAKIT_DISABLE_AUTOLOAD", "1")
+    reg = Registry().load()
+    assert reg.plugins == {} and reg.recipes == {}
+    with pytest.raises(AdapterError, match="unknown generator 'direct'.*Install the plugin"):
+        reg.primitive_class("generator", "direct")
+    reg.register_plugin(Everything, "everything")  # plugins can still be registered by hand
+    assert "zeros-test" in reg.primitives["initializer"]
+
+
+def test_allow_list(monkeypatch):
+    monkeypatch.delenv("LORAKIT_DISABLE_AUTOLOAD", raising=False)
+    monkeypatch.setenv("LORAKIT_LOAD_PLUGINS", "core, normalizers")
+    reg = Registry().load()
+    assert set(reg.plugins) == {"core", "normalizers"}
+    assert "scale" in reg.primitives["normalizer"] and reg.primitives["generator"] == {}
+
+
+def test_a_plugin_that_fails_to_import_is_reported_not_fatal(monkeypatch, no_env):
+    real = plugins_mod.entry_points
+    broken = EntryPoint(name="broken", value="lorakit_no_such_module_xyz.plugin", group="lorakit")
+    monkeypatch.setattr(plugins_mod, "entry_points", lambda group: [broken, *real(group=group)])
+    with pytest.warns(UserWarning, match="'broken': import failed: ModuleNotFoundError"):
+        reg = Registry().load()
+    assert reg.failures["broken"].startswith("import failed: ModuleNotFoundError")
+    assert "broken" not in reg.plugins and "direct" in reg.primitives["generator"]  # the others loaded
+
+
+def test_a_hook_that_raises_is_reported_not_fatal():
+    class Raising:
+        @hookimpl
+        def lorakit_recipes(register):
+            raise RuntimeError("boom")
+
+    reg = Registry()
+    with pytest.warns(UserWarning, match="lorakit_recipes raised RuntimeError: boom"):
+        reg.register_plugin(Raising, "raising")
+    reg.register_plugin(Everything, "everything")
+    assert "raising" in reg.failures and reg.recipes["zeros-recipe"].plugin == "everything"
+
+
+def test_name_clashes_are_clear_errors():
+    class Again:
+        @hookimpl
+        def lorakit_primitives(register):
+            register(Zeros)
+
+    class SameRecipe:
+        @hookimpl
+        def lorakit_recipes(register):
+            register("zeros-recipe", generator="direct", normalizer="scale", init="kaiming")
+
+    reg = Registry()
+    reg.register_plugin(Everything, "everything")
+    with pytest.warns(UserWarning):
+        reg.register_plugin(Again, "again")
+        reg.register_plugin(SameRecipe, "same-recipe")
+    assert reg.failures["again"] == ("lorakit_primitives raised AdapterError: initializer 'zeros-test' is "
+                                      "already registered; rename it in plugin 'again'")
+    assert "recipe 'zeros-recipe' is already registered; rename it in plugin 'same-recipe'" in reg.failures[
+        "same-recipe"]
+    assert reg.primitives["initializer"]["zeros-test"] is Zeros and reg.recipes["zeros-recipe"].plugin == "everything"
+
+
+def test_unknown_hookimpls_are_rejected():
+    class Typo:
+        @hookimpl
+        def lorakit_primitivs(register):  # misspelt: check_pending rejects it
+            register(Zeros)
+
+    reg = Registry()
+    with pytest.warns(UserWarning, match="rejected"):
+        reg.register_plugin(Typo, "typo")
+    assert "lorakit_primitivs" in reg.failures["typo"] and "typo" not in reg.plugins
+    assert not reg.pm.is_registered(Typo) and reg.primitives["initializer"] == {}
+
+
+def test_only_primitive_classes_register():
+    class NotAPrimitive:
+        @hookimpl
+        def lorakit_primitives(register):
+            register(torch.nn.Linear)
+
+    reg = Registry()
+    with pytest.warns(UserWarning, match="is not a primitive class with a kind and a name"):
+        reg.register_plugin(NotAPrimitive, "bad")
+    assert reg.primitives["initializer"] == {}
+
+
+def test_a_registered_primitive_is_usable_by_name(no_env):
+    reg = Registry().load()
+    reg.register_plugin(Everything, "everything")
+    init = reg.create("initializer", {"name": "zeros-test", "args": {}})
+    assert isinstance(init, Zeros)
+    with pytest.raises(AdapterError, match=r"initializer 'zeros-test': bad arguments \{'x': 1\}"):
+        reg.create("initializer", {"name": "zeros-test", "args": {"x": 1}})
+    with pytest.raises(AdapterError, match="unknown recipe 'nope'; registered recipes: .*lora"):
+        reg.recipe("nope")
+
+
+def test_cli_plugins_json(capsys):
+    assert main(["plugins", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {row["name"]: row for row in report["plugins"]}
+    assert {"core", "generators", "normalizers", "initializers", "olora", "vera", "devtools"} <= set(rows)
+    assert rows["olora"]["distribution"] == "lorakit-olora" and rows["olora"]["version"] == "0.1.0"
+    assert "initializer 'olora'" in rows["olora"]["registered"]
+    assert rows["devtools"]["hooks"] == ["lorakit_commands"]
+    assert report["failures"] == []
+
+
+def test_cli_recipes_json(capsys):
+    assert main(["recipes", "--json"]) == 0
+    recipes = json.loads(capsys.readouterr().out)
+    assert recipes["lora"]["init"] == {"name": "kaiming", "args": {}} and recipes["lora"]["magnitude"] is None
+    assert recipes["rslora"]["normalizer"] == {"name": "scale", "args": {"rs": True}}
+    assert recipes["vera"]["plugin"] == "vera" and recipes["vera"]["generator"]["name"] == "vera"
+    assert recipes["olora"]["init"]["name"] == "olora"
