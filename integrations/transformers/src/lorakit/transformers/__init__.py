@@ -10,9 +10,10 @@ from .peft_export import (
     peft_export,
     peft_state_dict,
 )
+from .peft_import import PeftImportError, import_peft, read_peft
 from .targets import DEFAULT_TARGETS
 
 __all__ = [
     "DEFAULT_TARGETS", "Conv1DKind", "PeftExport", "TruncationWarning", "export_peft",
-    "lora_config", "peft_export", "peft_state_dict",
+    "PeftImportError", "import_peft", "lora_config", "peft_export", "peft_state_dict", "read_peft",
 ]

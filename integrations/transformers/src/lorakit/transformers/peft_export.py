@@ -95,6 +95,10 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
         raise AdapterError(f"{type(model).__name__} has no lorakit adapter to export; apply one first")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise AdapterError(f"export rank={rank!r}: give an integer >= 1, or None to export exactly")
+    if getattr(model, "lorakit_merged_peft", None):
+        warnings.warn(f"this model's base has the PEFT adapter {model.lorakit_merged_peft} merged in "
+                      "(import_peft with a recipe); the export is relative to that merged base, so load it "
+                      "on a base with the same PEFT adapter merged", UserWarning, stacklevel=3)
     factors = export_factors(model, rank)
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}

@@ -1,0 +1,205 @@
+"""Import a PEFT LoRA or DoRA adapter into lorakit to keep training it.
+
+PEFT's update for a module is ``ΔW = s · B A`` with ``s = alpha/r`` (``alpha/√r``
+with ``use_rslora``), ``alpha`` and ``r`` per module from ``alpha_pattern`` /
+``rank_pattern``; DoRA adds ``W_eff = diag(m / ‖W̄ + ΔW‖_row) (W̄ + ΔW)``.
+
+Two semantics, both starting exactly at the PEFT model's function:
+
+- ``recipe=None`` — *continue the same adapter*: lorakit builds the adapter PEFT
+  trained (``direct`` generator, ``scale`` normalizer with PEFT's alpha/rsLoRA,
+  ``dora`` magnitude if ``use_dora``) and loads ``B``, ``A`` (and ``m``) from the
+  file. The parameterization is PEFT's, so a training step is PEFT's step, and an
+  export writes the same update back. A per-module ``alpha_pattern`` is folded into
+  ``B`` (the value is exact; only that module's learning-rate scale changes).
+- ``recipe=Adapter(...)`` (or a recipe name) — *train another method on top*: the
+  PEFT update is merged into the base weights (in fp32, cast back, as PEFT's
+  ``merge_and_unload``) and the recipe is applied to the same modules; every
+  lorakit adapter is the identity at step 0, so the model starts at the PEFT
+  model's function. The new adapter (its native checkpoints and exports) is
+  relative to that merged base: rebuild it with ``import_peft(base, path, recipe)``
+  before ``lorakit.core.load``, or ship ``merge_and_unload(model)``.
+
+Anything the file holds that lorakit cannot represent (biases, ``modules_to_save``,
+embedding LoRA, other PEFT methods) is a clear error listing it; nothing changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from lorakit.core import Adapter, AdapterError, adapted_layers, registry
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from .peft_export import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
+
+_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
+# LoraConfig fields that change what the adapter computes, with the value lorakit supports.
+_UNSUPPORTED = {"bias": "none", "lora_bias": False, "modules_to_save": None, "layer_replication": None,
+                "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None,
+                "use_qalora": False, "use_bdlora": None, "arrow_config": None}
+
+
+class PeftImportError(AdapterError):
+    """A PEFT adapter lorakit cannot import; the model is unchanged."""
+
+
+def _pattern_value(pattern: dict, name: str, default: Any) -> Any:
+    # PEFT's rule (peft.utils.other.get_pattern_key): the key is a regex matching a suffix.
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def read_peft(path: str | os.PathLike, prefix: str = PEFT_PREFIX) -> tuple[dict, dict[str, dict[str, Tensor]]]:
+    """``(config, {module: {"A", "B"[, "m"]}})`` from a PEFT adapter folder, validated."""
+    path = Path(path)
+    try:
+        config = json.loads((path / PEFT_CONFIG).read_text())
+    except FileNotFoundError:
+        raise PeftImportError(f"{path / PEFT_CONFIG} not found; is {path} a PEFT adapter folder?") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PeftImportError(f"{path / PEFT_CONFIG} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise PeftImportError(f"{path}: peft_type {kind!r} is not supported; lorakit imports LoRA and DoRA "
+                              "adapters (peft_type 'LORA')")
+    odd = {k: config[k] for k, ok in _UNSUPPORTED.items()
+           if k in config and config[k] != ok and config[k] not in (None, [], {})}
+    if odd:
+        raise PeftImportError(f"{path}: these LoraConfig options have no lorakit equivalent: {odd}; "
+                              "retrain without them or merge the adapter with PEFT instead")
+    weights = path / PEFT_WEIGHTS
+    if not weights.is_file():
+        extra = " (only a pickled adapter_model.bin is there; lorakit reads safetensors only: re-save it " \
+                "with PeftModel.save_pretrained(..., safe_serialization=True))" \
+            if (path / "adapter_model.bin").is_file() else ""
+        raise PeftImportError(f"{weights} not found{extra}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PeftImportError(f"{weights} is truncated or corrupt ({exc})") from None
+
+    modules: dict[str, dict[str, Tensor]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        match = _KEY.fullmatch(key[len(prefix):]) if key.startswith(prefix) else None
+        if match is None:
+            unknown.append(key)
+            continue
+        part = {"lora_A.weight": "A", "lora_B.weight": "B"}.get(match["part"], "m")
+        modules.setdefault(match["module"], {})[part] = value
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:12]) + (f" and {len(unknown) - 12} more" if len(unknown) > 12 else "")
+        raise PeftImportError(
+            f"{weights}: {len(unknown)} keys lorakit does not understand: {shown}. lorakit imports "
+            f"'{prefix}<module>.lora_A.weight', '.lora_B.weight' and DoRA's '.lora_magnitude_vector'")
+    dora = bool(config.get("use_dora"))
+    for name, parts in sorted(modules.items()):
+        need = {"A", "B", "m"} if dora else {"A", "B"}
+        if set(parts) != need:
+            raise PeftImportError(f"{weights}: module {name!r} has {sorted(parts)}, expected {sorted(need)} "
+                                  f"(use_dora={dora})")
+    if not modules:
+        raise PeftImportError(f"{weights} holds no LoRA tensors")
+    return config, modules
+
+
+def _peft_update(config: dict, name: str, parts: dict[str, Tensor], layer_kind, base: nn.Module):
+    """``(B·s, A, m)`` as out × r, r × in matrices in fp32, shape-checked against ``base``."""
+    out_f, in_f = layer_kind.matrix(base).shape
+    A, B = parts["A"].flatten(1).float(), parts["B"].flatten(1).float()  # Conv2d: (r, in, kh, kw), (out, r, 1, 1)
+    r = A.shape[0]
+    if A.shape[1] != in_f or B.shape != (out_f, r):
+        raise PeftImportError(f"module {name!r} is {out_f}x{in_f} but the file's lora_B @ lora_A is "
+                              f"{tuple(B.shape)} @ {tuple(A.shape)}; the adapter was made for another model")
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+    s = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    m = parts.get("m")
+    if m is not None and m.shape != (out_f,):
+        raise PeftImportError(f"module {name!r}: lora_magnitude_vector has shape {tuple(m.shape)}, "
+                              f"expected ({out_f},)")
+    return B * s, A, None if m is None else m.float()
+
+
+def import_peft(model: nn.Module, path: str | os.PathLike, recipe: Adapter | str | None = None, *,
+                prefix: str = PEFT_PREFIX) -> nn.Module:
+    """Load the PEFT LoRA/DoRA adapter at ``path`` into ``model`` (a plain base model)
+    as a lorakit adapter and return ``model``; see the module docstring for the two
+    semantics (``recipe=None``: keep training the same adapter; a recipe: train it on
+    top of the merged PEFT update). On any error the model is unchanged."""
+    config, modules = read_peft(path, prefix)
+    if adapted_layers(model):
+        raise PeftImportError(f"{type(model).__name__} already has a lorakit adapter; import into the base "
+                              "model (lorakit.core.unload(model) first)")
+    names = dict(model.named_modules())
+    missing = sorted(set(modules) - set(names))
+    if missing:
+        raise PeftImportError(f"{path}: modules {missing[:8]} are not in {type(model).__name__}; "
+                              "the adapter was made for another architecture")
+    updates = {}
+    for name, parts in modules.items():
+        kind = registry.layer_kind(names[name])
+        if kind is None:
+            raise PeftImportError(f"module {name!r} is a {type(names[name]).__name__}, which lorakit cannot adapt")
+        updates[name] = (kind, _peft_update(config, name, parts, kind, names[name]))
+    targets = "(?:" + "|".join(re.escape(n) for n in sorted(modules)) + ")"
+    if recipe is None:
+        return _continue_same_adapter(model, config, updates, targets)
+    adapter = Adapter.from_recipe(recipe) if isinstance(recipe, str) else recipe
+    return _merge_then_apply(model, updates, adapter, targets, path)
+
+
+def _continue_same_adapter(model, config, updates, targets):
+    ranks = {name: A.shape[0] for name, (_, (_, A, _)) in updates.items()}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    adapter = Adapter(generator="direct",
+                      normalizer={"name": "scale", "args": {"alpha": config.get("lora_alpha", 8),
+                                                            "rs": bool(config.get("use_rslora"))}},
+                      init="kaiming", magnitude="dora" if config.get("use_dora") else None,
+                      rank=r, rank_pattern={n: k for n, k in ranks.items() if k != r})
+    adapter.apply(model, targets=targets)
+    layers = adapted_layers(model)
+    with torch.no_grad():
+        for name, (_, (Bs, A, m)) in updates.items():
+            layer = layers[name]
+            s = layer.normalizer.initial_scale(layer.rank)  # lorakit's alpha/r; PEFT's may differ per module
+            slots = layer.slots
+            slots.A.copy_(A)
+            slots.B.copy_(Bs / s)
+            if m is not None:
+                slots.m.copy_(m)
+            layer._cache = None
+    return model
+
+
+def _merge_then_apply(model, updates, adapter, targets, path):
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, (kind, (Bs, A, m)) in updates.items():
+                base = model.get_submodule(name)
+                W = kind.matrix(base)
+                saved[name] = W.detach().clone()
+                V = W.float() + Bs @ A
+                if m is not None:  # DoRA: W_eff = diag(m / ‖V_i‖) V
+                    V = V * (m / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny))[:, None]
+                kind.set_matrix(base, V.to(W.dtype))
+        adapter.apply(model, targets=targets)
+    except Exception:
+        with torch.no_grad():
+            for name, W in saved.items():
+                kind = updates[name][0]
+                kind.set_matrix(model.get_submodule(name), W)
+        raise
+    model.lorakit_merged_peft = str(path)
+    return model
