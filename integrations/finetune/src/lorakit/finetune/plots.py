@@ -1,0 +1,62 @@
+"""PNG plots of a run (loss curve) and of a comparison (curves + metric bars).
+
+Figures are drawn with matplotlib's object API on an Agg canvas: no pyplot global
+state, no display needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (as the progress bar shows)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+
+
+def loss_curve(losses: list[float], path: Path, title: str, ylabel: str) -> Path:
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    steps = range(1, len(losses) + 1)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="per step")
+    ax.plot(steps, smooth(losses), color="tab:blue", linewidth=1.8, label="moving average")
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    return path
+
+
+def compare_plot(runs: list[dict], path: Path, metric: str, ylabel: str) -> Path:
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
+    colors = [f"C{i}" for i in range(len(runs))]
+    for run, color in zip(runs, colors):
+        left.plot(range(1, len(run["losses"]) + 1), smooth(run["losses"]), color=color, label=run["label"])
+    left.set(xlabel="step", ylabel=ylabel + " (moving average)", title="training loss")
+    left.grid(alpha=0.3)
+    left.legend(fontsize="small")
+    values = [run["metrics"][metric] for run in runs]
+    bars = right.bar([run["label"] for run in runs], values, color=colors)
+    right.bar_label(bars, fmt="%.3f", fontsize="small")
+    lo, hi = min(values + [0.0]), max(values)
+    right.set_ylim(lo, hi + 0.1 * (hi - lo or 1))
+    right.set(ylabel=f"held-out {metric}", title=f"held-out {metric} (higher is better)")
+    right.tick_params(axis="x", labelrotation=30)
+    right.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+    return path

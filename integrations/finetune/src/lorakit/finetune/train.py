@@ -1,0 +1,331 @@
+"""``finetune(config)``: one fine-tuning run, start to finish.
+
+load data + model → apply the adapter → AdamW with linear warm-up and decay, a
+progress bar with the running loss → periodic atomic checkpoints → held-out
+evaluation → native checkpoint, PEFT export, loss-curve PNG, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lorakit.core as core
+import torch
+
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, written_by
+from .compose import build_adapter
+from .data import Dataset, load_data, split
+from .errors import FinetuneError, Interrupted
+from .model import TextModel, load_backbone
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class FinetuneConfig:
+    recipe: str | None = None  # None and no primitives given: lora
+    generator: str | None = None
+    normalizer: str | None = None
+    init: str | None = None
+    magnitude: str | None = None
+    model: str | None = None  # None: the embedded MiniLM-L6
+    data: str | None = None  # None: the embedded VADER lexicon
+    text_column: str = "text"
+    label_column: str = "label"
+    task: str = "auto"
+    targets: list[str] | None = None  # None: the registered defaults of the model family
+    rank: int = 8
+    steps: int = 150
+    lr: float = 2e-3
+    lambda_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup: float = 0.1
+    batch_size: int = 32
+    max_length: int = 64
+    seed: int = 0
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    resume: str | None = None
+    out: str = "lorakit-out/finetune"
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise FinetuneError(f"output folder {out} is not writable ({exc.strerror or exc}); "
+                            "pass another --out") from None
+
+
+def _check_numbers(cfg: FinetuneConfig) -> None:
+    for name in ("rank", "steps", "batch_size", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise FinetuneError(f"--lr {cfg.lr}: must be a positive number")
+    if cfg.save_every < 0 or not 0 <= cfg.warmup < 1:
+        raise FinetuneError("--save-every must be >= 0 and --warmup in [0, 1)")
+
+
+class Batches:
+    """Step ``k``'s batch is a pure function of (seed, k): shuffled epochs, padded per batch."""
+
+    def __init__(self, encoded: dict[str, list], labels: torch.Tensor, batch_size: int, seed: int,
+                 pad_id: int):
+        self.encoded, self.labels, self.bs, self.seed, self.pad_id = encoded, labels, batch_size, seed, pad_id
+        self.n = len(labels)
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        idx, pos = [], step * self.bs
+        while len(idx) < self.bs:
+            epoch, i = divmod(pos + len(idx), self.n)
+            idx += self._perm(epoch)[i:i + self.bs - len(idx)]
+        return idx
+
+    def collate(self, idx: list[int], device) -> dict[str, torch.Tensor]:
+        width = max(len(self.encoded["input_ids"][i]) for i in idx)
+        batch = {}
+        for key, seqs in self.encoded.items():
+            pad = self.pad_id if key == "input_ids" else 0
+            rows = [seqs[i] + [pad] * (width - len(seqs[i])) for i in idx]
+            batch[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return batch
+
+
+def _encode(tokenizer, texts: list[str], max_length: int) -> dict[str, list]:
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    return {k: enc[k] for k in TOKEN_KEYS if k in enc}
+
+
+def _targets(data: Dataset, train: Dataset) -> tuple[torch.Tensor, dict]:
+    """Training targets: standardized values (regression) or class indices."""
+    if data.task == "regression":
+        y = torch.tensor(train.labels, dtype=torch.float32)
+        mean, std = y.mean().item(), y.std().item() or 1.0
+        return (y - mean) / std, {"mean": mean, "std": std}
+    return torch.tensor(train.labels, dtype=torch.long), {"classes": data.classes}
+
+
+@torch.no_grad()
+def evaluate(model: TextModel, batches: Batches, task: str, norm: dict, device, batch_size: int = 256) -> dict:
+    model.eval()
+    order = sorted(range(batches.n), key=lambda i: len(batches.encoded["input_ids"][i]))
+    preds = torch.empty(batches.n) if task == "regression" else torch.empty(batches.n, dtype=torch.long)
+    for start in range(0, batches.n, batch_size):
+        idx = order[start:start + batch_size]
+        out = model(batches.collate(idx, device)).float().cpu()
+        preds[idx] = out * norm["std"] + norm["mean"] if task == "regression" else out.argmax(-1)
+    model.train()
+    y = batches.labels
+    if task == "regression":
+        err = preds - y
+        pearson = torch.corrcoef(torch.stack([preds, y]))[0, 1].item()
+        return {"pearson": pearson if math.isfinite(pearson) else 0.0, "rmse": err.square().mean().sqrt().item(),
+                "mae": err.abs().mean().item()}
+    acc = (preds == y).float().mean().item()
+    f1s = []
+    for c in range(len(norm["classes"])):
+        tp = ((preds == c) & (y == c)).sum().item()
+        denom = (preds == c).sum().item() + (y == c).sum().item()
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return {"accuracy": acc, "macro_f1": sum(f1s) / len(f1s)}
+
+
+PRIMARY = {"regression": "pearson", "classification": "accuracy"}
+
+
+class PeakMemory:
+    """Peak memory of the run: CUDA allocator peak, or the process's peak RSS on CPU
+    (reset at the start through /proc/self/clear_refs where Linux allows it)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+
+    def read_mb(self) -> tuple[float, str]:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20, "cuda max_memory_allocated"
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, "process peak RSS"
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS (since start)"
+
+
+def _progress(total: int, initial: int, label: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=label, unit="step", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, mininterval=0.5, leave=True)
+
+
+def _param_groups(model, cfg: FinetuneConfig) -> list[dict]:
+    try:  # per-slot learning rates (DeLoRA's λ) where core provides them
+        from lorakit.core import param_groups
+    except ImportError:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
+                 "weight_decay": cfg.weight_decay}]
+    return param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, lambda_lr=cfg.lambda_lr)
+
+
+def _export_peft(backbone, path: Path, base: Path) -> tuple[str | None, str | None]:
+    try:
+        from lorakit.transformers import export_peft
+    except ImportError as exc:
+        return None, f"lorakit-transformers has no export_peft ({exc})"
+    export_peft(backbone, path, base_model_name_or_path=str(base))
+    return str(path), None
+
+
+def finetune(cfg: FinetuneConfig, *, label: str | None = None, log=print) -> dict:
+    """Run one fine-tune; return the summary (also written to ``out/summary.json``)."""
+    _check_numbers(cfg)
+    out = Path(cfg.out)
+    check_writable(out)
+    adapter, name = build_adapter(cfg.recipe, generator=cfg.generator, normalizer=cfg.normalizer,
+                                  init=cfg.init, magnitude=cfg.magnitude, rank=cfg.rank, seed=cfg.seed)
+    label = label or name
+    data = load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
+    train, test = split(data, cfg.test_fraction, cfg.split_seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.device == "auto" else cfg.device)
+
+    torch.manual_seed(cfg.seed)
+    backbone, tokenizer, folder = load_backbone(cfg.model)
+    targets = cfg.targets or None
+    adapter.apply(backbone, targets=targets)
+    y_train, norm = _targets(data, train)
+    n_out = 1 if data.task == "regression" else len(data.classes)
+    model = TextModel(backbone, n_out, torch.Generator().manual_seed(cfg.seed)).to(device)
+    model.train()
+    report = core.parameter_report(backbone)
+    head_params = sum(p.numel() for p in model.head.parameters())
+
+    groups = _param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups)
+    warm = max(1, round(cfg.warmup * cfg.steps)) if cfg.warmup else 0
+    schedule = lambda k: min((k + 1) / warm, 1.0) if k < warm else max(0.0, (cfg.steps - k) / max(1, cfg.steps - warm))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    pad_id = tokenizer.pad_token_id
+    batches = Batches(_encode(tokenizer, train.texts, cfg.max_length), y_train, cfg.batch_size, cfg.seed, pad_id)
+    y_test = torch.tensor(test.labels, dtype=torch.float32 if data.task == "regression" else torch.long)
+    test_batches = Batches(_encode(tokenizer, test.texts, cfg.max_length), y_test, cfg.batch_size, 0, pad_id)
+
+    state = {"label": label, "task": data.task, "norm": norm, "model": str(folder), "data": data.source,
+             "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "losses": []}
+    start = 0
+    if cfg.resume:
+        restored = load_checkpoint(model, optimizer, Path(cfg.resume))
+        start, state["losses"] = restored["step"], restored.get("losses", [])[: restored["step"]]
+        if start >= cfg.steps:
+            raise FinetuneError(f"--resume {cfg.resume}: it is at step {start}, not before --steps {cfg.steps}")
+        scheduler.last_epoch = start - 1
+        scheduler.step()  # the learning rate of step `start`
+    state["run_id"] = uuid.uuid4().hex
+    ckpt_root = out / "checkpoints"
+    memory = PeakMemory(device)
+    loss_fn = torch.nn.functional.mse_loss if data.task == "regression" else torch.nn.functional.cross_entropy
+
+    train_time, ema = 0.0, None
+    bar = _progress(cfg.steps, start, label, cfg.progress)
+    last_ckpt = None
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            idx = batches.indices(step)
+            loss = loss_fn(model(batches.collate(idx, device)), batches.labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            value = loss.item()
+            train_time += time.perf_counter() - t0
+            if not math.isfinite(value):
+                raise FinetuneError(f"{label}: the loss became {value} at step {step + 1}; lower --lr")
+            state["losses"].append(value)
+            ema = value if ema is None else 0.9 * ema + 0.1 * value
+            bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
+            bar.update(1)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                last_ckpt = save_checkpoint(model, optimizer, ckpt_root, step + 1, state)
+    except KeyboardInterrupt:
+        bar.close()
+        latest = latest_checkpoint(ckpt_root)  # Ctrl-C may land between the rename and the assignment
+        raise Interrupted(latest if written_by(latest, state["run_id"]) else last_ckpt) from None
+    bar.close()
+
+    t_eval = time.perf_counter()
+    metrics = evaluate(model, test_batches, data.task, norm, device)
+    eval_seconds = time.perf_counter() - t_eval
+    peak_mb, peak_kind = memory.read_mb()
+    ckpt = save_checkpoint(model, optimizer, ckpt_root, cfg.steps, state)
+    peft_path, peft_error = _export_peft(backbone, out / "peft", folder)
+    if peft_path:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()},
+                  str(out / "peft" / "head.safetensors"))
+    primary = PRIMARY[data.task]
+    steps_done = cfg.steps - start
+    summary = {
+        "label": label, "recipe": adapter.recipe, "adapter": {k: v for k, v in backbone.lorakit_config.items()},
+        "model": str(folder), "data": data.source, "task": data.task,
+        "n_train": len(train), "n_test": len(test), "steps": cfg.steps, "batch_size": cfg.batch_size,
+        "lr": cfg.lr, "rank": cfg.rank, "seed": cfg.seed, "split_seed": cfg.split_seed,
+        "metric": {"name": primary, "value": metrics[primary], "higher_is_better": True},
+        "metrics": metrics,
+        "trainable_parameters": {"adapter": report["trainable"], "head": head_params,
+                                 "total": report["trainable"] + head_params},
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "steps_per_second": steps_done / train_time if train_time else None,
+        "train_seconds": train_time, "eval_seconds": eval_seconds,
+        "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
+        "device": str(device), "threads": torch.get_num_threads(),
+        "final_loss": ema, "losses": state["losses"],
+        "checkpoint": str(ckpt), "peft_export": peft_path, "peft_export_error": peft_error,
+        "loss_plot": str(out / "loss.png"), "versions": {"torch": torch.__version__},
+    }
+    from .plots import loss_curve
+
+    loss_curve(state["losses"], out / "loss.png", f"{label}: {primary} {metrics[primary]:.3f}",
+               "MSE (standardized)" if data.task == "regression" else "cross-entropy")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(f"{label}: {primary}={metrics[primary]:.4f} "
+        + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != primary)
+        + f"  trainable={summary['trainable_parameters']['adapter']:,}+{head_params:,} head"
+        + f"  {summary['steps_per_second']:.2f} steps/s  -> {out}")
+    return summary
