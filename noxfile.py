@@ -1,0 +1,169 @@
+"""nox sessions for lorakit: the version matrix, lint, typecheck, docs, bench, slow.
+
+    nox -l                                   # list every session
+    nox -s lint typecheck docs               # the quick ones
+    nox -s "tests-3.11(torch='2.13.0', transformers='lowest', diffusers='newest')"
+    nox -s tests -- tests/test_core.py       # any cell, with pytest arguments of your own
+
+Each session builds a fresh virtualenv and installs everything into it (the lorakit
+packages editable, from this checkout). ``docs/development.md`` lists what each
+session runs and the times measured on the reference machine.
+
+torch comes from a *local* wheel: PyPI's Linux wheels of torch are CUDA builds that
+pull ~4 GB of nvidia wheels, so a cell whose torch wheel is not on this machine is
+skipped with the reason, unless ``LORAKIT_NOX_TORCH_FROM_PYPI=1``. Wheel folders are
+searched in ``LORAKIT_WHEEL_DIRS`` (os.pathsep-separated), default below.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+nox.options.sessions = ["lint", "typecheck", "tests", "docs"]
+nox.options.reuse_venv = "no"  # "each session installs the packages fresh"
+
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+TORCH = ["2.13.0", "2.14.1"]
+# Lowest = the lowest versions the test subset passed with (docs/development.md);
+# they are the lower bounds of the integrations' pyproject files. Newest = newest
+# released when the matrix was last run; bump and rerun to move them.
+TRANSFORMERS = {"lowest": "4.45.0", "newest": "5.23.0"}
+DIFFUSERS = {"lowest": "0.30.0", "newest": "0.42.1"}
+# peft follows transformers (old peft does not know new transformers and vice versa)
+PEFT = {"lowest": "0.17.0", "newest": "0.21.2"}
+PINNED = ("torch", "transformers", "diffusers", "peft")
+
+# The subset each matrix cell runs (2 shared cores: the full suite 8 times is hours).
+# It covers every place lorakit touches torch, transformers, diffusers or peft APIs.
+MATRIX_TESTS = [
+    "tests/test_core.py",
+    "tests/test_registry.py",
+    "tests/test_peft_export.py",
+    "tests/test_peft_import.py",
+    "tests/test_transformers*.py",
+    "tests/test_diffusers*.py",
+    "tests/test_hf*.py",
+]
+MATRIX_K = "not slow"
+
+WHEEL_DIRS = [Path(p) for p in os.environ.get(
+    "LORAKIT_WHEEL_DIRS", os.pathsep.join(["/opt/wheels", "/opt/pypi-more/files", "/opt/pypi/files"])
+).split(os.pathsep) if p]
+
+
+def _pyenv_interpreters() -> None:
+    """Put pyenv's interpreters on PATH ahead of its shims: a shim for a version that
+    is installed but not selected fails instead of being reported as missing."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    found = [str(p) for v in PYTHONS for p in sorted(root.glob(f"versions/{v}.*/bin"))[-1:]]
+    if found:
+        os.environ["PATH"] = os.pathsep.join([*found, os.environ.get("PATH", "")])
+
+
+_pyenv_interpreters()
+
+
+def dev_requirements() -> tuple[list[str], list[str]]:
+    """(editable lorakit paths, other requirements) from requirements-dev.txt, without
+    the packages the matrix pins."""
+    editable, other = [], []
+    for line in (ROOT / "requirements-dev.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        if line.startswith("-e "):
+            editable += ["-e", line[3:].strip()]
+        elif re.split(r"[<>=!~\[ ;]", line)[0].lower() not in PINNED:
+            other.append(line)
+    return editable, other
+
+
+def install_torch(session: nox.Session, version: str) -> None:
+    py = "".join(session.python.split(".")[:2]) if isinstance(session.python, str) else \
+        f"{sys.version_info.major}{sys.version_info.minor}"
+    wheels = [w for d in WHEEL_DIRS if d.is_dir()
+              for w in sorted(d.glob(f"torch-{version}*-cp{py}-cp{py}-*linux*x86_64.whl"))]
+    if wheels:
+        session.install(str(wheels[0]))
+    elif os.environ.get("LORAKIT_NOX_TORCH_FROM_PYPI") == "1":
+        session.install(f"torch=={version}")
+    else:
+        session.skip(f"no local wheel torch=={version} for cp{py} in "
+                     f"{', '.join(map(str, WHEEL_DIRS))}; PyPI only has the CUDA build "
+                     "(~4 GB with its nvidia wheels): set LORAKIT_NOX_TORCH_FROM_PYPI=1 to use it")
+
+
+def install_lorakit(session: nox.Session, torch: str, transformers: str | None = None,
+                    diffusers: str | None = None, peft: str | None = None) -> None:
+    """torch first (local wheel), then everything else with torch held fixed."""
+    install_torch(session, torch)
+    constraints = Path(session.create_tmp()) / "constraints.txt"
+    constraints.write_text(f"torch=={torch}\n")
+    editable, other = dev_requirements()
+    pins = [f"{name}=={v}" for name, v in
+            (("transformers", transformers), ("diffusers", diffusers), ("peft", peft)) if v]
+    session.install("-c", str(constraints), *editable, *other, *pins)
+    session.run("python", "-c", "import torch, transformers, diffusers, peft; print('versions:', "
+                "torch.__version__, transformers.__version__, diffusers.__version__, peft.__version__)")
+
+
+@nox.session(python=PYTHONS)
+@nox.parametrize("diffusers", list(DIFFUSERS))
+@nox.parametrize("transformers", list(TRANSFORMERS))
+@nox.parametrize("torch", TORCH)
+def tests(session: nox.Session, torch: str, transformers: str, diffusers: str) -> None:
+    """The matrix: python × torch × transformers {lowest, newest} × diffusers {lowest, newest}.
+
+    Runs MATRIX_TESTS (``-k MATRIX_K``), or ``nox -s tests -- <pytest args>``."""
+    install_lorakit(session, torch, TRANSFORMERS[transformers], DIFFUSERS[diffusers], PEFT[transformers])
+    files = [str(p.relative_to(ROOT)) for pattern in MATRIX_TESTS for p in sorted(ROOT.glob(pattern))]
+    args = session.posargs or [*files, "-k", MATRIX_K]
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *args,
+                env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff over the whole repository (config in pyproject.toml)."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    """mypy on lorakit.core (the package every plugin builds on)."""
+    install_torch(session, TORCH[0])
+    session.install("mypy", "-e", "packages/core[conformance]")
+    session.run("mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-error-summary",
+                "--check-untyped-defs", "-p", "lorakit.core",
+                env={"MYPYPATH": str(ROOT / "packages" / "core" / "src")})
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """The mkdocs site with warnings as errors (the API pages import lorakit)."""
+    install_lorakit(session, TORCH[0])
+    session.install("mkdocs-material", "mkdocstrings[python]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(Path(session.create_tmp()) / "site"))
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """``lorakit bench --json`` against PEFT (``nox -s bench -- <bench args>``)."""
+    install_lorakit(session, TORCH[0], TRANSFORMERS["newest"], DIFFUSERS["newest"], PEFT["newest"])
+    args = session.posargs or ["--quick"]
+    session.run("lorakit", "bench", "--json", *args)
+
+
+@nox.session(python="3.11")
+def slow(session: nox.Session) -> None:
+    """The heavy checks (``@pytest.mark.slow``), skipped by the default test command."""
+    install_lorakit(session, TORCH[0], TRANSFORMERS["newest"], DIFFUSERS["newest"], PEFT["newest"])
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow",
+                *session.posargs, env={"LORAKIT_SLOW": "1", "HF_HUB_OFFLINE": "1"})
