@@ -1,19 +1,39 @@
 """lorakit for HF transformers: default targets, ``Conv1D``, PEFT-format export and
-import, and ``Trainer`` support (docs/integrations/transformers.md)."""
+import, and ``Trainer`` support (docs/integrations/transformers.md).
 
-from .conv1d import Conv1DKind
-from .peft_export import (
-    PeftExport,
-    TruncationWarning,
-    export_peft,
-    lora_config,
-    peft_export,
-    peft_state_dict,
-)
-from .peft_import import PeftImportError, import_peft, read_peft
-from .targets import DEFAULT_TARGETS
+Names are imported on first use, so loading the plugin registry (which imports
+this package) does not pay for ``Trainer`` or PEFT imports.
+"""
 
-__all__ = [
-    "DEFAULT_TARGETS", "Conv1DKind", "PeftExport", "TruncationWarning", "export_peft",
-    "PeftImportError", "import_peft", "lora_config", "peft_export", "peft_state_dict", "read_peft",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "Conv1DKind": "conv1d",
+    "DEFAULT_TARGETS": "targets",
+    "PeftExport": "peft_writer",
+    "TruncationWarning": "peft_writer",
+    "export_peft": "peft_writer",
+    "lora_config": "peft_writer",
+    "peft_export": "peft_writer",
+    "peft_state_dict": "peft_writer",
+    "PeftImportError": "peft_reader",
+    "import_peft": "peft_reader",
+    "read_peft": "peft_reader",
+    "LorakitCallback": "trainer",
+    "adapter_keys": "trainer",
+    "adapter_only_saving": "trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lorakit.transformers' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .peft_export import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
+from .peft_writer import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 
 _KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
 # LoraConfig fields that change what the adapter computes, with the value lorakit supports.

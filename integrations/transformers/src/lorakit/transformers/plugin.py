@@ -6,7 +6,7 @@ from lorakit.core import hookimpl
 from transformers.pytorch_utils import Conv1D
 
 from .conv1d import Conv1DKind
-from .peft_export import export_peft
+from .peft_writer import export_peft
 from .targets import DEFAULT_TARGETS
 
 

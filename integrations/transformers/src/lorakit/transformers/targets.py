@@ -18,5 +18,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "key", "value", "dense"],
     "roberta": ["query", "key", "value", "dense"],
     "xlm-roberta": ["query", "key", "value", "dense"],
-    "vit": ["query", "value"],
+    # transformers 5 renamed ViT's attention projections; list both spellings so the
+    # defaults work across the supported versions (a name absent from a model matches nothing).
+    "vit": ["query", "value", "q_proj", "v_proj"],
 }
