@@ -30,13 +30,32 @@ nox.options.reuse_venv = "no"  # "each session installs the packages fresh"
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 TORCH = ["2.13.0", "2.14.1"]
-# Lowest = the lowest versions the test subset passed with (docs/development.md);
-# they are the lower bounds of the integrations' pyproject files. Newest = newest
-# released when the matrix was last run; bump and rerun to move them.
-TRANSFORMERS = {"lowest": "4.45.0", "newest": "5.23.0"}
-DIFFUSERS = {"lowest": "0.30.0", "newest": "0.42.1"}
-# peft follows transformers (old peft does not know new transformers and vice versa)
-PEFT = {"lowest": "0.17.0", "newest": "0.21.2"}
+# "lowest" is the lower bound the packages declare (the highest `name>=X` over every
+# pyproject in packages/, integrations/ and plugins/), so the matrix checks that the
+# declared bounds really work. "newest" is the newest release when the matrix was
+# last run (docs/development.md); bump it and rerun.
+NEWEST = {"transformers": "5.23.0", "diffusers": "0.42.1", "peft": "0.21.2"}
+
+
+def declared_lower_bound(dist: str) -> str:
+    import tomllib
+
+    bounds = []
+    for path in [*ROOT.glob("packages/*/pyproject.toml"), *ROOT.glob("integrations/*/pyproject.toml"),
+                 *ROOT.glob("plugins/*/pyproject.toml")]:
+        for req in tomllib.loads(path.read_text()).get("project", {}).get("dependencies", []):
+            m = re.fullmatch(rf"{dist}\s*>=\s*([\w.]+)\s*", req.split(";")[0].split(",")[0])
+            if m:
+                bounds.append(tuple(int(x) for x in m.group(1).split(".") if x.isdigit()))
+    if not bounds:
+        raise RuntimeError(f"no package declares a lower bound for {dist}")
+    return ".".join(map(str, max(bounds)))
+
+
+TRANSFORMERS = {"lowest": declared_lower_bound("transformers"), "newest": NEWEST["transformers"]}
+DIFFUSERS = {"lowest": declared_lower_bound("diffusers"), "newest": NEWEST["diffusers"]}
+# peft follows transformers: old peft does not know new transformers and vice versa
+PEFT = {"lowest": declared_lower_bound("peft"), "newest": NEWEST["peft"]}
 PINNED = ("torch", "transformers", "diffusers", "peft")
 
 # The subset each matrix cell runs (2 shared cores: the full suite 8 times is hours).
@@ -155,10 +174,12 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """``lorakit bench --json`` against PEFT (``nox -s bench -- <bench args>``)."""
+    """``lorakit bench`` against PEFT, results as JSON in .nox/bench.json
+    (a small default run; ``nox -s bench -- <bench args>`` for the full one)."""
     install_lorakit(session, TORCH[0], TRANSFORMERS["newest"], DIFFUSERS["newest"], PEFT["newest"])
-    args = session.posargs or ["--quick"]
-    session.run("lorakit", "bench", "--json", *args)
+    args = session.posargs or ["--steps", "5", "--repeats", "2", "--warmup", "2",
+                               "--recipes", "lora,dora", "--peft", "lora,dora", "--no-progress"]
+    session.run("lorakit", "bench", "--json", str(ROOT / ".nox" / "bench.json"), *args)
 
 
 @nox.session(python="3.11")

@@ -70,7 +70,8 @@ def no_env(monkeypatch):
     monkeypatch.delenv("LORAKIT_LOAD_PLUGINS", raising=False)
 
 
-def test_every_hook_registers_through_its_callback():
+def test_every_hook_registers_through_its_callback(monkeypatch):
+    monkeypatch.setenv("LORAKIT_DISABLE_AUTOLOAD", "1")  # only this plugin
     reg = Registry()
     reg.register_plugin(Everything, "everything")
     assert reg.failures == {}
