@@ -121,7 +121,7 @@ class ExportedLayer:
 def export_factors(model: nn.Module, rank: int | None = None) -> dict[str, ExportedLayer]:
     """Each adapted layer's total update as standard low-rank factors.
 
-    The residualized update ``[B', −B0'][A'; A0']`` has rank ≤ 2r; it is reduced
+    The residualized update ``B'A' − B0'A0'`` has rank ≤ 2r; it is reduced
     exactly (QR + small SVD). ``rank`` truncates and reports the relative error.
     With a magnitude head, the factors are ``V − W̄`` and the magnitude is ``m``,
     which is PEFT's DoRA parameterization exactly.
