@@ -82,13 +82,16 @@ def _uses_conv1d(layer: nn.Module) -> bool:
 
 
 def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT_PREFIX,
-                base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None) -> PeftExport:
+                base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
+                task_type: str | None = None) -> PeftExport:
     """The PEFT tensors and config of ``model``'s adapter, with per-module errors.
 
     ``rank=None`` keeps every module's update exactly (its numerical rank, ≤ 2r);
     an explicit ``rank`` truncates every module to it and reports the relative
     error (a :class:`TruncationWarning` lists the modules that lost more than
     round-off). ``dtype`` casts the saved tensors (default: the adapter's dtype).
+    ``task_type`` (e.g. ``"CAUSAL_LM"``) is written to the config for PEFT's
+    task-specific wrappers; the default None loads as a plain ``PeftModel``.
     """
     layers = adapted_layers(model)
     if not layers:
@@ -123,11 +126,12 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
             TruncationWarning, stacklevel=3)
     return PeftExport(tensors, lora_config(ranks, use_dora=magnitudes == {True},
                                            fan_in_fan_out=any(_uses_conv1d(m) for m in layers.values()),
-                                           base_model_name_or_path=base_model_name_or_path), rel_errors)
+                                           base_model_name_or_path=base_model_name_or_path,
+                                           task_type=task_type), rel_errors)
 
 
 def lora_config(ranks: dict[str, int], *, use_dora: bool = False, fan_in_fan_out: bool = False,
-                base_model_name_or_path: str | None = None) -> dict:
+                base_model_name_or_path: str | None = None, task_type: str | None = None) -> dict:
     """A PEFT ``LoraConfig`` (as JSON) whose scaling is 1 for every module.
 
     ``r`` is the most common rank; other modules get ``rank_pattern`` and
@@ -140,7 +144,7 @@ def lora_config(ranks: dict[str, int], *, use_dora: bool = False, fan_in_fan_out
     pattern = {re.escape(name): k for name, k in sorted(ranks.items()) if k != r}
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": r,
@@ -167,7 +171,8 @@ def peft_state_dict(model: nn.Module, rank: int | None = None,
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike, *, rank: int | None = None,
-                base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None) -> Path:
+                base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
+                task_type: str | None = None) -> Path:
     """Write ``model``'s adapter to ``path`` as a PEFT LoRA (or DoRA) adapter.
 
     Loads with ``PeftModel.from_pretrained(base, path)`` or ``base.load_adapter(path)``.
@@ -175,5 +180,6 @@ def export_peft(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
     per-module relative errors, which are also stored in the safetensors metadata
     (``lorakit_rel_errors``). Returns ``path``.
     """
-    export = peft_export(model, rank, base_model_name_or_path=base_model_name_or_path, dtype=dtype)
+    export = peft_export(model, rank, base_model_name_or_path=base_model_name_or_path, dtype=dtype,
+                         task_type=task_type)
     return export.save(path)
