@@ -98,10 +98,8 @@ def _single(recipe: str, scenario: str, inputs: Path):
     return model, common.train(model, common.data())
 
 
-@pytest.fixture(scope="module")
-def world_run(tmp_path_factory):
-    """Launch the worker once for all recipes; return its output folder."""
-    out = tmp_path_factory.mktemp("dist")
+def _prepare_inputs(out: Path) -> None:
+    """The "pretrained" base weights and, per recipe, a trained checkpoint (meta path)."""
     inputs = out / "inputs"
     inputs.mkdir()
     save_file(common.base_model().state_dict(), str(inputs / "base.safetensors"))
@@ -109,6 +107,13 @@ def world_run(tmp_path_factory):
         model = common.build(recipe)
         common.train(model, common.data(1))
         lk.save(model, inputs / recipe)
+
+
+@pytest.fixture(scope="module")
+def world_run(tmp_path_factory):
+    """Launch the worker once for all recipes; return its output folder."""
+    out = tmp_path_factory.mktemp("dist")
+    _prepare_inputs(out)
     _spawn_ranks(HERE / "worker.py", [str(out), *RECIPES], out)
     return out
 
@@ -132,20 +137,24 @@ def _assert_close(actual: dict, expected: dict, what: str) -> None:
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_ranks_agree_with_single_process(world_run, recipe, scenario):
+    _check_case(world_run, recipe, scenario)
+
+
+def _check_case(folder: Path, recipe: str, scenario: str) -> None:
     name = f"{scenario}-{recipe}"
-    states, metas = _results(world_run, name)
+    states, metas = _results(folder, name)
     # identical across ranks: bit for bit (same reduced gradients, same update)
     assert metas[0]["losses"] == metas[1]["losses"]
     assert set(states[0]) == set(states[1])
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), f"{name}: {key} differs between ranks"
     # equal to one process over the global batch
-    model, losses = _single(recipe, scenario, world_run / "inputs")
+    model, losses = _single(recipe, scenario, folder / "inputs")
     torch.testing.assert_close(torch.tensor(metas[0]["losses"]), torch.tensor(losses), **TOL)
     _assert_close(states[0], {**adapter_state_dict(model), **common.evaluate(model)}, name)
     # training moved every trainable tensor, most far beyond the tolerance (else the
     # comparison above would prove little)
-    start = adapter_state_dict(_start(recipe, scenario, world_run / "inputs"))
+    start = adapter_state_dict(_start(recipe, scenario, folder / "inputs"))
     moved = {k: float((states[0][k] - start[k]).abs().max()) for k, p in model.named_parameters()
              if p.requires_grad}
     assert all(v > 0 for v in moved.values()), f"{name}: untrained tensors {moved}"
@@ -226,3 +235,50 @@ def test_accelerate_launch_matches_single_process(accelerate_run, recipe):
     model, losses = _single(recipe, "ddp", None)
     torch.testing.assert_close(torch.tensor(metas[0]["losses"]), torch.tensor(losses), **TOL)
     _assert_close(states[0], {**adapter_state_dict(model), **common.evaluate(model)}, f"accelerate-{recipe}")
+
+
+# -- torchrun, and the HF Trainer under torchrun (slow: seconds of imports per rank) -
+
+
+def _torchrun(script: Path, args: list[str], what: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), *args]
+    _check([subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)], what)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_torchrun_launch(tmp_path, scenario):
+    """The same worker under ``torchrun`` (env:// rendezvous instead of a file store)."""
+    _prepare_inputs(tmp_path)
+    _torchrun(HERE / "worker.py", [str(tmp_path), *RECIPES], "torchrun worker.py")
+    for recipe in RECIPES:
+        _check_case(tmp_path, recipe, scenario)
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer")
+    script = HERE / "worker_trainer.py"
+    single = subprocess.Popen([sys.executable, str(script), str(out), *RECIPES], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _check([single], "Trainer, single process")
+    _torchrun(script, [str(out), *RECIPES], "Trainer under torchrun")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_hf_trainer_ddp_matches_single_process(trainer_runs, recipe):
+    states, metas = _results(trainer_runs, f"trainer-{recipe}")
+    assert metas[0]["wrapper"] == "DistributedDataParallel"  # the Trainer's own DDP wrap
+    assert metas[0]["losses"] == metas[1]["losses"]
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), f"{recipe}: {key} differs between ranks"
+    single = load_file(str(trainer_runs / f"trainer-single-{recipe}-rank0.safetensors"))
+    single_meta = json.loads((trainer_runs / f"trainer-single-{recipe}-rank0.json").read_text())
+    assert single_meta["wrapper"] == "LlamaForCausalLM"
+    torch.testing.assert_close(torch.tensor(metas[0]["losses"]), torch.tensor(single_meta["losses"]), **TOL)
+    _assert_close(states[0], single, f"trainer-{recipe}")
+    least, most = single_meta["moved"]  # every trainable tensor moved, most far beyond the tolerance
+    assert least > 0 and most > 100 * TOL["atol"], single_meta["moved"]
