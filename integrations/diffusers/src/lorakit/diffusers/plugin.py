@@ -1,3 +1,18 @@
-"""Hooks of lorakit-diffusers."""
+"""Hooks of lorakit-diffusers: default targets per diffusers model class and the
+``diffusers`` exporter."""
 
-from lorakit.core import hookimpl  # noqa: F401
+from lorakit.core import hookimpl
+
+from .export import export_diffusers
+from .targets import ATTENTION, MODELS
+
+
+@hookimpl
+def lorakit_targets(register):
+    for model_class in MODELS:
+        register(model_class, ATTENTION)
+
+
+@hookimpl
+def lorakit_exporters(register):
+    register("diffusers", export_diffusers)
