@@ -13,11 +13,12 @@ components are
     d0 = D[:r] / s    (``init="lu"``, "Regular LDU")
 
 so ``s·B0 diag(d0) A0`` is the rank-r LDU part (the paper's DSM, Eq. 6, with
-``σ0 = s``). Other ``init`` options replace ``D_r`` by a statistic of it (§IV-F,
-Table V); with ``μ, σ_D`` the mean and (population) standard deviation of ``D_r``:
+``σ0 = s``). Other ``init`` options replace ``D_r`` by a statistic of it (the initialization
+ablation, Table V); with ``μ, σ_D`` the mean and (population) standard deviation of ``D_r``:
 
 - ``constant``: every entry ``μ``;
-- ``uniform``:  ``U(−|μ|/2, +|μ|/2)``;
+- ``uniform``:  ``U(−|μ|/2, +|μ|/2)`` (the extracted paper lost the bounds; this is
+  DESIGN §4's reading);
 - ``normal``:   ``N(μ, σ_D²)``;
 
 each also divided by ``s``; ``ones`` and ``zeros`` are literal. Random draws use the
