@@ -32,7 +32,11 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
     UNet2DModel,
 )
-from lorakit.core import Adapter, AdapterError, adapted_layers, default_targets, merge, registry  # noqa: E402
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from lorakit.core import Adapter, AdapterError, adapted_layers, default_targets, merge, registry, set_enabled  # noqa: E402
 from lorakit.diffusers import (  # noqa: E402
     ATTENTION,
     METADATA_KEY,
@@ -42,9 +46,6 @@ from lorakit.diffusers import (  # noqa: E402
     export_diffusers,
     targets,
 )
-from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 RECIPES = sorted(registry.load().recipes)
 TOL = 1e-5  # fp32, max abs diff
@@ -182,6 +183,23 @@ def check_loaded(loaded, lorakit_model, report, inputs, expected):
     assert diff <= TOL, f"diffusers-loaded output differs from lorakit by {diff:.3g}"
 
 
+def check_file(report, model, prefix):
+    """Keys in PEFT's schema under the prefix; the LoraConfig under the metadata key."""
+    adapted = adapted_layers(model)
+    dora = any(layer.magnitude is not None for layer in adapted.values())
+    expected = {f"{prefix}.{n}.lora_{ab}.weight" for n in adapted for ab in "AB"}
+    if dora:
+        expected |= {f"{prefix}.{n}.lora_magnitude_vector" for n in adapted}
+    with safe_open(report.path, "pt") as f:
+        assert set(f.keys()) == expected
+        meta = f.metadata()
+    config = json.loads(meta[METADATA_KEY])
+    assert config[f"{prefix}.r"] == config[f"{prefix}.lora_alpha"] == report.rank
+    assert config[f"{prefix}.use_dora"] is dora is report.use_dora
+    assert sorted(config[f"{prefix}.target_modules"]) == sorted(adapted)
+    return config, meta
+
+
 def roundtrip(tmp_path, base, inputs, recipe, prefix, make_pipeline, targets_=None, **adapter_kw):
     """apply → train → export → load twice (model, pipeline) → compare."""
     model = copy.deepcopy(base)
@@ -194,6 +212,7 @@ def roundtrip(tmp_path, base, inputs, recipe, prefix, make_pipeline, targets_=No
     assert (expected - before).abs().max().item() > 10 * TOL
     report = export_diffusers(model, tmp_path, prefix=prefix)
     assert report.path == tmp_path / WEIGHT_NAME and report.max_rel_error < 1e-5
+    check_file(report, model, prefix)
 
     direct = copy.deepcopy(base)
     direct.load_lora_adapter(tmp_path, prefix=prefix, use_safetensors=True)
@@ -248,31 +267,14 @@ def test_metadata_rank_pattern_and_alpha(tmp_path, sd_parts):
     """Ranks that differ per module go to rank_pattern (and alpha_pattern, scale 1)."""
     model, report, _ = roundtrip(tmp_path, tiny_unet(), unet_inputs(), "lora", "unet",
                                  lambda u: sd_pipeline(u, sd_parts), rank_pattern={"attn2.to_k": 2})
-    with safe_open(report.path, "pt") as f:
-        meta = f.metadata()
-        keys = set(f.keys())
-    config = json.loads(meta[METADATA_KEY])
+    config, meta = check_file(report, model, "unet")
     assert all(k.startswith("unet.") for k in config)
     assert config["unet.r"] == config["unet.lora_alpha"] == RANK
     pattern = config["unet.rank_pattern"]
-    assert pattern and set(pattern.values()) == {2}
-    assert all(k.startswith("^") and k.endswith("attn2.to_k") for k in pattern)
+    assert len(pattern) == 4 and set(pattern.values()) == {2}  # one cross-attention to_k per block
+    assert all(k.startswith("^") and k.endswith(r"attn2\.to_k") for k in pattern)
     assert config["unet.alpha_pattern"] == pattern
-    assert config["unet.use_dora"] is False
-    assert sorted(config["unet.target_modules"]) == sorted(adapted_layers(model))
-    assert keys == {f"unet.{n}.lora_{ab}.weight" for n in adapted_layers(model) for ab in "AB"}
     assert json.loads(meta["lorakit"])["recipe"] == "lora"
-
-
-def test_dora_magnitude_vector(tmp_path, sd_parts):
-    model, report, _ = roundtrip(tmp_path, tiny_unet(), unet_inputs(), "dora", "unet",
-                                 lambda u: sd_pipeline(u, sd_parts))
-    assert report.use_dora
-    with safe_open(report.path, "pt") as f:
-        config = json.loads(f.metadata()[METADATA_KEY])
-        mags = {k for k in f.keys() if k.endswith(".lora_magnitude_vector")}
-    assert config["unet.use_dora"] is True
-    assert mags == {f"unet.{n}.lora_magnitude_vector" for n in adapted_layers(model)}
 
 
 def test_truncated_export_reports_error(tmp_path):
@@ -306,8 +308,12 @@ def test_registered_exporter_and_targets(tmp_path):
 def test_pipeline_images_match(tmp_path, sd_parts):
     """Images from the pipeline with diffusers-loaded LoRA == with the lorakit UNet."""
     base = tiny_unet()
-    model, _, loaded_pipe = roundtrip(tmp_path, base, unet_inputs(), "dora", "unet",
-                                      lambda u: sd_pipeline(u, sd_parts))
+    model = copy.deepcopy(base)
+    Adapter.from_recipe("dora", rank=RANK).apply(model)
+    train(model, unet_inputs())
+    export_diffusers(model, tmp_path, prefix="unet")
+    loaded_pipe = sd_pipeline(copy.deepcopy(base), sd_parts)
+    loaded_pipe.load_lora_weights(tmp_path)
 
     def images(pipe):
         return pipe("a cat", num_inference_steps=2, height=16, width=16, output_type="np",
@@ -426,12 +432,14 @@ def test_export_bad_arguments(tmp_path, kwargs, match):
     assert not (tmp_path / WEIGHT_NAME).exists()
 
 
-def test_export_merged_model_refused(tmp_path):
+@pytest.mark.parametrize("state", ["merged", "disabled"])
+def test_export_merged_or_disabled_refused(tmp_path, state):
     model = tiny_sd3()
     Adapter.from_recipe("lora", rank=RANK).apply(model)
-    merge(model)
-    with pytest.raises(AdapterError, match="merged"):
+    merge(model) if state == "merged" else set_enabled(model, False)
+    with pytest.raises(AdapterError, match=state):
         export_diffusers(model, tmp_path)
+    assert not (tmp_path / WEIGHT_NAME).exists()
 
 
 def test_dilated_conv_refused(tmp_path):
@@ -453,3 +461,14 @@ def test_unknown_targets_name_the_fix():
     with pytest.raises(AdapterError, match="match no module"):
         Adapter.from_recipe("lora", rank=RANK).apply(model, targets=["q_proj"])
     assert not adapted_layers(model)
+
+
+def test_export_dtype(tmp_path):
+    model = tiny_sd3()
+    Adapter.from_recipe("dora", rank=RANK).apply(model)
+    export_diffusers(model, tmp_path, dtype=torch.float16)
+    with safe_open(tmp_path / WEIGHT_NAME, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    loaded = tiny_sd3().half()
+    loaded.load_lora_adapter(tmp_path, use_safetensors=True)
+    assert set(peft_ranks(loaded)) == set(adapted_layers(model))

@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from lorakit.core import AdapterError, adapted_layers, export_factors
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from lorakit.core import AdapterError, adapted_layers, export_factors
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -107,8 +108,9 @@ def diffusers_state_dict(model: nn.Module, prefix: str | None = None, rank: int 
         raise AdapterError("some adapted modules have a magnitude head and others not; "
                            "the diffusers format needs one LoraConfig for all")
     r = Counter(ranks.values()).most_common(1)[0][0]
-    # `^` anchors the full module name (PEFT matches `(.*\.)?(key)$`), as diffusers does.
-    pattern = {f"^{name}": k for name, k in ranks.items() if k != r}
+    # PEFT matches a pattern key with `(.*\.)?(key)$`; `^` + the escaped full name
+    # hits exactly that module (as diffusers' own keys do), never a longer name.
+    pattern = {"^" + re.escape(name): k for name, k in ranks.items() if k != r}
     config = {
         "r": r,
         "lora_alpha": r,  # scale alpha/r = 1: the factors are the whole update
@@ -169,6 +171,6 @@ def export_diffusers(model: nn.Module, path: str | os.PathLike, prefix: str | No
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return DiffusersExport(target, prefix, config["r"],
-                           {k.removeprefix("^"): v for k, v in config["rank_pattern"].items()},
+    ranks = {n: tensors[f"{prefix}.{n}.lora_A.weight"].shape[0] for n in config["target_modules"]}
+    return DiffusersExport(target, prefix, config["r"], {n: k for n, k in ranks.items() if k != config["r"]},
                            config["use_dora"], rel_error)

@@ -9,8 +9,9 @@ diffusers LoRA training scripts adapt.
 
 from __future__ import annotations
 
-from lorakit.core import AdapterError, default_targets
 from torch import nn
+
+from lorakit.core import AdapterError, default_targets
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
