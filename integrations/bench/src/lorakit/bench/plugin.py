@@ -1,3 +1,10 @@
-"""Hooks of lorakit-bench."""
+"""Hooks of lorakit-bench: the ``bench`` subcommand."""
 
-from lorakit.core import hookimpl  # noqa: F401
+from lorakit.core import hookimpl
+
+
+@hookimpl
+def lorakit_commands(register):
+    from .cli import HELP, configure, run
+
+    register("bench", HELP, configure, run)

@@ -14,11 +14,32 @@ def row_sq_norms_of_sum(W: Tensor, W_row_sq: Tensor, B: Tensor, A: Tensor) -> Te
 
     ``‖W_i + B_i A‖² = ‖W_i‖² + 2 (W Aᵀ)_i · B_i + B_i (A Aᵀ) B_iᵀ`` (DESIGN §4, DoRA).
     Cost O(out·in·R) and memory O((out + in)·R). Clamped at 0 against cancellation.
+    ``W A'ᵀ`` is computed in ``W``'s dtype: casting ``W`` (bf16 base, fp32 adapter)
+    would copy the out × in matrix; rounding it to ``W``'s precision is at the
+    resolution the layer computes its output in.
     """
-    WA = W.to(A.dtype) @ A.T  # out × R
+    WA = (W @ A.T.to(W.dtype)).to(A.dtype)  # out × R
     cross = (WA * B).sum(dim=1)
     quad = ((B @ (A @ A.T)) * B).sum(dim=1)
     return (W_row_sq + 2 * cross + quad).clamp_min(0)
+
+
+def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
+                   g: Tensor | None = None) -> Tensor:
+    """``g ⊙ (W x + B (A x)) + b`` for a linear layer (``g = 1`` when None).
+
+    ``B (A x)`` is accumulated into the output of the base GEMM (``addmm_``) instead
+    of being formed and added separately: one out × tokens tensor and one pass over
+    it fewer, in forward and in backward.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    h = x2 @ A.T  # tokens × R
+    if g is None:
+        y = torch.nn.functional.linear(x2, W, bias).addmm_(h, B.T)
+    else:
+        y = torch.nn.functional.linear(x2, W).addmm_(h, B.T)
+        y = y * g if bias is None else torch.addcmul(bias, y, g)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def lowrank_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -41,10 +62,10 @@ def reduce_lowrank(
     an explicit ``rank`` truncates, and ``rel_err = ‖BA − B_kA_k‖_F / ‖BA‖_F`` reports
     what was lost. The singular values are split evenly: ``B_k = U√S``, ``A_k = √S Vh``.
     """
-    work = torch.float64 if B.dtype == torch.float64 else torch.float32
+    work = torch.float64  # O((out + in)·R²): cheap enough to always do in fp64
     U, S, Vh = lowrank_svd(B.to(work), A.to(work))
     if rtol is None:
-        rtol = torch.finfo(work).eps * max(B.shape[0], A.shape[1], 1) * 4
+        rtol = torch.finfo(B.dtype).eps * max(B.shape[0], A.shape[1], 1) * 4  # the inputs' precision
     if rank is None:
         keep = int((S > rtol * S.max()).sum()) if S.numel() and S.max() > 0 else 0
         keep = max(keep, 1)
@@ -60,4 +81,4 @@ def reduce_lowrank(
         pad = rank - keep
         B_k = torch.cat([B_k, B_k.new_zeros(B_k.shape[0], pad)], 1)
         A_k = torch.cat([A_k, A_k.new_zeros(pad, A_k.shape[1])], 0)
-    return B_k, A_k, rel_err
+    return B_k.to(B.dtype), A_k.to(A.dtype), rel_err

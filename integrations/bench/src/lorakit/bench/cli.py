@@ -1,0 +1,99 @@
+"""``lorakit bench``: the command-line front of :func:`lorakit.bench.run_bench`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lorakit.core import AdapterError
+
+from .methods import PEFT_METHODS
+from .runner import DTYPES, BenchConfig, run_bench, total_ticks
+
+HELP = "median step time and peak memory of lorakit recipes against PEFT on one Llama-like model"
+
+
+def configure(parser) -> None:
+    d = BenchConfig()
+    parser.add_argument("--device", default=d.device, help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (same settings for all)")
+    parser.add_argument("--backend", default=d.backend, help="torch.compile backend (default: inductor)")
+    parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES), help="base model dtype")
+    for name in ("hidden", "layers", "intermediate", "vocab", "batch", "seq", "rank"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(d, name), help=f"default {getattr(d, name)}")
+    parser.add_argument("--steps", type=int, default=d.steps, help="timed steps per method per round")
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="alternating rounds")
+    parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per method first")
+    parser.add_argument("--recipes", default=",".join(d.recipes),
+                        help="lorakit recipes, comma-separated ('' for none)")
+    parser.add_argument("--peft", default=",".join(d.peft),
+                        help=f"PEFT methods among {','.join(PEFT_METHODS)} ('' for none)")
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help="CPU threads (default 1: steadier ratios on a shared machine; 0 = torch's default)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--json", metavar="PATH", help="write the full result as JSON ('-' for stdout)")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def config_from_args(args) -> BenchConfig:
+    peft = _names(args.peft)
+    unknown = [p for p in peft if p not in PEFT_METHODS]
+    if unknown:
+        raise AdapterError(f"--peft {','.join(unknown)}: unknown PEFT method; use some of {','.join(PEFT_METHODS)}")
+    for name in ("hidden", "layers", "intermediate", "vocab", "batch", "seq", "rank", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise AdapterError(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AdapterError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    elif args.device != "cpu":
+        raise AdapterError(f"--device {args.device}: use cpu or cuda")
+    recipes = _names(args.recipes)
+    if not recipes and not peft:
+        raise AdapterError("nothing to benchmark: give --recipes and/or --peft")
+    from lorakit.core import registry
+
+    for r in recipes:
+        registry.recipe(r)  # a clear error for an unknown recipe
+    return BenchConfig(device=args.device, compile=args.compile, backend=args.backend, dtype=args.dtype,
+                       hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
+                       vocab=args.vocab, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
+                       repeats=args.repeats, warmup=max(args.warmup, 1 if args.compile else 0),
+                       recipes=recipes, peft=peft, seed=args.seed, threads=args.threads)
+
+
+def run(args) -> int:
+    config = config_from_args(args)
+    if args.no_progress or args.json == "-":
+        result = run_bench(config)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("{task.description:<38}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, transient=True) as bar:
+            task = bar.add_task("bench", total=total_ticks(config))
+            result = run_bench(config, lambda text, n: bar.update(task, description=text, advance=n))
+    if args.json == "-":
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        from .report import print_tables
+
+        print_tables(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+            print(f"wrote {args.json}")
+    if args.plot:
+        from .report import plot
+
+        plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
+    return 0

@@ -1,0 +1,85 @@
+"""Tables (rich, or Markdown for docs/) and a plot of a bench result."""
+
+from __future__ import annotations
+
+
+def method_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for label, m in result["methods"].items():
+        rows.append([label, f"{m['median_ms']:.1f}", f"{m['q1_ms']:.1f}–{m['q3_ms']:.1f}",
+                     f"{m['peak_mem_mb']:.1f}", f"{m['trainable_params']:,}"])
+    return rows
+
+
+METHOD_HEADER = ["method", "median ms/step", "IQR ms", "peak MiB", "trainable params"]
+RATIO_HEADER = ["ratio", "value", "per-round min–max", "target", "met"]
+
+
+def ratio_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for name, r in result["ratios"].items():
+        spread = "" if r["round_min_max"] is None else "{:.2f}–{:.2f}".format(*r["round_min_max"])
+        target = "" if r["target"] is None else f"≤ {r['target']:.2f}"
+        met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
+        rows.append([name, f"{r['value']:.2f}", spread, target, met])
+    return rows
+
+
+def markdown(result: dict) -> str:
+    """Both tables as Markdown (for docs/benchmarks.md)."""
+    out = []
+    for header, rows in ((METHOD_HEADER, method_rows(result)), (RATIO_HEADER, ratio_rows(result))):
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        out += ["| " + " | ".join(row) + " |" for row in rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def print_tables(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    c = result["config"]
+    title = (f"{c['device']} {c['dtype']}{' compiled' if c['compile'] else ' eager'}: Llama hidden "
+             f"{c['hidden']} x {c['layers']} layers, batch {c['batch']}x{c['seq']}, r={c['rank']}")
+    for header, rows, t in ((METHOD_HEADER, method_rows(result), title),
+                            (RATIO_HEADER, ratio_rows(result), "ratios (time: medians; lower is better)")):
+        table = Table(title=t)
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
+def plot(result: dict, path: str) -> None:
+    """Bar charts of median step time (IQR whiskers) and peak memory per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(result["methods"])
+    ms = [m["median_ms"] for m in result["methods"].values()]
+    err = [[m["median_ms"] - m["q1_ms"] for m in result["methods"].values()],
+           [m["q3_ms"] - m["median_ms"] for m in result["methods"].values()]]
+    mem = [m["peak_mem_mb"] for m in result["methods"].values()]
+    colors = ["tab:blue" if m["library"] == "lorakit" else "tab:orange" for m in result["methods"].values()]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.bar(labels, ms, yerr=err, color=colors, capsize=3)
+    ax1.set_ylabel("median ms per training step")
+    ax2.bar(labels, mem, color=colors)
+    ax2.set_ylabel("peak memory (MiB)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=45)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
+    c = result["config"]
+    fig.suptitle(f"lorakit (blue) vs PEFT (orange) — {c['device']} {c['dtype']}, "
+                 f"{'torch.compile' if c['compile'] else 'eager'}, Llama {c['hidden']}x{c['layers']}, "
+                 f"batch {c['batch']}x{c['seq']}, r={c['rank']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
