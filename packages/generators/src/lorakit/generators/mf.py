@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 import torch
-from lorakit.core import Adapter, AdapterError
 from torch import nn
+
+from lorakit.core import Adapter, AdapterError
 
 from .mlp import MLP
 

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from lorakit.core import AdapterError, Generator, ParameterSlots
 from torch import Tensor, nn
+
+from lorakit.core import AdapterError, Generator, ParameterSlots
 
 #: slots the MLP generates when they are trainable
 GENERATED = ("A", "B", "d", "m")
@@ -52,7 +53,8 @@ class MLP(Generator):
     0.01 is the authors' and the value that reproduces the matrix-factorization study
     (op-lora.txt §4.1; docs/papers/op-lora-mf.md): with ``z_std=1`` the pre-activations
     are large, the MLP's effective step in the ~width directions it spans is huge and
-    OP-MF stalls at ~1.15× the SVD error for every stable SGD learning rate.
+    OP-MF stalls at 1.09–1.25× the SVD error at every SGD learning rate where it
+    converges.
     """
 
     width: int = 32
@@ -69,7 +71,8 @@ class MLP(Generator):
                     f"MLP({field}={value!r}): {field} must be an integer >= 1 "
                     "(OP-LoRA uses width=32, embed_dim=128)"
                 )
-        if not isinstance(self.z_std, (int, float)) or not math.isfinite(self.z_std) or self.z_std < 0:
+        z = self.z_std
+        if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z < 0:
             raise AdapterError(f"MLP(z_std={self.z_std!r}): z_std must be a finite number >= 0")
 
     def build(self, slots, rng):
