@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from lorakit.core import load, registry
 from lorakit.core.cli import main
 
@@ -158,6 +159,10 @@ def _bad_inputs(tiny, tmp_path):
     binary.write_bytes(b"\xff\xfe\x00\x81garbage\x00")
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("sentence,score\ngood,1\nbad,-1,extra\n")
+    corrupt_weights = tmp_path / "corrupt-weights"
+    corrupt_weights.mkdir()
+    for f in tiny["model"].iterdir():
+        (corrupt_weights / f.name).write_bytes(f.read_bytes()[:100] if f.suffix == ".safetensors" else f.read_bytes())
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     return {
@@ -169,6 +174,8 @@ def _bad_inputs(tiny, tmp_path):
                                 "no column 'label'"),
         "model without weights": (_args(tiny, tmp_path / "o")[:1] + ["--model", str(no_weights)]
                                   + _args(tiny, tmp_path / "o")[3:], "has no weights"),
+        "corrupt model weights": (_args(tiny, tmp_path / "o")[:1] + ["--model", str(corrupt_weights)]
+                                  + _args(tiny, tmp_path / "o")[3:], "cannot load the model"),
         "unknown recipe": (_args(tiny, tmp_path / "o", "--recipe", "no-such-recipe"), "unknown recipe"),
         "unknown primitive": (_args(tiny, tmp_path / "o", "--generator", "nope"), "unknown generator"),
         "unwritable output": (_args(tiny, a_file / "sub"), "not writable"),
@@ -178,7 +185,8 @@ def _bad_inputs(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing data file", "corrupt jsonl", "not utf-8", "ragged csv",
-                                  "label column absent", "model without weights", "unknown recipe",
+                                  "label column absent", "model without weights", "corrupt model weights",
+                                  "unknown recipe",
                                   "unknown primitive", "unwritable output", "compare unknown recipe"])
 def test_bad_input_is_one_line_and_exit_code_2(tiny, tmp_path, capsys, case):
     argv, needle = _bad_inputs(tiny, tmp_path)[case]

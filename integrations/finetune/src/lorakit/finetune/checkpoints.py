@@ -19,9 +19,10 @@ import re
 import shutil
 from pathlib import Path
 
-import lorakit.core as core
 import torch
 from safetensors.torch import load_file, save_file
+
+import lorakit.core as core
 
 from .errors import FinetuneError
 

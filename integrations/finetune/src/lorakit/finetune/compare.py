@@ -31,15 +31,20 @@ def resolve_recipes(text: str | None, log=print) -> list[str]:
     return names
 
 
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def table(runs: list[dict]) -> str:
     task = runs[0]["task"]
     cols = ["pearson ↑", "RMSE ↓"] if task == "regression" else ["accuracy ↑", "macro-F1 ↑"]
     keys = ["pearson", "rmse"] if task == "regression" else ["accuracy", "macro_f1"]
-    head = ["recipe", *cols, "trainable (adapter)", "steps/s", "train s", "peak MB"]
+    head = ["recipe", *cols, "trainable (adapter)", "steps/s", "CPU ms/step", "train s", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in runs:
         cells = [r["label"], *(f"{r['metrics'][k]:.4f}" for k in keys), f"{r['trainable_parameters']['adapter']:,}",
-                 f"{r['steps_per_second']:.2f}", f"{r['train_seconds']:.0f}", f"{r['peak_memory_mb']:.0f}"]
+                 f"{r['steps_per_second']:.2f}", _ms(r.get("cpu_ms_per_step")), f"{r['train_seconds']:.0f}",
+                 f"{r['peak_memory_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
