@@ -11,11 +11,12 @@ import warnings
 
 import pytest
 import torch
-from lorakit.core import Adapter, AdapterError, adapted_layers, merge, registry, unmerge
-from lorakit.transformers import TruncationWarning, export_peft, peft_export, peft_state_dict
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lorakit.core import Adapter, AdapterError, adapted_layers, merge, registry, unmerge
+from lorakit.transformers import TruncationWarning, export_peft, peft_export, peft_state_dict
 
 TOL = 1e-5
 RECIPES = sorted(registry.load().recipes)
@@ -82,9 +83,21 @@ def check_roundtrip(tmp_path, kind, recipe, require_change=True):
     hf_model = copy.deepcopy(base)
     hf_model.load_adapter(str(path))
     hf_model.eval()
+    for client in (peft_model, hf_model):
+        assert_matches(client, model, ref, ids)
+
+
+def assert_matches(client, model, ref, ids):
+    """The client's output equals the lorakit model's (fp32) to TOL, or — where the
+    lorakit fp32 forward itself carries rounding above TOL (a trained state with a
+    nearly cancelling row, e.g. diagonal+ldu+dora) — its exact value, computed in fp64."""
     with torch.no_grad():
-        assert (run(peft_model, ids) - ref).abs().max() <= TOL
-        assert (run(hf_model, ids) - ref).abs().max() <= TOL
+        out = run(client, ids)
+        err = (out - ref).abs().max()
+        if err > TOL:
+            exact = run(copy.deepcopy(model).double().eval(), ids)  # eval() drops the fp32 factor cache
+            err = min(err, (out.double() - exact).abs().max())
+    assert err <= TOL
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))

@@ -9,11 +9,12 @@ import json
 
 import pytest
 import torch
-from lorakit.core import Adapter, AdapterError, adapted_layers, registry
-from lorakit.transformers import PeftImportError, export_peft, import_peft
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lorakit.core import Adapter, AdapterError, adapted_layers, registry
+from lorakit.transformers import PeftImportError, export_peft, import_peft
 
 TOL = 1e-5
 

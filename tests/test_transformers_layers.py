@@ -6,8 +6,6 @@ import copy
 
 import pytest
 import torch
-from lorakit.core import Adapter, AdapterError, adapted_layers, merge, registry, unmerge
-from lorakit.transformers import Conv1DKind, peft_state_dict
 from transformers import (
     BertConfig,
     BertModel,
@@ -25,6 +23,9 @@ from transformers import (
     ViTModel,
 )
 from transformers.pytorch_utils import Conv1D
+
+from lorakit.core import Adapter, AdapterError, adapted_layers, merge, registry, unmerge
+from lorakit.transformers import Conv1DKind, peft_state_dict
 
 
 def tiny_gpt2():

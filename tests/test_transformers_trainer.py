@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorakit.core import Adapter, load, registry
-from lorakit.transformers import LorakitCallback, adapter_keys
 from safetensors.torch import load_file
 from transformers import (
     LlamaConfig,
@@ -16,6 +14,9 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
+
+from lorakit.core import Adapter, load, registry
+from lorakit.transformers import LorakitCallback, adapter_keys
 
 CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
     else "gradient_checkpointing"

@@ -9,8 +9,9 @@ other layer, so factors, merge and export need no special case: ``A`` is r × in
 from __future__ import annotations
 
 import torch
-from lorakit.core.layer_kinds import LayerKind
 from torch import Tensor, nn
+
+from lorakit.core.layer_kinds import LayerKind
 
 
 class Conv1DKind(LayerKind):

@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lorakit.core import Adapter, AdapterError, adapted_layers, registry
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from lorakit.core import Adapter, AdapterError, adapted_layers, registry
 
 from .peft_writer import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 
@@ -116,8 +117,10 @@ def read_peft(path: str | os.PathLike, prefix: str = PEFT_PREFIX) -> tuple[dict,
 
 def _peft_update(config: dict, name: str, parts: dict[str, Tensor], layer_kind, base: nn.Module):
     """``(B·s, A, m)`` as out × r, r × in matrices in fp32, shape-checked against ``base``."""
-    out_f, in_f = layer_kind.matrix(base).shape
-    A, B = parts["A"].flatten(1).float(), parts["B"].flatten(1).float()  # Conv2d: (r, in, kh, kw), (out, r, 1, 1)
+    W = layer_kind.matrix(base)
+    out_f, in_f = W.shape
+    # Conv2d LoRA is stored (r, in, kh, kw) and (out, r, 1, 1): flatten to the matrix view.
+    A, B = parts["A"].flatten(1).to(W.device, torch.float32), parts["B"].flatten(1).to(W.device, torch.float32)
     r = A.shape[0]
     if A.shape[1] != in_f or B.shape != (out_f, r):
         raise PeftImportError(f"module {name!r} is {out_f}x{in_f} but the file's lora_B @ lora_A is "
@@ -128,7 +131,7 @@ def _peft_update(config: dict, name: str, parts: dict[str, Tensor], layer_kind, 
     if m is not None and m.shape != (out_f,):
         raise PeftImportError(f"module {name!r}: lora_magnitude_vector has shape {tuple(m.shape)}, "
                               f"expected ({out_f},)")
-    return B * s, A, None if m is None else m.float()
+    return B * s, A, None if m is None else m.to(W.device, torch.float32)
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike, recipe: Adapter | str | None = None, *,

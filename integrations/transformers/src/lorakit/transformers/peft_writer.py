@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lorakit.core import AdapterError, adapted_layers, export_factors
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from lorakit.core import AdapterError, adapted_layers, export_factors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -106,7 +107,7 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     for name, f in factors.items():
-        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+        cast = (lambda t: t.cpu()) if dtype is None else (lambda t: t.to("cpu", dtype))
         tensors[f"{prefix}{name}.lora_A.weight"] = cast(f.A).contiguous()
         tensors[f"{prefix}{name}.lora_B.weight"] = cast(f.B).contiguous()
         if f.magnitude is not None:

@@ -2,7 +2,6 @@
 architecture, and the ``peft`` exporter."""
 
 from lorakit.core import hookimpl
-
 from transformers.pytorch_utils import Conv1D
 
 from .conv1d import Conv1DKind

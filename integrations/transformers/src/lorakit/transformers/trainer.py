@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import os
 
-from lorakit.core import AdapterError, adapted_layers, save
 from torch import nn
 
+from lorakit.core import AdapterError, adapted_layers, save
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
