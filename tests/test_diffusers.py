@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +102,11 @@ def tiny_clip_tokenizer() -> CLIPTokenizer:
     chars = [chr(c) for c in cs]
     vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
     vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    with tempfile.TemporaryDirectory() as folder:  # files: transformers 4 takes paths only
+        paths = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+        paths[0].write_text(json.dumps(vocab))
+        paths[1].write_text("#version: 0.2\n")
+        return CLIPTokenizer(*map(str, paths), model_max_length=16)
 
 
 def sd_components() -> dict:
@@ -215,11 +221,11 @@ def roundtrip(tmp_path, base, inputs, recipe, prefix, make_pipeline, targets_=No
     check_file(report, model, prefix)
 
     direct = copy.deepcopy(base)
-    direct.load_lora_adapter(tmp_path, prefix=prefix, use_safetensors=True)
+    direct.load_lora_adapter(tmp_path, prefix=prefix, weight_name=WEIGHT_NAME)
     check_loaded(direct, model, report, inputs, expected)
 
     pipe = make_pipeline(copy.deepcopy(base))
-    pipe.load_lora_weights(tmp_path)
+    pipe.load_lora_weights(tmp_path, weight_name=WEIGHT_NAME)
     check_loaded(getattr(pipe, prefix), model, report, inputs, expected)
     return model, report, pipe
 
@@ -285,7 +291,7 @@ def test_truncated_export_reports_error(tmp_path):
         report = export_diffusers(model, tmp_path, rank=1)
     assert report.rank == 1 and not report.rank_pattern and 0 < report.max_rel_error < 1
     loaded = tiny_sd3()
-    loaded.load_lora_adapter(tmp_path, prefix="transformer", use_safetensors=True)
+    loaded.load_lora_adapter(tmp_path, prefix="transformer", weight_name=WEIGHT_NAME)
     assert set(peft_ranks(loaded).values()) == {1}
 
 
@@ -300,7 +306,7 @@ def test_registered_exporter_and_targets(tmp_path):
     report = registry.exporters["diffusers"](model, tmp_path)  # prefix from the class: transformer
     assert report.prefix == "transformer"
     loaded = tiny_sd3()
-    loaded.load_lora_adapter(tmp_path, use_safetensors=True)  # diffusers' default prefix
+    loaded.load_lora_adapter(tmp_path, weight_name=WEIGHT_NAME)  # diffusers' default prefix
     assert (run(loaded, sd3_inputs()) - run(model, sd3_inputs())).abs().max().item() <= TOL
 
 
@@ -313,7 +319,7 @@ def test_pipeline_images_match(tmp_path, sd_parts):
     train(model, unet_inputs())
     export_diffusers(model, tmp_path, prefix="unet")
     loaded_pipe = sd_pipeline(copy.deepcopy(base), sd_parts)
-    loaded_pipe.load_lora_weights(tmp_path)
+    loaded_pipe.load_lora_weights(tmp_path, weight_name=WEIGHT_NAME)
 
     def images(pipe):
         return pipe("a cat", num_inference_steps=2, height=16, width=16, output_type="np",
@@ -402,7 +408,7 @@ def test_other_models_default_targets_export_load(tmp_path, name):
     loaded = copy.deepcopy(base)
     if hasattr(base, "load_lora_adapter"):
         report = export_diffusers(model, tmp_path, prefix="transformer")
-        loaded.load_lora_adapter(tmp_path, prefix="transformer", use_safetensors=True)
+        loaded.load_lora_adapter(tmp_path, prefix="transformer", weight_name=WEIGHT_NAME)
     else:
         with pytest.warns(UserWarning, match="no LoRA loader"):
             report = export_diffusers(model, tmp_path, prefix="transformer")
@@ -470,5 +476,5 @@ def test_export_dtype(tmp_path):
     with safe_open(tmp_path / WEIGHT_NAME, "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     loaded = tiny_sd3().half()
-    loaded.load_lora_adapter(tmp_path, use_safetensors=True)
+    loaded.load_lora_adapter(tmp_path, weight_name=WEIGHT_NAME)
     assert set(peft_ranks(loaded)) == set(adapted_layers(model))
