@@ -101,7 +101,7 @@ def diffusers_state_dict(model: nn.Module, prefix: str | None = None, rank: int 
     ranks: dict[str, int] = {}
     for name, e in exported.items():
         layer = _layer_tensors(name, bases[name], e.B, e.A, e.magnitude)
-        tensors.update({f"{prefix}.{k}": v.to(dtype or v.dtype).contiguous() for k, v in layer.items()})
+        tensors.update({f"{prefix}.{k}": v.to("cpu", dtype or v.dtype).contiguous() for k, v in layer.items()})
         ranks[name] = e.A.shape[0]
     dora = {e.magnitude is not None for e in exported.values()}
     if len(dora) > 1:
@@ -135,7 +135,8 @@ def export_diffusers(model: nn.Module, path: str | os.PathLike, prefix: str | No
     lost (also in the returned report). ``dtype`` casts the saved tensors.
 
         export_diffusers(unet, "out/", prefix="unet")
-        pipe.load_lora_weights("out/")            # or unet.load_lora_adapter("out/", prefix="unet")
+        pipe.load_lora_weights("out/", weight_name=WEIGHT_NAME)
+        unet.load_lora_adapter("out/", prefix="unet", weight_name=WEIGHT_NAME)
     """
     prefix = default_prefix(model) if prefix is None else prefix
     tensors, config, rel_error = diffusers_state_dict(model, prefix, rank, dtype)
