@@ -14,8 +14,9 @@ item 2), the effective output bias is ``b2_eff = b2 + (F0 − W2 h(z0))`` with t
 learned ``b2`` zero-initialized as in the paper and ``F0`` the initializer's values:
 at step 0 the output is ``F0``. The constant is kept as two frozen buffers and
 applied as ``((W2 h − W2 h(z0)) + b2) + F0`` — the first difference is exactly 0 at
-step 0 in floating point, so the output equals ``F0`` bit for bit. Gradients of the
-MLP are those of the paper's MLP (a constant bias offset changes none of them).
+step 0 in floating point, so the output equals ``F0`` bit for bit (on the device the
+layer was built on). Gradients of the MLP are those of the paper's MLP (a constant
+bias offset changes none of them).
 
 Trainable parameters: ``embed_dim + width·(embed_dim + 1) + (width + 1)·P``,
 about ``width × (numel A + numel B)`` (op-lora.txt §4). Slots the MLP does not
