@@ -136,7 +136,9 @@ def test_recipe_composition_and_slots():
     assert layer.residual  # both factors Kaiming: Eq. 9's frozen copy is subtracted
     slots = dict(layer.slots.named_parameters())
     assert set(slots) == {"A", "B", "lambda_"}
-    assert slots["lambda_"].shape == () and slots["lambda_"].item() == 15.0  # PEFT's default
+    # a scalar slot: stored as (1,) for FSDP2, seen by the math as 0-dim
+    assert slots["lambda_"].shape == (1,) and layer.slots()["lambda_"].shape == ()
+    assert slots["lambda_"].item() == 15.0  # PEFT's default
     torch.testing.assert_close(layer.slots.w_norm, W.norm(dim=0), rtol=1e-12, atol=0)
     assert not any(b is layer.slots.w_norm for b in layer.slots.parameters())  # a frozen buffer
     torch.testing.assert_close(model(x), y0, rtol=0, atol=1e-12)  # identity at init

@@ -31,20 +31,24 @@ import torch
 from torch import nn
 
 from .adapter import adapted_layers
-from .primitives import AdapterError
+from .primitives import AdapterError, ParameterSlots
 
 
-def _slot_names(model: nn.Module) -> tuple[dict[int, str], set[int]]:
-    """``id(param) → slot name`` for slots whose current value *is* a parameter (as
-    under ``Direct``), and the ids of every other parameter of a ``slots`` module
-    (a generator's own weights, such as OP-LoRA's MLP and embedding)."""
-    names, generated = {}, set()
+def _slot_names(model: nn.Module) -> tuple[dict[int, str], set[int], set[int]]:
+    """``id(param) → slot name`` for slots held as parameters (``ParameterSlots``,
+    as under ``Direct``), the ids of every other parameter of a ``slots`` module (a
+    generator's own weights, such as OP-LoRA's MLP and embedding), and the ids of
+    scalar slots (stored with shape (1,), see ``ParameterSlots``)."""
+    names, generated, scalars = {}, set(), set()
     for layer in adapted_layers(model).values():
         generated.update(id(p) for p in layer.slots.parameters())
-        with torch.no_grad():
-            values = layer.slots()
-        names.update((id(v), name) for name, v in values.items() if isinstance(v, nn.Parameter))
-    return names, generated - set(names)
+        for module in layer.slots.modules():
+            if isinstance(module, ParameterSlots):
+                for name, p in module.parameters_by_slot().items():
+                    names[id(p)] = name
+                    if name in module.scalars:
+                        scalars.add(id(p))
+    return names, generated - set(names), scalars
 
 
 def param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.0,
@@ -60,7 +64,7 @@ def param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.0,
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or value < 0):
             raise AdapterError(f"param_groups: {label}={value!r} must be a number >= 0")
-    slots, generated = _slot_names(model)
+    slots, generated, scalars = _slot_names(model)
     groups: dict[tuple[float, float], dict] = {}
     for p in model.parameters():
         if not p.requires_grad:
@@ -69,7 +73,7 @@ def param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.0,
         label = slot or ("generator" if id(p) in generated else "other")
         rate = lr
         if slot is not None:
-            if p.dim() == 0 and lambda_lr is not None:
+            if id(p) in scalars and lambda_lr is not None:
                 rate = lambda_lr
             if slot == "B" and loraplus_ratio is not None:
                 rate = lr * loraplus_ratio

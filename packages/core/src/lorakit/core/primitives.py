@@ -124,12 +124,21 @@ class ParameterSlots(nn.Module):
     def __init__(self, slots: Mapping[str, Slot]):
         super().__init__()
         self.names = tuple(slots)
+        # FSDP2 (fully_shard) shards parameters along dim 0 and refuses 0-dim ones:
+        # a trainable scalar (DeLoRA's λ, a learnable σ) is stored with shape (1,)
+        # and handed out as a 0-dim view, so the math still sees a scalar.
+        self.scalars = frozenset(n for n, s in slots.items() if s.trainable and s.value.dim() == 0)
         for name, slot in slots.items():
             value = slot.value.detach().clone()
             if slot.trainable:
-                self.register_parameter(name, nn.Parameter(value))
+                self.register_parameter(name, nn.Parameter(value.reshape(1) if name in self.scalars else value))
             else:
                 self.register_buffer(name, value)
 
+    def parameters_by_slot(self) -> dict[str, nn.Parameter]:
+        """The trainable slots' parameters, by slot name."""
+        return {n: getattr(self, n) for n in self.names if isinstance(getattr(self, n), nn.Parameter)}
+
     def forward(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in self.names}
+        return {name: getattr(self, name).view(()) if name in self.scalars else getattr(self, name)
+                for name in self.names}
