@@ -8,10 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
+
 from lorakit.core import Adapter, AdapterError, adapted_layers, merge, unmerge
 from lorakit.initializers import Kaiming
 from lorakit.normalizers import DeLoRA
-from torch import nn
 
 F64 = torch.float64
 

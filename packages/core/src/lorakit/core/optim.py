@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import nn
 
 from .adapter import adapted_layers
