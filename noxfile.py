@@ -30,32 +30,41 @@ nox.options.reuse_venv = "no"  # "each session installs the packages fresh"
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 TORCH = ["2.13.0", "2.14.1"]
-# "lowest" is the lower bound the packages declare (the highest `name>=X` over every
-# pyproject in packages/, integrations/ and plugins/), so the matrix checks that the
-# declared bounds really work. "newest" is the newest release when the matrix was
-# last run (docs/development.md); bump it and rerun.
+# "lowest": the lowest versions with which the matrix subset passes, found by testing
+# (docs/development.md: transformers < 5.6 fails PEFT-adapter loading of exported
+# files, peft < 0.19 lacks what transformers 5.6 imports, diffusers < 0.36 does not
+# import with transformers 5). The lower bounds the pyproject files declare must equal
+# these: `nox -s lint` checks it. "newest": the newest releases when the matrix was
+# last run; bump and rerun.
+LOWEST = {"transformers": "5.6.0", "diffusers": "0.36.0", "peft": "0.19.0"}
 NEWEST = {"transformers": "5.23.0", "diffusers": "0.42.1", "peft": "0.21.2"}
+TRANSFORMERS = {"lowest": LOWEST["transformers"], "newest": NEWEST["transformers"]}
+DIFFUSERS = {"lowest": LOWEST["diffusers"], "newest": NEWEST["diffusers"]}
+# peft follows transformers: old peft does not know new transformers and vice versa
+PEFT = {"lowest": LOWEST["peft"], "newest": NEWEST["peft"]}
 
 
-def declared_lower_bound(dist: str) -> str:
+def declared_lower_bounds(dist: str) -> dict[str, str]:
+    """``{pyproject path: X}`` for every ``dist>=X`` declared in this repository."""
     import tomllib
 
-    bounds = []
-    for path in [*ROOT.glob("packages/*/pyproject.toml"), *ROOT.glob("integrations/*/pyproject.toml"),
-                 *ROOT.glob("plugins/*/pyproject.toml")]:
-        for req in tomllib.loads(path.read_text()).get("project", {}).get("dependencies", []):
-            m = re.fullmatch(rf"{dist}\s*>=\s*([\w.]+)\s*", req.split(";")[0].split(",")[0])
+    found = {}
+    for path in sorted([*ROOT.glob("packages/*/pyproject.toml"), *ROOT.glob("integrations/*/pyproject.toml"),
+                        *ROOT.glob("plugins/*/pyproject.toml"), ROOT / "requirements-dev.txt"]):
+        text = path.read_text()
+        reqs = text.splitlines() if path.suffix == ".txt" else \
+            tomllib.loads(text).get("project", {}).get("dependencies", [])
+        for req in reqs:
+            m = re.fullmatch(rf"{dist}\s*>=\s*([\w.]+)\s*", req.split(";")[0].split(",")[0].strip())
             if m:
-                bounds.append(tuple(int(x) for x in m.group(1).split(".") if x.isdigit()))
-    if not bounds:
-        raise RuntimeError(f"no package declares a lower bound for {dist}")
-    return ".".join(map(str, max(bounds)))
+                found[str(path.relative_to(ROOT))] = m.group(1)
+    return found
 
 
-TRANSFORMERS = {"lowest": declared_lower_bound("transformers"), "newest": NEWEST["transformers"]}
-DIFFUSERS = {"lowest": declared_lower_bound("diffusers"), "newest": NEWEST["diffusers"]}
-# peft follows transformers: old peft does not know new transformers and vice versa
-PEFT = {"lowest": declared_lower_bound("peft"), "newest": NEWEST["peft"]}
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".") if x.isdigit())
+
+
 PINNED = ("torch", "transformers", "diffusers", "peft")
 
 # The subset each matrix cell runs (2 shared cores: the full suite 8 times is hours).
@@ -152,6 +161,11 @@ def lint(session: nox.Session) -> None:
     """ruff over the whole repository (config in pyproject.toml)."""
     session.install("ruff")
     session.run("ruff", "check", ".")
+    # the declared lower bounds are the tested ones (LOWEST)
+    wrong = [f"{path}: {dist}>={v} (tested lowest: {LOWEST[dist]})" for dist in LOWEST
+             for path, v in declared_lower_bounds(dist).items() if _version(v) != _version(LOWEST[dist])]
+    if wrong:
+        session.error("lower bounds differ from the tested ones:\n  " + "\n  ".join(wrong))
 
 
 @nox.session(python="3.11")
