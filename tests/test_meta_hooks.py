@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from lorakit.core import hookspecs
 from lorakit.core.plugins import HOOKS, Registry
 

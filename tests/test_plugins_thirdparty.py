@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from lorakit.core import AdapterError, registry
 from lorakit.core.cli import main
 from lorakit.core.plugins import Registry

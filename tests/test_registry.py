@@ -10,12 +10,13 @@ from importlib.metadata import EntryPoint
 
 import pytest
 import torch
+from torch import nn
+
 from lorakit.core import AdapterError, Initializer, hookimpl
 from lorakit.core import plugins as plugins_mod
 from lorakit.core.cli import main
 from lorakit.core.layer_kinds import LinearKind
 from lorakit.core.plugins import HOOKS, Registry
-from torch import nn
 
 
 @dataclass

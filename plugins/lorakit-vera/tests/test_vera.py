@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from lorakit_vera import SharedRandom, VeRA
+
 from lorakit.core import Adapter, adapted_layers, parameter_report, registry
 from lorakit.core.conformance import cases, check_combination, combinations
-from lorakit_vera import SharedRandom, VeRA
 
 
 def model_and_input():

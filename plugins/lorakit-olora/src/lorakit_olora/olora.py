@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from lorakit.core import AdapterError, Initializer
 
 

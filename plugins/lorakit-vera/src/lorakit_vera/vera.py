@@ -40,8 +40,9 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-from lorakit.core import Generator, Initializer, ParameterSlots
 from torch import nn
+
+from lorakit.core import Generator, Initializer, ParameterSlots
 
 
 def _kaiming_uniform(shape: tuple[int, int], key: str, dtype: torch.dtype) -> torch.Tensor:
