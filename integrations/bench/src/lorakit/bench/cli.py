@@ -31,6 +31,8 @@ def configure(parser) -> None:
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="CPU threads (default 1: steadier ratios on a shared machine; 0 = torch's default)")
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the reference row: the frozen model's forward+backward with no adapter")
     parser.add_argument("--json", metavar="PATH", help="write the full result as JSON ('-' for stdout)")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +68,8 @@ def config_from_args(args) -> BenchConfig:
                        hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
                        vocab=args.vocab, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
                        repeats=args.repeats, warmup=max(args.warmup, 1 if args.compile else 0),
-                       recipes=recipes, peft=peft, seed=args.seed, threads=args.threads)
+                       recipes=recipes, peft=peft, seed=args.seed, threads=args.threads,
+                       floor=not args.no_floor)
 
 
 def run(args) -> int:

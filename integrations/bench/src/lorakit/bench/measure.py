@@ -15,6 +15,9 @@ temporaries) — what the step would need if it ran alone:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -26,13 +29,15 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step: Callable[[], float], device: str) -> tuple[float, float]:
-    """``(seconds, loss)`` of one step; CUDA work is waited for on both ends."""
+def timed(step: Callable[[], object], device: str) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds)`` of one step; CUDA work is waited for on both
+    ends. CPU time is the whole process's (all threads): on a machine shared with
+    other jobs it counts only the work this step did, not the time it waited."""
     synchronize(device)
-    start = time.perf_counter()
-    loss = step()
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
     synchronize(device)
-    return time.perf_counter() - start, loss
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def step_peak_bytes(step: Callable[[], float], device: str) -> int:
@@ -47,11 +52,25 @@ def step_peak_bytes(step: Callable[[], float], device: str) -> int:
     from torch._C._autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
     return _running_peak((e.start_ns(), e.nbytes()) for e in events)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side logs its start and stop to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _running_peak(events) -> int:

@@ -28,7 +28,14 @@ class Method:
 
     @property
     def label(self) -> str:
+        if self.library == "reference":
+            return "no adapter (floor)"
         return f"lorakit {self.name}" if self.library == "lorakit" else f"PEFT {PEFT_LABELS[self.name]}"
+
+
+#: the frozen model's own forward and backward (down to the embeddings), with no
+#: adapter and no optimizer: a lower bound for every method's step
+FLOOR = Method("reference", "floor")
 
 
 def build_base(hidden: int, layers: int, intermediate: int, vocab: int, seq: int, seed: int,
@@ -58,6 +65,8 @@ def share_base(base: nn.Module) -> nn.Module:
 def adapt(method: Method, base: nn.Module, rank: int, seed: int) -> nn.Module:
     """A fresh model sharing ``base``'s weights, with the method's adapter on TARGETS."""
     model = share_base(base)
+    if method == FLOOR:
+        return model
     if method.library == "lorakit":
         Adapter.from_recipe(method.name, rank=rank, seed=seed).apply(model, targets=TARGETS)
         return model
@@ -76,11 +85,11 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
     """Bytes of every distinct tensor storage the method keeps between steps: the
     (shared) base weights and buffers, the adapter, and the optimizer state."""
     tensors = [*model.parameters(), *model.buffers()]
-    for state in optimizer.state.values():
+    for state in optimizer.state.values() if optimizer is not None else ():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     seen: dict[int, int] = {}
     for t in tensors:

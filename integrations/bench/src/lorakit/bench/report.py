@@ -7,21 +7,26 @@ def method_rows(result: dict) -> list[list[str]]:
     rows = []
     for label, m in result["methods"].items():
         rows.append([label, f"{m['median_ms']:.1f}", f"{m['q1_ms']:.1f}–{m['q3_ms']:.1f}",
-                     f"{m['peak_mem_mb']:.1f}", f"{m['trainable_params']:,}"])
+                     f"{m['median_cpu_ms']:.1f}", f"{m['peak_mem_mb']:.1f}", f"{m['trainable_params']:,}"])
     return rows
 
 
-METHOD_HEADER = ["method", "median ms/step", "IQR ms", "peak MiB", "trainable params"]
-RATIO_HEADER = ["ratio", "value", "per-round min–max", "target", "met"]
+METHOD_HEADER = ["method", "ms/step wall", "wall IQR", "ms/step CPU", "peak MiB", "trainable"]
+RATIO_HEADER = ["ratio (of medians)", "wall", "rounds", "CPU", "rounds", "target", "met"]
+
+
+def _span(row: dict, key: str) -> str:
+    return "{:.2f}–{:.2f}".format(*row[key]) if key in row else ""
 
 
 def ratio_rows(result: dict) -> list[list[str]]:
     rows = []
     for name, r in result["ratios"].items():
-        spread = "" if r["round_min_max"] is None else "{:.2f}–{:.2f}".format(*r["round_min_max"])
+        cpu = f"{r['cpu_value']:.2f}" if "cpu_value" in r else ""
         target = "" if r["target"] is None else f"≤ {r['target']:.2f}"
         met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
-        rows.append([name, f"{r['value']:.2f}", spread, target, met])
+        rows.append([name, f"{r['value']:.2f}", _span(r, "value_round_min_max"), cpu,
+                     _span(r, "cpu_value_round_min_max"), target, met])
     return rows
 
 
@@ -41,14 +46,17 @@ def print_tables(result: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal or console.width < 120:  # two tables of 7 columns
+        console = Console(width=120)
     c = result["config"]
     title = (f"{c['device']} {c['dtype']}{' compiled' if c['compile'] else ' eager'}: Llama hidden "
              f"{c['hidden']} x {c['layers']} layers, batch {c['batch']}x{c['seq']}, r={c['rank']}")
+    ratio_title = "ratios (lower is better); rounds: min–max over rounds"
     for header, rows, t in ((METHOD_HEADER, method_rows(result), title),
-                            (RATIO_HEADER, ratio_rows(result), "ratios (time: medians; lower is better)")):
+                            (RATIO_HEADER, ratio_rows(result), ratio_title)):
         table = Table(title=t)
         for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 else "right")
+            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
         for row in rows:
             table.add_row(*row)
         console.print(table)
@@ -66,7 +74,8 @@ def plot(result: dict, path: str) -> None:
     err = [[m["median_ms"] - m["q1_ms"] for m in result["methods"].values()],
            [m["q3_ms"] - m["median_ms"] for m in result["methods"].values()]]
     mem = [m["peak_mem_mb"] for m in result["methods"].values()]
-    colors = ["tab:blue" if m["library"] == "lorakit" else "tab:orange" for m in result["methods"].values()]
+    palette = {"lorakit": "tab:blue", "peft": "tab:orange", "reference": "tab:gray"}
+    colors = [palette[m["library"]] for m in result["methods"].values()]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax1.bar(labels, ms, yerr=err, color=colors, capsize=3)
     ax1.set_ylabel("median ms per training step")
@@ -77,7 +86,7 @@ def plot(result: dict, path: str) -> None:
         for tick in ax.get_xticklabels():
             tick.set_horizontalalignment("right")
     c = result["config"]
-    fig.suptitle(f"lorakit (blue) vs PEFT (orange) — {c['device']} {c['dtype']}, "
+    fig.suptitle(f"lorakit (blue), PEFT (orange), no adapter (gray) — {c['device']} {c['dtype']}, "
                  f"{'torch.compile' if c['compile'] else 'eager'}, Llama {c['hidden']}x{c['layers']}, "
                  f"batch {c['batch']}x{c['seq']}, r={c['rank']}")
     fig.tight_layout()

@@ -20,7 +20,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .measure import step_peak_bytes, timed
-from .methods import LORAKIT_RECIPES, PEFT_METHODS, TARGETS, Method, adapt, build_base, resident_bytes, trainable
+from .methods import (
+    FLOOR,
+    LORAKIT_RECIPES,
+    PEFT_METHODS,
+    TARGETS,
+    Method,
+    adapt,
+    build_base,
+    resident_bytes,
+    trainable,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -39,31 +49,34 @@ class BenchConfig:
     seq: int = 128
     rank: int = 8
     steps: int = 2
-    repeats: int = 5
+    repeats: int = 6
     warmup: int = 1
     recipes: tuple[str, ...] = LORAKIT_RECIPES
     peft: tuple[str, ...] = PEFT_METHODS
     seed: int = 0
     threads: int = 1
     lr: float = 1e-3
+    floor: bool = True
     targets: tuple[str, ...] = field(default=tuple(TARGETS), init=False)
 
 
 #: (name, numerator, denominator, metric, target or None). Metric "ms" or "mem".
+LK, PF = "lorakit", "peft"
 RATIOS = [
-    ("lorakit dora / PEFT DoRA (time)", ("lorakit", "dora"), ("peft", "dora"), "ms", 0.67),
-    ("lorakit dora / PEFT LoRA (peak memory)", ("lorakit", "dora"), ("peft", "lora"), "mem", 1.05),
-    ("lorakit lora / PEFT LoRA (time)", ("lorakit", "lora"), ("peft", "lora"), "ms", 1.0),
-    ("lorakit op-lora / lorakit lora (time)", ("lorakit", "op-lora"), ("lorakit", "lora"), "ms", 1.25),
-    ("lorakit delora / PEFT DeLoRA (time)", ("lorakit", "delora"), ("peft", "delora"), "ms", None),
-    ("lorakit dora / PEFT DoRA (peak memory)", ("lorakit", "dora"), ("peft", "dora"), "mem", None),
-    ("lorakit lora / PEFT LoRA (peak memory)", ("lorakit", "lora"), ("peft", "lora"), "mem", None),
-    ("lorakit delora / PEFT DeLoRA (peak memory)", ("lorakit", "delora"), ("peft", "delora"), "mem", None),
-    ("PEFT DoRA / PEFT LoRA (time)", ("peft", "dora"), ("peft", "lora"), "ms", None),
-    ("lorakit dora / lorakit lora (time)", ("lorakit", "dora"), ("lorakit", "lora"), "ms", None),
-    ("lorakit loldu / lorakit lora (time)", ("lorakit", "loldu"), ("lorakit", "lora"), "ms", None),
-    ("lorakit pissa / lorakit lora (time)", ("lorakit", "pissa"), ("lorakit", "lora"), "ms", None),
-    ("lorakit op-lora / lorakit lora (peak memory)", ("lorakit", "op-lora"), ("lorakit", "lora"), "mem", None),
+    ("time: lorakit dora / PEFT DoRA", (LK, "dora"), (PF, "dora"), "ms", 0.67),
+    ("time: floor / PEFT DoRA", ("reference", "floor"), (PF, "dora"), "ms", None),
+    ("memory: lorakit dora / PEFT LoRA", (LK, "dora"), (PF, "lora"), "mem", 1.05),
+    ("time: lorakit lora / PEFT LoRA", (LK, "lora"), (PF, "lora"), "ms", 1.0),
+    ("time: lorakit op-lora / lorakit lora", (LK, "op-lora"), (LK, "lora"), "ms", 1.25),
+    ("time: lorakit delora / PEFT DeLoRA", (LK, "delora"), (PF, "delora"), "ms", None),
+    ("time: PEFT DoRA / PEFT LoRA", (PF, "dora"), (PF, "lora"), "ms", None),
+    ("time: lorakit dora / lorakit lora", (LK, "dora"), (LK, "lora"), "ms", None),
+    ("time: lorakit loldu / lorakit lora", (LK, "loldu"), (LK, "lora"), "ms", None),
+    ("time: lorakit pissa / lorakit lora", (LK, "pissa"), (LK, "lora"), "ms", None),
+    ("memory: lorakit dora / PEFT DoRA", (LK, "dora"), (PF, "dora"), "mem", None),
+    ("memory: lorakit lora / PEFT LoRA", (LK, "lora"), (PF, "lora"), "mem", None),
+    ("memory: lorakit delora / PEFT DeLoRA", (LK, "delora"), (PF, "delora"), "mem", None),
+    ("memory: lorakit op-lora / lorakit lora", (LK, "op-lora"), (LK, "lora"), "mem", None),
 ]
 
 
@@ -74,24 +87,24 @@ class _Runner:
         self.method = method
         self.model = model
         self.params = trainable(model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
-        self.forward = model
-        if config.compile:
-            self.forward = torch.compile(model, backend=config.backend)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr) if self.params else None
+        self.forward = torch.compile(model, backend=config.backend) if config.compile else model
         self.batch = batch
-        self.times: list[list[float]] = [[] for _ in range(config.repeats)]
-        self.losses: list[float] = []
+        self.wall: list[list[float]] = [[] for _ in range(config.repeats)]
+        self.cpu: list[list[float]] = [[] for _ in range(config.repeats)]
 
-    def step(self) -> float:
+    def step(self) -> None:
+        if self.optimizer is None:  # the floor: backward to the embeddings' output
+            embeds = self.model.get_input_embeddings()(self.batch["input_ids"]).detach().requires_grad_()
+            self.forward(inputs_embeds=embeds, labels=self.batch["labels"]).loss.backward()
+            return
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward(**self.batch).loss
-        loss.backward()
+        self.forward(**self.batch).loss.backward()
         self.optimizer.step()
-        return loss.detach()
 
-    def loss(self) -> float:
+    def eager_loss(self) -> float:
         with torch.no_grad():
-            return float(self.forward(**self.batch).loss)
+            return float(self.model(**self.batch).loss)
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str, int], None] | None = None) -> dict:
@@ -100,6 +113,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int], None] | None =
     progress = progress or (lambda description, advance: None)
     if config.device == "cpu" and config.threads > 0:
         torch.set_num_threads(config.threads)
+    if config.compile:  # one compiled LlamaForCausalLM.forward per method, all kept
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 1024)
     dtype = DTYPES[config.dtype]
     base = build_base(config.hidden, config.layers, config.intermediate, config.vocab, config.seq,
                       config.seed, dtype, config.device)
@@ -110,21 +127,23 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int], None] | None =
         base_loss = float(base(**batch).loss)
 
     methods = [Method("lorakit", r) for r in config.recipes] + [Method("peft", p) for p in config.peft]
+    methods += [FLOOR] if config.floor else []
     runners = []
     for method in methods:
         progress(f"build {method.label}", 0)
         runners.append(_Runner(method, adapt(method, base, config.rank, config.seed), config, batch))
 
     results: dict[str, dict] = {}
-    for r in runners:  # warm-up (and compile), identity-at-init check, peak memory
-        progress(f"warm up {r.method.label}", 0)
-        graph_breaks = _graph_breaks()
-        init_loss = r.loss() if not config.compile else None
+    for r in runners:  # identity at init, warm-up (and compile), peak memory
+        init_loss = r.eager_loss()
+        breaks = _graph_breaks()
         start = time.perf_counter()
         for _ in range(config.warmup):
+            progress(f"{'compile' if config.compile else 'warm up'} {r.method.label}", 0)
             r.step()
             progress(f"warm up {r.method.label}", 1)
         warmup_s = time.perf_counter() - start
+        progress(f"memory {r.method.label}", 0)
         peak = step_peak_bytes(r.step, config.device) + resident_bytes(r.model, r.optimizer)
         progress(f"memory {r.method.label}", 1)
         results[r.method.label] = {
@@ -132,56 +151,63 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int], None] | None =
             "trainable_params": sum(p.numel() for p in r.params),
             "peak_mem_mb": peak / 2**20,
             "warmup_s": warmup_s,
-            "init_loss_minus_base": None if init_loss is None else init_loss - base_loss,
-            "graph_breaks": _graph_breaks() - graph_breaks if config.compile else None,
+            "init_loss_minus_base": init_loss - base_loss,
+            "graph_breaks": _graph_breaks() - breaks if config.compile else None,
         }
 
-    for k in range(config.repeats):  # alternating rounds
+    for k in range(config.repeats):  # alternating rounds, rotated start
         order = runners[k % len(runners):] + runners[:k % len(runners)]
         for r in order:
             for _ in range(config.steps):
-                seconds, _ = timed(r.step, config.device)
-                r.times[k].append(seconds * 1e3)
+                wall, cpu = timed(r.step, config.device)
+                r.wall[k].append(wall * 1e3)
+                r.cpu[k].append(cpu * 1e3)
                 progress(f"round {k + 1}/{config.repeats} {r.method.label}", 1)
 
     for r in runners:
-        flat = [t for rnd in r.times for t in rnd]
-        q = statistics.quantiles(flat, n=4) if len(flat) > 1 else [flat[0]] * 3
-        results[r.method.label].update(
-            median_ms=statistics.median(flat), q1_ms=q[0], q3_ms=q[2],
-            round_medians_ms=[statistics.median(rnd) for rnd in r.times],
-            final_loss=r.loss(),
-        )
+        results[r.method.label].update(_summary(r.wall, "ms"), **_summary(r.cpu, "cpu_ms"),
+                                       final_loss=r.eager_loss())
     return {
         "config": {**asdict(config), "recipes": list(config.recipes), "peft": list(config.peft),
                    "targets": list(config.targets)},
         "environment": _environment(config),
         "base_loss": base_loss,
         "methods": results,
-        "ratios": ratios(results, config.repeats),
+        "ratios": ratios(results),
     }
 
 
-def ratios(results: dict, repeats: int) -> dict:
+def _summary(rounds: list[list[float]], unit: str) -> dict:
+    flat = [t for rnd in rounds for t in rnd]
+    q = statistics.quantiles(flat, n=4) if len(flat) > 1 else [flat[0]] * 3
+    return {f"median_{unit}": statistics.median(flat), f"q1_{unit}": q[0], f"q3_{unit}": q[2],
+            f"round_medians_{unit}": [statistics.median(rnd) for rnd in rounds]}
+
+
+def ratios(results: dict) -> dict:
+    """Each ratio of RATIOS whose two methods ran. Time ratios are given on wall
+    time (``value``) and on CPU time (``cpu_value``), with the per-round range."""
     by_key = {(v["library"], v["method"]): v for v in results.values()}
     out = {}
     for name, num, den, metric, target in RATIOS:
         if num not in by_key or den not in by_key:
             continue
         a, b = by_key[num], by_key[den]
+        row = {"metric": metric, "target": target}
         if metric == "ms":
-            value = a["median_ms"] / b["median_ms"]
-            per_round = [x / y for x, y in zip(a["round_medians_ms"], b["round_medians_ms"])]
-            spread = [min(per_round), max(per_round)]
+            for unit, key in (("ms", "value"), ("cpu_ms", "cpu_value")):
+                row[key] = a[f"median_{unit}"] / b[f"median_{unit}"]
+                per_round = [x / y for x, y in zip(a[f"round_medians_{unit}"], b[f"round_medians_{unit}"])]
+                row[f"{key}_round_min_max"] = [min(per_round), max(per_round)]
         else:
-            value, spread = a["peak_mem_mb"] / b["peak_mem_mb"], None
-        out[name] = {"value": value, "round_min_max": spread, "target": target,
-                     "met": None if target is None else bool(value <= target)}
+            row["value"] = a["peak_mem_mb"] / b["peak_mem_mb"]
+        row["met"] = None if target is None else bool(row["value"] <= target)
+        out[name] = row
     return out
 
 
 def total_ticks(config: BenchConfig) -> int:
-    n = len(config.recipes) + len(config.peft)
+    n = len(config.recipes) + len(config.peft) + config.floor
     return n * (config.warmup + 1 + config.repeats * config.steps)
 
 

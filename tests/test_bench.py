@@ -1,0 +1,101 @@
+"""``lorakit bench``: the command end to end on a tiny model, and its measuring parts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorakit.bench.measure import _running_peak, step_peak_bytes
+from lorakit.bench.methods import FLOOR, Method, adapt, build_base, resident_bytes
+from lorakit.core.cli import main
+
+TINY = ["--hidden", "64", "--layers", "1", "--intermediate", "96", "--vocab", "64", "--batch", "2",
+        "--seq", "8", "--steps", "1", "--repeats", "2", "--no-progress"]
+
+
+def test_bench_end_to_end(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", *TINY, "--json", str(out), "--plot", str(png)]) == 0
+    result = json.loads(out.read_text())
+    methods = result["methods"]
+    assert list(methods) == ["lorakit lora", "lorakit dora", "lorakit op-lora", "lorakit delora",
+                             "lorakit loldu", "lorakit pissa", "PEFT LoRA", "PEFT DoRA", "PEFT DeLoRA",
+                             "no adapter (floor)"]
+    for label, m in methods.items():
+        assert abs(m["init_loss_minus_base"]) < 1e-5, f"{label} is not the base model at init"
+        assert m["median_ms"] > 0 and m["median_cpu_ms"] > 0 and len(m["round_medians_ms"]) == 2
+        assert m["peak_mem_mb"] > 0
+    # same model, same targets: the parameter counts of equivalent methods agree
+    params = {label: m["trainable_params"] for label, m in methods.items()}
+    # r · Σ(in + out) over q, k, v, o (64 x 64) and gate, up, down (64 <-> 96)
+    assert params["lorakit lora"] == params["PEFT LoRA"] == 8 * (4 * (64 + 64) + 3 * (64 + 96))
+    assert params["lorakit dora"] == params["PEFT DoRA"]
+    assert params["lorakit delora"] == params["PEFT DeLoRA"]
+    assert params["no adapter (floor)"] == 0
+    ratios = result["ratios"]
+    assert ratios["time: lorakit dora / PEFT DoRA"]["target"] == 0.67
+    assert ratios["memory: lorakit dora / PEFT LoRA"]["target"] == 1.05
+    for r in ratios.values():
+        assert r["value"] > 0 and r["met"] in (None, True, False)
+    assert png.stat().st_size > 10_000
+
+
+def test_bench_compiled_has_no_graph_break(tmp_path):
+    out = tmp_path / "bench.json"
+    args = [*TINY, "--compile", "--backend", "aot_eager", "--recipes", "lora", "--peft", "", "--no-floor"]
+    assert main(["bench", *args, "--json", str(out)]) == 0
+    m = json.loads(out.read_text())["methods"]["lorakit lora"]
+    assert m["graph_breaks"] == 0 and abs(m["init_loss_minus_base"]) < 1e-5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--peft", "lokr"], "unknown PEFT method"),
+    (["--recipes", "nope"], "unknown recipe"),
+    (["--hidden", "100"], "multiple of 64"),
+    (["--device", "tpu"], "use cpu or cuda"),
+    (["--steps", "0"], "must be >= 1"),
+])
+def test_bad_input_is_one_clear_line(args, message, capsys):
+    assert main(["bench", *TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_cuda_unavailable_is_a_clear_error(capsys):
+    assert main(["bench", *TINY, "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cpu_peak_sees_a_temporary():
+    """A step that allocates 8 MB twice (one freed before the other) peaks at 8 MB."""
+    def step():
+        a = torch.ones(2**21)  # 8 MiB
+        del a
+        b = torch.ones(2**21)
+        return b.sum()
+
+    peak = step_peak_bytes(step, "cpu")
+    assert 2**23 <= peak < 2**23 + 2**16
+
+
+def test_running_peak():
+    assert _running_peak([(3, -5), (1, 10), (2, 4), (4, 7)]) == 16
+    assert _running_peak([]) == 0
+
+
+def test_methods_share_the_base_weights():
+    base = build_base(64, 1, 96, 64, 8, seed=0, dtype=torch.float32, device="cpu")
+    lk = adapt(Method("lorakit", "dora"), base, rank=4, seed=0)
+    pf = adapt(Method("peft", "lora"), base, rank=4, seed=0)
+    floor = adapt(FLOOR, base, rank=4, seed=0)
+    w = base.model.layers[0].self_attn.q_proj.weight
+    assert lk.model.layers[0].self_attn.q_proj.base.weight is w
+    assert pf.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight is w
+    assert floor.model.layers[0].self_attn.q_proj.weight is w
+    opt = torch.optim.AdamW([p for p in lk.parameters() if p.requires_grad])
+    n_base = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
+    assert resident_bytes(lk, opt) > n_base  # base (once) + adapter
+    assert resident_bytes(floor, None) == n_base
