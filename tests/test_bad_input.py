@@ -83,6 +83,8 @@ CASES = [
         "name": "scale", "args": {"alpah": 2}}), AdapterError, "normalizer 'scale': bad arguments"),
     ("unknown-target", "targets that match nothing", lambda m, t: Adapter().apply(m, targets=["q_proj"]),
      AdapterError, "match no module of Sequential"),
+    ("partly-unknown-target", "a target list where one name matches nothing",
+     lambda m, t: Adapter().apply(m, targets=["0", "q_proj"]), AdapterError, r"targets \['q_proj'\] match no module"),
     ("unsupported-module", "a target that is not a supported layer",
      lambda m, t: Adapter(rank=1).apply(m, targets=["1"]), AdapterError, "module '1' is a ReLU"),
     ("apply-twice", "applying an adapter twice",

@@ -122,6 +122,7 @@ class Adapter:
                 f"{type(model).__name__} already has a lorakit adapter; call "
                 "lorakit.core.unload(model) (or merge_and_unload) before applying another"
             )
+        explicit = targets is not None
         targets = default_targets(model) if targets is None else targets
         chosen = {n: m for n, m in model.named_modules() if n and _matches(n, targets)}
         if not chosen:
@@ -129,6 +130,11 @@ class Adapter:
                 f"targets {targets!r} match no module of {type(model).__name__}; "
                 "module names look like: " + ", ".join(n for n, _ in list(model.named_modules())[1:8])
             )
+        if explicit and not isinstance(targets, str):  # defaults may list names of several versions
+            unmatched = [t for t in targets if not any(_matches(n, [t]) for n in chosen)]
+            if unmatched:
+                raise AdapterError(f"targets {unmatched} match no module of {type(model).__name__} (the others "
+                                   f"matched {len(chosen)} modules); fix or remove them")
         new = {name: self._wrap(name, module) for name, module in chosen.items()}
         for name, layer in new.items():
             parent, _, child = name.rpartition(".")
