@@ -104,6 +104,10 @@ class AdaptedLayer(nn.Module):
         self._cache = None
         return super().train(mode)
 
+    def _apply(self, fn, *args, **kwargs):  # .to(), .double(), .cuda(): the cache is stale
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache = None
         return super()._load_from_state_dict(*args, **kwargs)
