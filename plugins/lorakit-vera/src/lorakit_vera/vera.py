@@ -1,12 +1,12 @@
 """VeRA: frozen random factors shared across layers, trainable scaling vectors.
 
 Kopiczko, Blankevoort, Asano, *VeRA: Vector-based Random Matrix Adaptation*
-(ICLR 2024), §3.1, Eq. (2):
+(ICLR 2024), §3 "Method", Eq. (2):
 
     h = W̄ x + Λ_b B Λ_d A x,      Λ_b = diag(b) (out),  Λ_d = diag(d) (r)
 
 ``A`` (r × in) and ``B`` (out × r) are random, frozen and shared by all layers; only
-``b`` and ``d`` train, so a layer costs ``out + r`` parameters. Paper init (§3.2):
+``b`` and ``d`` train, so a layer costs ``out + r`` parameters. Paper init (§3):
 ``A, B`` Kaiming-uniform, ``b = 0`` (so ``ΔW = 0`` at step 0), ``d = d_initial``
 (0.1 in PEFT's ``VeraConfig``).
 
