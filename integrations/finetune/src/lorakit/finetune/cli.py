@@ -51,14 +51,14 @@ def configure_finetune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--normalizer", help="e.g. scale, scale:rs=true, delora, delora:lambda0=4")
     g.add_argument("--init", help="e.g. kaiming, kaiming:zero_b=false, pissa, ldu, ldu:init=constant")
     g.add_argument("--magnitude", help="dora, or none")
-    _common(p, "lorakit-out/finetune")
+    _common(p, "runs/finetune")
     p.add_argument("--resume", help="checkpoint folder (or a run's --out folder) to continue from")
 
 
 def configure_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", help="comma-separated recipe names "
                    "(default: lora,dora,op-lora,delora,loldu,pissa, those installed)")
-    _common(p, "lorakit-out/compare")
+    _common(p, "runs/compare")
 
 
 def _config(args, **extra) -> FinetuneConfig:

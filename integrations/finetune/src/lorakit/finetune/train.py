@@ -56,7 +56,7 @@ class FinetuneConfig:
     split_seed: int = 0
     save_every: int = 0  # 0: only at the end
     resume: str | None = None
-    out: str = "lorakit-out/finetune"
+    out: str = "runs/finetune"
     device: str = "auto"
     threads: int | None = None  # None: auto_threads()
     progress: bool = True
