@@ -298,3 +298,19 @@ def test_default_minilm_on_vader(tmp_path):
     assert summary["data"] == "vader" and summary["n_train"] + summary["n_test"] == 7520
     assert summary["recipe"] == "lora" and len(summary["adapter"]["targets"]) == 36  # 6 layers x 6 linears
     assert summary["metric"]["name"] == "pearson" and summary["metric"]["value"] > 0.45  # 0.61 measured
+
+
+def test_task_detection_and_split(tmp_path):
+    from lorakit.finetune.data import load_table, split
+
+    ints = tmp_path / "ints.csv"
+    ints.write_text("text,label\n" + "".join(f"w{i},{i % 2}\n" for i in range(20)))
+    data = load_table(ints)
+    assert data.task == "classification" and data.classes == ["0", "1"]
+    floats = tmp_path / "floats.tsv"
+    floats.write_text("text\tlabel\n" + "".join(f"w{i}\t{i / 3:.3f}\n" for i in range(20)))
+    assert load_table(floats).task == "regression"
+    assert load_table(ints, task="regression").labels[:3] == [0.0, 1.0, 0.0]
+    train, test = split(data, 0.25, seed=0)
+    assert (len(train), len(test)) == (15, 5) and not set(train.texts) & set(test.texts)
+    assert split(data, 0.25, seed=0)[1].texts == test.texts  # fixed by the split seed
