@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .primitives import AdapterError
+
 
 class LayerKind:
     """Matrix view of one base module type. Methods never allocate out × in tensors
@@ -40,6 +42,10 @@ class LayerKind:
     def check(self, base: nn.Module) -> str | None:
         """A reason this module cannot be adapted, or None."""
         return None
+
+    def peft_factors(self, base: nn.Module, B: Tensor, A: Tensor, m: Tensor | None):
+        """``(lora_B, lora_A, magnitude)`` shaped as PEFT stores them for this layer type."""
+        return B, A, m
 
 
 class LinearKind(LayerKind):
@@ -81,6 +87,13 @@ class Conv2dKind(LayerKind):
 
     def add_bias(self, base, y):
         return y if base.bias is None else y + base.bias[:, None, None]
+
+    def peft_factors(self, base, B, A, m):
+        if tuple(base.dilation) != (1, 1):  # PEFT builds lora_A without the base's dilation
+            raise AdapterError(f"a Conv2d with dilation {tuple(base.dilation)} has no PEFT/diffusers LoRA "
+                               "equivalent; leave it out of the targets")
+        m = None if m is None else m.reshape(1, -1, 1, 1)
+        return B[:, :, None, None], A.reshape(A.shape[0], *base.weight.shape[1:]), m
 
     def check(self, base):
         if base.groups != 1:

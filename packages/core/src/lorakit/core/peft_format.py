@@ -1,0 +1,109 @@
+"""PEFT's LoRA/DoRA tensor layout and config: the one standard every exporter writes.
+
+Format knowledge only (no ``peft`` import), shared by ``lorakit.transformers``
+(``adapter_model.safetensors`` for PEFT and transformers) and ``lorakit.diffusers``
+(``pytorch_lora_weights.safetensors``). For each adapted module ``<name>``:
+
+    <prefix><name>.lora_A.weight                  (k × in), a k-channel conv for Conv2d
+    <prefix><name>.lora_B.weight                  (out × k), a 1×1 conv for Conv2d
+    <prefix><name>.lora_magnitude_vector.weight   (out,)   DoRA heads only
+
+The factors are :func:`export_factors`: ``W_eff − W̄`` of any recipe (residual terms
+folded in, generators evaluated once) reduced exactly with a QR + small SVD, so
+``lora_alpha = k`` (scale 1) and the factors carry everything. Modules whose rank
+differs from the most common one get ``rank_pattern`` / ``alpha_pattern`` entries.
+The magnitude is written under the name of PEFT's parameter (``…vector.weight``):
+PEFT and diffusers accept it, and transformers' ``load_adapter`` needs the suffix.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+
+import torch
+from torch import Tensor, nn
+
+from .adapter import adapted_layers
+from .model_ops import export_factors
+from .primitives import AdapterError
+
+DORA_KEY = "lora_magnitude_vector.weight"
+TRUNCATION_TOL = 1e-6  # relative error above fp32 round-off: a truncation worth reporting
+
+
+class TruncationWarning(UserWarning):
+    """An export at a rank lower than the update's rank lost part of the update."""
+
+
+def lora_tensors(model: nn.Module, rank: int | None = None, *, prefix: str = "",
+                 dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, int], bool, dict[str, float]]:
+    """``(tensors, ranks, use_dora, rel_errors)`` of ``model``'s adapter in PEFT's layout.
+
+    ``rank=None`` keeps every module's update exactly (its numerical rank, ≤ 2r); an
+    integer truncates and a :class:`TruncationWarning` lists the relative errors.
+    """
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise AdapterError(f"export rank={rank!r}: give an integer >= 1, or None to export exactly")
+    layers = adapted_layers(model)
+    factors = export_factors(model, rank)  # raises if there is no adapter, or it is merged/disabled
+    magnitudes = {f.magnitude is not None for f in factors.values()}
+    if len(magnitudes) > 1:
+        raise AdapterError("a LoRA file has one use_dora flag, but only some modules of this model have a "
+                           "magnitude head; export them as two adapters")
+    tensors, ranks = {}, {}
+    for name, f in factors.items():
+        layer = layers[name]
+        try:
+            B, A, m = layer.kind.peft_factors(layer.base, f.B, f.A, f.magnitude)
+        except AdapterError as exc:
+            raise AdapterError(f"module {name!r}: {exc}") from None
+        named = {"lora_A.weight": A, "lora_B.weight": B, DORA_KEY: m}
+        for key, t in named.items():
+            if t is not None:
+                tensors[f"{prefix}{name}.{key}"] = t.detach().to("cpu", dtype or t.dtype).contiguous()
+        ranks[name] = f.A.shape[0]
+    rel_errors = {name: f.rel_error for name, f in factors.items()}
+    lost = {n: e for n, e in rel_errors.items() if e > TRUNCATION_TOL}
+    if lost:
+        worst = ", ".join(f"{n}: {e:.3g}" for n, e in sorted(lost.items(), key=lambda kv: -kv[1])[:8])
+        warnings.warn(
+            f"export at rank {rank} truncated {len(lost)} of {len(rel_errors)} modules; relative error "
+            f"‖ΔW − ΔW_r‖/‖ΔW‖ (largest first): {worst}. Export with rank=None to keep the update exactly.",
+            TruncationWarning, stacklevel=3)
+    return tensors, ranks, magnitudes == {True}, rel_errors
+
+
+def lora_config(ranks: dict[str, int], *, use_dora: bool = False, fan_in_fan_out: bool = False,
+                base_model_name_or_path: str | None = None, task_type: str | None = None) -> dict:
+    """A PEFT ``LoraConfig`` (as JSON) whose scaling is 1 for every module.
+
+    ``r`` is the most common rank; other modules get ``rank_pattern`` and
+    ``alpha_pattern`` entries keyed by ``^`` + their escaped full name: PEFT (>= 0.15)
+    matches a key with ``re.match(r"(.*\\.)?(key)$", name)``, so the anchor makes it
+    hit exactly that module, never a longer name ending the same way (diffusers
+    writes its own keys so too). ``target_modules`` lists full names so exactly the
+    exported modules are adapted.
+    """
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k))
+    pattern = {"^" + re.escape(name): k for name, k in sorted(ranks.items()) if k != r}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks),
+        "use_dora": use_dora,
+        "use_rslora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
