@@ -39,6 +39,7 @@ __all__ = [
     "Adapter", "AdaptedLayer", "AdapterError", "CheckpointError", "ExportedLayer", "Generator",
     "Initializer", "Magnitude", "MergeError", "Normalizer", "ParameterSlots", "Primitive", "Slot",
     "adapted_layers", "default_targets", "disabled", "export_factors", "freeze_generators",
-    "hookimpl", "load", "load_optimizer", "merge", "param_groups", "merge_and_unload", "parameter_report", "register_plugin",
+    "hookimpl", "load", "load_optimizer", "merge", "param_groups", "merge_and_unload", "parameter_report",
+    "register_plugin",
     "registry", "save", "set_enabled", "trainable_parameters", "unload", "unmerge",
 ]
