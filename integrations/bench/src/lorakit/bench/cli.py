@@ -35,6 +35,7 @@ def configure(parser) -> None:
                         help="skip the reference row: the frozen model's forward+backward with no adapter")
     parser.add_argument("--json", metavar="PATH", help="write the full result as JSON ('-' for stdout)")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
+    parser.add_argument("--markdown", metavar="PATH", help="write both tables as Markdown")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -94,6 +95,11 @@ def run(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
             print(f"wrote {args.json}")
+    if args.markdown:
+        from .report import markdown
+
+        with open(args.markdown, "w") as f:
+            f.write(markdown(result))
     if args.plot:
         from .report import plot
 

@@ -2,7 +2,9 @@
 
 Protocol (so that ratios mean something on a busy machine): one base model built
 from a seed and shared by every method, one fixed batch, the same optimizer
-(AdamW) for all; every method is warmed up (and compiled) first, then the timed
+(AdamW) for all; every method is warmed up (and compiled) first, its peak memory
+measured in one profiled step, then one more untimed step per method (after a cold
+``torch.compile`` the first steps ran seconds slower), then the timed
 steps run in *alternating* rounds — round ``k`` visits every method once, starting
 at a rotated position — so a burst of load from other processes hits all methods
 alike. A method's time is the median of all its timed steps; each ratio is also
@@ -155,6 +157,11 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int], None] | None =
             "graph_breaks": _graph_breaks() - breaks if config.compile else None,
         }
 
+    for r in runners:  # one untimed round: compile work that trails the warm-up settles
+        progress(f"settle {r.method.label}", 0)
+        r.step()
+        progress(f"settle {r.method.label}", 1)
+
     for k in range(config.repeats):  # alternating rounds, rotated start
         order = runners[k % len(runners):] + runners[:k % len(runners)]
         for r in order:
@@ -208,7 +215,7 @@ def ratios(results: dict) -> dict:
 
 def total_ticks(config: BenchConfig) -> int:
     n = len(config.recipes) + len(config.peft) + config.floor
-    return n * (config.warmup + 1 + config.repeats * config.steps)
+    return n * (config.warmup + 2 + config.repeats * config.steps)
 
 
 def _graph_breaks() -> int:
