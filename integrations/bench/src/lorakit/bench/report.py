@@ -70,15 +70,20 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(result["methods"])
-    ms = [m["median_ms"] for m in result["methods"].values()]
-    err = [[m["median_ms"] - m["q1_ms"] for m in result["methods"].values()],
-           [m["q3_ms"] - m["median_ms"] for m in result["methods"].values()]]
-    mem = [m["peak_mem_mb"] for m in result["methods"].values()]
+    rows = list(result["methods"].values())
+    # CPU: bars are CPU time (steadier on a shared machine), crosses wall time
+    unit = "cpu_ms" if result["config"]["device"] == "cpu" else "ms"
+    ms = [m[f"median_{unit}"] for m in rows]
+    err = [[m[f"median_{unit}"] - m[f"q1_{unit}"] for m in rows], [m[f"q3_{unit}"] - m[f"median_{unit}"] for m in rows]]
+    mem = [m["peak_mem_mb"] for m in rows]
     palette = {"lorakit": "tab:blue", "peft": "tab:orange", "reference": "tab:gray"}
-    colors = [palette[m["library"]] for m in result["methods"].values()]
+    colors = [palette[m["library"]] for m in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax1.bar(labels, ms, yerr=err, color=colors, capsize=3)
-    ax1.set_ylabel("median ms per training step")
+    if unit == "cpu_ms":
+        ax1.plot(labels, [m["median_ms"] for m in rows], "kx", label="wall time")
+        ax1.legend(loc="upper left", fontsize=8)
+    ax1.set_ylabel("median " + ("CPU " if unit == "cpu_ms" else "") + "ms per training step (IQR)")
     ax2.bar(labels, mem, color=colors)
     ax2.set_ylabel("peak memory (MiB)")
     for ax in (ax1, ax2):

@@ -1,0 +1,134 @@
+"""Two measurements behind design decisions in docs/benchmarks.md (not shipped paths).
+
+    python -m lorakit.bench.studies mlp-batching
+    python -m lorakit.bench.studies dora-saved-output
+
+``mlp-batching``: OP-LoRA's per-layer MLPs evaluated one by one (as lorakit does)
+against the same MLPs batched with ``torch.bmm`` over the layers of equal shape, on
+the default bench model's 28 projections: forward + backward CPU time.
+
+``dora-saved-output``: DoRA's magnitude gradient needs the pre-scale output
+``y = W̄x + B'A'x`` of every adapted layer (``dL/dm_i ∝ Σ_t go_ti·y_ti``), one
+tokens × out tensor per layer that LoRA does not keep. An alternative saves the
+output ``z = g ⊙ y`` instead (which the next op often keeps anyway) and rebuilds
+``y = z / g`` in backward; it is *not* exact where ``g_i = 0`` (``m_i = 0``), so it
+is not shipped. This measures the peak memory it would give on the default model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# (out, in) of q, k, v, o, gate, up, down in the default bench model
+SHAPES = [(256, 256)] * 4 + [(688, 256)] * 2 + [(256, 688)]
+
+
+def mlp_batching(layers: int = 4, rank: int = 8, width: int = 32, embed: int = 128, repeats: int = 15) -> dict:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    sizes = [rank * (o + i) for o, i in SHAPES] * layers
+
+    def mlp(P: int, *batch: int) -> dict:
+        t = {"z": torch.randn(*batch, embed, generator=g), "W1": torch.randn(*batch, width, embed, generator=g) / 12,
+             "b1": torch.zeros(*batch, width), "W2": torch.randn(*batch, P, width, generator=g) / 6,
+             "b2": torch.zeros(*batch, P)}
+        for v in t.values():
+            v.requires_grad_(True)
+        t["F0"] = torch.randn(*batch, P, generator=g)
+        return t
+
+    single = [mlp(P) for P in sizes]
+    groups = {P: sizes.count(P) for P in dict.fromkeys(sizes)}
+    batched = [mlp(P, G) for P, G in groups.items()]
+
+    def per_layer():
+        total = 0
+        for t in single:
+            h = torch.relu(F.linear(t["z"], t["W1"], t["b1"]))
+            total = total + (F.linear(h, t["W2"]) + t["b2"] + t["F0"]).sum()
+        total.backward()
+
+    def with_bmm():
+        total = 0
+        for t in batched:
+            h = torch.relu(torch.bmm(t["W1"], t["z"][..., None])[..., 0] + t["b1"])
+            total = total + (torch.bmm(t["W2"], h[..., None])[..., 0] + t["b2"] + t["F0"]).sum()
+        total.backward()
+
+    times: dict[str, list[float]] = {"per-layer": [], "batched (bmm)": []}
+    for _ in range(repeats):  # alternating
+        for name, fn in (("per-layer", per_layer), ("batched (bmm)", with_bmm)):
+            start = time.process_time()
+            fn()
+            times[name].append((time.process_time() - start) * 1e3)
+    return {"mlps": len(sizes), "groups": len(groups),
+            **{name: statistics.median(v) for name, v in times.items()}}
+
+
+class _ScaleRowsSavingOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, g):
+        z = y * g
+        ctx.save_for_backward(z, g)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, g = ctx.saved_tensors
+        return grad * g, (grad * (z / g)).sum(0)
+
+
+def _linear_lowrank_saving_output(x, W, bias, B, A, g=None):
+    x2 = x.reshape(-1, x.shape[-1])
+    h = x2 @ A.T
+    if g is None:
+        y = F.linear(x2, W, bias).addmm_(h, B.T)
+    else:
+        y = _ScaleRowsSavingOutput.apply(F.linear(x2, W).addmm_(h, B.T), g)
+        y = y if bias is None else y + bias
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def dora_saved_output() -> dict:
+    from lorakit.core import functional
+
+    from .measure import step_peak_bytes
+    from .methods import Method, adapt, build_base, resident_bytes
+
+    torch.set_num_threads(1)
+    base = build_base(256, 4, 688, 1000, 128, seed=0, dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 1000, (8, 128), generator=torch.Generator().manual_seed(1))
+
+    def peak(method: Method) -> float:
+        model = adapt(method, base, rank=8, seed=0)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+
+        step()
+        return (step_peak_bytes(step, "cpu") + resident_bytes(model, opt)) / 2**20
+
+    out = {"PEFT LoRA": peak(Method("peft", "lora")), "lorakit dora": peak(Method("lorakit", "dora"))}
+    shipped = functional.linear_lowrank
+    functional.linear_lowrank = _linear_lowrank_saving_output
+    try:
+        out["lorakit dora, output saved"] = peak(Method("lorakit", "dora"))
+    finally:
+        functional.linear_lowrank = shipped
+    return out
+
+
+if __name__ == "__main__":
+    studies = {"mlp-batching": mlp_batching, "dora-saved-output": dora_saved_output}
+    if len(sys.argv) != 2 or sys.argv[1] not in studies:
+        sys.exit(f"usage: python -m lorakit.bench.studies {{{','.join(studies)}}}")
+    for key, value in studies[sys.argv[1]]().items():
+        print(f"{key:28s} {value:.1f}" if isinstance(value, float) else f"{key:28s} {value}")
