@@ -62,7 +62,10 @@ def declared_lower_bounds(dist: str) -> dict[str, str]:
 
 
 def _version(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split(".") if x.isdigit())
+    parts = [int(x) for x in v.split(".") if x.isdigit()]
+    while parts and parts[-1] == 0:  # 5.6 == 5.6.0
+        parts.pop()
+    return tuple(parts)
 
 
 PINNED = ("torch", "transformers", "diffusers", "peft")
