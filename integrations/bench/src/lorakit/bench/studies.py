@@ -1,7 +1,13 @@
 """Two measurements behind design decisions in docs/benchmarks.md (not shipped paths).
 
+    python -m lorakit.bench.studies fused-linear
     python -m lorakit.bench.studies mlp-batching
     python -m lorakit.bench.studies dora-saved-output
+
+``fused-linear``: one 688 × 256 projection at 1,024 tokens, forward + backward, CPU
+time: PEFT's LoRA arithmetic (``base(x) + B(A x)·s``), the unfused lorakit form
+(``base(x) + B'(A x)`` with the scale folded into ``B'``) and the shipped one
+(``B'(A x)`` accumulated into the base GEMM's output with ``addmm_``).
 
 ``mlp-batching``: OP-LoRA's per-layer MLPs evaluated one by one (as lorakit does)
 against the same MLPs batched with ``torch.bmm`` over the layers of equal shape, on
@@ -26,6 +32,32 @@ import torch.nn.functional as F
 
 # (out, in) of q, k, v, o, gate, up, down in the default bench model
 SHAPES = [(256, 256)] * 4 + [(688, 256)] * 2 + [(256, 688)]
+
+
+def fused_linear(tokens: int = 1024, out: int = 688, inp: int = 256, rank: int = 8, repeats: int = 30) -> dict:
+    from lorakit.core.functional import linear_lowrank
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, inp, generator=g, requires_grad=True)
+    W = torch.randn(out, inp, generator=g) / inp**0.5
+    A = torch.randn(rank, inp, generator=g, requires_grad=True)
+    B = torch.randn(out, rank, generator=g, requires_grad=True)
+    d = torch.ones(rank)
+    grad = torch.randn(tokens, out, generator=g)
+    forms = {
+        "PEFT form": lambda: F.linear(x, W) + F.linear(F.linear(x, A), B) * 1.0,
+        "unfused, scale in B'": lambda: F.linear(x, W) + F.linear(F.linear(x, A), B * (1.0 * d)),
+        "fused (shipped)": lambda: linear_lowrank(x, W, None, B * (1.0 * d), A),
+    }
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    for _ in range(repeats):  # alternating
+        for name, form in forms.items():
+            start = time.process_time()
+            for _ in range(5):
+                form().backward(grad)
+            times[name].append((time.process_time() - start) / 5 * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def mlp_batching(layers: int = 4, rank: int = 8, width: int = 32, embed: int = 128, repeats: int = 15) -> dict:
@@ -127,7 +159,7 @@ def dora_saved_output() -> dict:
 
 
 if __name__ == "__main__":
-    studies = {"mlp-batching": mlp_batching, "dora-saved-output": dora_saved_output}
+    studies = {"fused-linear": fused_linear, "mlp-batching": mlp_batching, "dora-saved-output": dora_saved_output}
     if len(sys.argv) != 2 or sys.argv[1] not in studies:
         sys.exit(f"usage: python -m lorakit.bench.studies {{{','.join(studies)}}}")
     for key, value in studies[sys.argv[1]]().items():
