@@ -26,7 +26,7 @@ import torch
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def timed(step: Callable[[], object], device: str) -> tuple[float, float]:
@@ -43,12 +43,12 @@ def timed(step: Callable[[], object], device: str) -> tuple[float, float]:
 def step_peak_bytes(step: Callable[[], float], device: str) -> int:
     """Highest bytes allocated during ``step`` above what was allocated before it."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
     from torch._C._autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 

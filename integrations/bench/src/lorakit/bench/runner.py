@@ -232,5 +232,5 @@ def _environment(config: BenchConfig) -> dict:
            "python": platform.python_version(), "machine": platform.machine(),
            "cpu_threads": torch.get_num_threads()}
     if config.device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name()
+        env["gpu"] = torch.cuda.get_device_name(config.device)
     return env
