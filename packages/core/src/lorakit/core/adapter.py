@@ -33,7 +33,7 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
 def _matches(name: str, targets: Targets) -> bool:
     if isinstance(targets, str):  # a regex over the full module name
         return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    return targets is not None and any(name == t or name.endswith("." + t) for t in targets)
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -145,7 +145,7 @@ class Adapter:
             for layer in new.values():
                 for p in layer.slots.parameters():
                     p.requires_grad_(True)
-        model.lorakit_config = {**self.config(), "targets": sorted(new)}
+        setattr(model, "lorakit_config", {**self.config(), "targets": sorted(new)})
         if verbose:
             print(f"lorakit: adapted {len(new)} modules of {type(model).__name__}: {', '.join(sorted(new))}")
         return model

@@ -34,7 +34,7 @@ def _spec_str(spec: dict) -> str:
 
 def _plugins(args) -> int:
     reg = registry.load()
-    rows = [{"name": p.name, "distribution": p.distribution, "version": p.version,
+    rows: list[dict] = [{"name": p.name, "distribution": p.distribution, "version": p.version,
              "hooks": p.hooks, "registered": p.registered} for p in reg.plugins.values()]
     failures = [{"name": n, "error": e} for n, e in reg.failures.items()]
     if args.json:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import itertools
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,7 @@ def _key(spec):
     return None if spec is None else (spec["name"], tuple(sorted(spec["args"].items())))
 
 
-def combinations(include: list[Primitive] = ()) -> list[Combo]:
+def combinations(include: Sequence[Primitive] = ()) -> list[Combo]:
     reg = registry.load()
     default = {kind: [{"name": n, "args": {}} for n in sorted(reg.primitives[kind])]
                for kind in ("generator", "normalizer", "initializer", "magnitude")}
@@ -167,7 +168,7 @@ def check_combination(combo: Combo, case: Case) -> None:
         for name, layer in adapted_layers(model).items():
             assert_close(layer.base.weight, base_weights[f"{name}.weight"], case.dtype,
                          f"{combo}: unmerge restores W of {name}", scale=10)
-            layer.base.weight.copy_(base_weights[f"{name}.weight"])  # exact W̄ for the checks below
+            layer.kind.set_matrix(layer.base, base_weights[f"{name}.weight"])  # exact W̄ for the checks below
     model.train()
 
     # exported factors reproduce the adapted weight: V = W̄ + B A, and the magnitude m

@@ -77,7 +77,7 @@ def reduce_lowrank(
     root = S[:keep].sqrt()
     B_k = U[:, :keep] * root
     A_k = root[:, None] * Vh[:keep]
-    if keep < (rank or 0):  # pad with zero terms so the requested rank is honoured
+    if rank is not None and keep < rank:  # pad with zero terms so the requested rank is honoured
         pad = rank - keep
         B_k = torch.cat([B_k, B_k.new_zeros(B_k.shape[0], pad)], 1)
         A_k = torch.cat([A_k, A_k.new_zeros(pad, A_k.shape[1])], 0)

@@ -11,6 +11,8 @@ init is exact in every dtype, and ``W̄`` is always available for export.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,13 @@ from .primitives import FACTOR_SLOTS, Generator, Initializer, Magnitude, MergeEr
 
 
 class AdaptedLayer(nn.Module):
+    # buffers registered in __init__ (declared so type checkers know they are tensors)
+    row_sq_norm: Tensor
+    residual_B: Tensor
+    residual_A: Tensor
+    base: Any
+    slots: nn.Module
+
     def __init__(self, base: nn.Module, kind: LayerKind, rank: int, generator: Generator,
                  normalizer: Normalizer, init: Initializer, magnitude: Magnitude | None,
                  rng: torch.Generator, dtype: torch.dtype | None = None):
@@ -132,7 +141,8 @@ class AdaptedLayer(nn.Module):
                 "merge refused: the adapted weight has non-finite values; the base "
                 "weight is unchanged. Check the adapter's parameters for NaN/inf."
             )
-        self._merged_with = tuple(t if t is None else t.clone() for t in self.factors())
+        B, A, g = self.factors()
+        self._merged_with = (B.clone(), A.clone(), None if g is None else g.clone())
         self.kind.set_matrix(self.base, W_eff.to(self.kind.matrix(self.base).dtype))
         self.merged = True
 

@@ -96,14 +96,15 @@ def freeze_generators(model: nn.Module) -> nn.Module:
     for layer in _layers(model).values():
         if isinstance(layer.slots, ParameterSlots):
             continue
-        trainable = getattr(layer.slots, "trainable_names", set())
+        trainable: set[str] = set(getattr(layer.slots, "trainable_names", ()))
         with torch.no_grad():
             values = layer.slots()
         layer.slots = ParameterSlots({n: Slot(v, n in trainable) for n, v in values.items()})
         layer._cache = None
     config = getattr(model, "lorakit_config", None)
     if config is not None:
-        config["generator"] = registry.create("generator", "direct").spec()
+        config["generator"] = {"name": "direct", "args": {}}
+        registry.primitive_class("generator", "direct")  # must exist to load the result
     return model
 
 

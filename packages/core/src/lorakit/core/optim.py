@@ -38,7 +38,9 @@ def _slot_names(model: nn.Module) -> tuple[dict[int, str], set[int], set[int]]:
     as under ``Direct``), the ids of every other parameter of a ``slots`` module (a
     generator's own weights, such as OP-LoRA's MLP and embedding), and the ids of
     scalar slots (stored with shape (1,), see ``ParameterSlots``)."""
-    names, generated, scalars = {}, set(), set()
+    names: dict[int, str] = {}
+    generated: set[int] = set()
+    scalars: set[int] = set()
     for layer in adapted_layers(model).values():
         generated.update(id(p) for p in layer.slots.parameters())
         for module in layer.slots.modules():

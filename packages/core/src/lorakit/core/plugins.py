@@ -105,7 +105,7 @@ class Registry:
     def register_plugin(self, module: Any, name: str | None = None,
                         distribution: str | None = None, version: str | None = None) -> None:
         """Register a plugin object (module or class with ``@hookimpl`` functions)."""
-        name = name or getattr(module, "__name__", repr(module))
+        name = str(name or getattr(module, "__name__", repr(module)))
         try:
             self.pm.register(module, name=name)
             self.pm.check_pending()
@@ -147,8 +147,10 @@ class Registry:
 
     def _register_recipes(self, info: PluginInfo, name: str, *, generator, normalizer, init,
                           magnitude=None, description: str = "") -> None:
-        recipe = Recipe(name, as_spec(generator), as_spec(normalizer), as_spec(init),
-                        as_spec(magnitude), description, info.name)
+        g, n, i = as_spec(generator), as_spec(normalizer), as_spec(init)
+        if g is None or n is None or i is None:
+            raise AdapterError(f"recipe {name!r} needs a generator, a normalizer and an init")
+        recipe = Recipe(name, g, n, i, as_spec(magnitude), description, info.name)
         self._claim(self.recipes, name, recipe, f"recipe {name!r}", info)
 
     def _register_layers(self, info: PluginInfo, module_type: type, kind: Any) -> None:
@@ -182,6 +184,7 @@ class Registry:
                 raise AdapterError(f"{type(value).__name__} is a {value.kind}, not a {kind}")
             return value
         spec = as_spec(value)
+        assert spec is not None
         cls = self.primitive_class(kind, spec["name"])
         try:
             return cls(**spec["args"])
