@@ -42,6 +42,15 @@ def test_bench_end_to_end(tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_json_without_path_goes_to_stdout(capsys):
+    assert main(["bench", *TINY, "--recipes", "lora", "--peft", "lora", "--no-floor", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert set(result["methods"]) == {"lorakit lora", "PEFT LoRA"}
+    assert "time: lorakit lora / PEFT LoRA" in result["ratios"]
+    assert "lorakit lora" in captured.err  # the tables went to stderr
+
+
 def test_bench_compiled_has_no_graph_break(tmp_path):
     out = tmp_path / "bench.json"
     args = [*TINY, "--compile", "--backend", "aot_eager", "--recipes", "lora", "--peft", "", "--no-floor"]

@@ -33,7 +33,8 @@ def configure(parser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the reference row: the frozen model's forward+backward with no adapter")
-    parser.add_argument("--json", metavar="PATH", help="write the full result as JSON ('-' for stdout)")
+    parser.add_argument("--json", metavar="PATH", nargs="?", const="-",
+                        help="write the full result as JSON to PATH (no PATH or '-': stdout)")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
     parser.add_argument("--markdown", metavar="PATH", help="write both tables as Markdown")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,21 +76,23 @@ def config_from_args(args) -> BenchConfig:
 
 def run(args) -> int:
     config = config_from_args(args)
-    if args.no_progress or args.json == "-":
+    if args.no_progress:
         result = run_bench(config)
-    else:
+    else:  # on stderr, so that --json to stdout stays clean
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = (TextColumn("{task.description:<38}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, transient=True) as bar:
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("bench", total=total_ticks(config))
             result = run_bench(config, lambda text, n: bar.update(task, description=text, advance=n))
-    if args.json == "-":
+    from .report import print_tables
+
+    if args.json == "-":  # JSON alone on stdout, the tables on stderr
+        print_tables(result, stderr=True)
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
-        from .report import print_tables
-
         print_tables(result)
         if args.json:
             with open(args.json, "w") as f:

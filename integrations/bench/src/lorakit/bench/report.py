@@ -41,13 +41,13 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
-def print_tables(result: dict) -> None:
+def print_tables(result: dict, stderr: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(stderr=stderr)
     if not console.is_terminal or console.width < 120:  # two tables of 7 columns
-        console = Console(width=120)
+        console = Console(stderr=stderr, width=120)
     c = result["config"]
     title = (f"{c['device']} {c['dtype']}{' compiled' if c['compile'] else ' eager'}: Llama hidden "
              f"{c['hidden']} x {c['layers']} layers, batch {c['batch']}x{c['seq']}, r={c['rank']}")
