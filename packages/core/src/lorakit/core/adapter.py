@@ -145,7 +145,7 @@ class Adapter:
             for layer in new.values():
                 for p in layer.slots.parameters():
                     p.requires_grad_(True)
-        setattr(model, "lorakit_config", {**self.config(), "targets": sorted(new)})
+        setattr(model, "lorakit_config", {**self.config(), "targets": sorted(new)})  # noqa: B010 (typed Module)
         if verbose:
             print(f"lorakit: adapted {len(new)} modules of {type(model).__name__}: {', '.join(sorted(new))}")
         return model

@@ -77,7 +77,8 @@ def save(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optim
     path.mkdir(parents=True, exist_ok=True)
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "adapter": {k: v for k, v in getattr(model, "lorakit_config").items() if k != "targets"},
+        "adapter": {k: v for k, v in getattr(model, "lorakit_config").items()  # noqa: B009 (typed Module)
+                    if k != "targets"},
         "modules": {n: {"shape": list(layer.kind.matrix(layer.base).shape), "rank": layer.rank}
                     for n, layer in layers.items()},
         "base_model": type(model).__name__,
