@@ -11,6 +11,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
+from torch import nn
+
 from lorakit.core import (
     Adapter,
     AdapterError,
@@ -23,8 +26,6 @@ from lorakit.core import (
     save,
     set_enabled,
 )
-from safetensors.torch import save_file
-from torch import nn
 
 DOC = Path(__file__).parents[1] / "docs" / "bad-inputs.md"
 

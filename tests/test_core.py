@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from lorakit.core import (
     AdaptedLayer,
     Adapter,
@@ -22,7 +24,6 @@ from lorakit.core import (
 )
 from lorakit.core.cli import main
 from lorakit.core.functional import reduce_lowrank, row_sq_norms_of_sum
-from torch import nn
 
 
 class Block(nn.Module):

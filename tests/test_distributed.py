@@ -24,11 +24,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lorakit.core as lk
 import pytest
 import torch
-from lorakit.core.distributed import adapter_state_dict, gather, unwrap
 from safetensors.torch import load_file, save_file
+
+import lorakit.core as lk
+from lorakit.core.distributed import adapter_state_dict, gather, unwrap
 
 HERE = Path(__file__).parent / "distributed"
 sys.path.insert(0, str(HERE))

@@ -6,13 +6,14 @@ import copy
 import peft
 import pytest
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
 from lorakit.core import Adapter, adapted_layers
 from lorakit.initializers import Kaiming
 from lorakit.magnitudes import DoRA
 from lorakit.normalizers import Scale
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 F64 = torch.float64
 

@@ -7,8 +7,9 @@ import textwrap
 import time
 
 import torch
-from lorakit.core import Adapter, adapted_layers, load, merge, unmerge
 from torch import nn
+
+from lorakit.core import Adapter, adapted_layers, load, merge, unmerge
 
 SAVER = textwrap.dedent("""
     import sys, torch

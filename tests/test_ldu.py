@@ -5,11 +5,12 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
 from lorakit.core import Adapter, AdapterError, parameter_report
 from lorakit.initializers import LDU
 from lorakit.initializers.ldu import INITS
 from lorakit.normalizers import Scale
-from torch import nn
 
 F64 = torch.float64
 

@@ -4,9 +4,10 @@ import tempfile
 
 import pytest
 import torch
+from torch import nn
+
 from lorakit.core import Adapter, AdapterError, load_optimizer, save
 from lorakit.core.optim import param_groups
-from torch import nn
 
 
 def model_with(recipe, rank=4, **kw):

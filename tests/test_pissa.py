@@ -6,10 +6,11 @@ import copy
 import peft
 import pytest
 import torch
+from torch import nn
+
 from lorakit.core import Adapter, AdapterError
 from lorakit.initializers import PiSSA
 from lorakit.normalizers import Scale
-from torch import nn
 
 F64 = torch.float64
 

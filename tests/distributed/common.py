@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from lorakit.core import Adapter
 from torch import nn
+
+from lorakit.core import Adapter
 
 IN, HIDDEN, OUT = 12, 20, 5  # odd sizes on purpose: FSDP2 pads uneven shards
 RANK = 4

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+
 import lorakit.core as lk  # noqa: E402
 from lorakit.core.distributed import adapter_state_dict, gather  # noqa: E402
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+
 from lorakit.core.distributed import adapter_state_dict  # noqa: E402
 
 

@@ -23,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+
 from lorakit.core import Adapter  # noqa: E402
 from lorakit.core.distributed import adapter_state_dict  # noqa: E402
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from lorakit.core import AdapterError, Initializer
 
 INITS = ("lu", "constant", "uniform", "normal", "ones", "zeros")

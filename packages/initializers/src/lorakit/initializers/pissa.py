@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from lorakit.core import AdapterError, Initializer
 
 SVDS = ("full", "lowrank")

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from lorakit.core import Magnitude, Slot
 from lorakit.core.functional import row_sq_norms_of_sum
 

@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from lorakit.core import AdapterError, Normalizer, Slot
 
 WEIGHT_NORMS = ("column", "frobenius")
