@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lorakit.core import AdapterError, adapted_layers
+from lorakit.core.checkpoint import atomic_write
 from lorakit.core.peft_format import lora_config, lora_tensors
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -114,15 +114,7 @@ def export_diffusers(model: nn.Module, path: str | os.PathLike, prefix: str | No
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / weight_name
-    # Write then rename: an interrupted export never leaves a truncated file behind.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{weight_name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     ranks = {n: tensors[f"{prefix}.{n}.lora_A.weight"].shape[0] for n in config["target_modules"]}
     return DiffusersExport(target, prefix, config["r"], {n: k for n, k in ranks.items() if k != config["r"]},
                            config["use_dora"], rel_error)

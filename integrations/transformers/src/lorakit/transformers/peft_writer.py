@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lorakit.core import AdapterError, adapted_layers
+from lorakit.core.checkpoint import atomic_write
 from lorakit.core.peft_format import DORA_KEY, TRUNCATION_TOL, TruncationWarning, lora_config, lora_tensors
 
 PEFT_CONFIG = "adapter_config.json"
@@ -45,15 +46,9 @@ class PeftExport:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         metadata = {"format": "pt", "lorakit_rel_errors": json.dumps(self.rel_errors, sort_keys=True)}
-        _atomic(path / PEFT_WEIGHTS, lambda p: save_file(self.tensors, str(p), metadata=metadata))
-        _atomic(path / PEFT_CONFIG, lambda p: p.write_text(json.dumps(self.config, indent=2, sort_keys=True)))
+        atomic_write(path / PEFT_WEIGHTS, lambda p: save_file(self.tensors, str(p), metadata=metadata))
+        atomic_write(path / PEFT_CONFIG, lambda p: p.write_text(json.dumps(self.config, indent=2, sort_keys=True)))
         return path
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _uses_conv1d(layer: nn.Module) -> bool:

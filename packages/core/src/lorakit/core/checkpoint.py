@@ -45,16 +45,24 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then rename it over ``path``:
+    a process killed mid-write leaves the previous file intact, never a truncated one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True)))
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True)))
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,10 +92,10 @@ def save(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optim
         "base_model": type(model).__name__,
         "versions": _versions(),
     }
-    _atomic(path / WEIGHTS, lambda p: save_file(adapter_state(model), str(p), metadata={"format": "pt"}))
+    atomic_write(path / WEIGHTS, lambda p: save_file(adapter_state(model), str(p), metadata={"format": "pt"}))
     if optimizer is not None:
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
-        _atomic(path / OPT_STATE, lambda p: save_file(tensors, str(p)))
+        atomic_write(path / OPT_STATE, lambda p: save_file(tensors, str(p)))
         _write_json(path / OPT_CONFIG, meta)
     _write_json(path / CONFIG, config)  # last: a config on disk means its tensors are complete
     return path
