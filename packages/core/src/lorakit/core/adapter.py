@@ -48,6 +48,33 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
+def _target_hint(model: nn.Module, limit: int = 12) -> str:
+    """What a user can pass instead: the adaptable module names (the last part of the
+    full name, which a target matches), grouped by layer kind, and the registered
+    defaults of the model family. The first modules of a model are usually containers
+    (embeddings, encoder, ...) that no target can use, so listing those did not help."""
+    by_kind: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        if name and registry.layer_kind(module) is not None:
+            names = by_kind.setdefault(type(module).__name__, {})
+            short = name.rpartition(".")[2]
+            names[short] = names.get(short, 0) + 1
+    if by_kind:
+        parts = []
+        for kind, names in sorted(by_kind.items()):
+            shown = ", ".join(list(names)[:limit]) + (", ..." if len(names) > limit else "")
+            parts.append(f"{kind}: {shown} ({sum(names.values())} modules)")
+        hint = "adaptable modules by layer kind: " + "; ".join(parts)
+    else:
+        hint = "it has no module of an adaptable layer kind (" + ", ".join(
+            sorted(t.__name__ for t in registry.load().layers)) + ")"
+    try:
+        family = default_targets(model)
+    except AdapterError:
+        return hint + "; no registered default targets for this model family"
+    return hint + f"; registered defaults for this model family (targets=None): {', '.join(family)}"
+
+
 @dataclass
 class Adapter:
     generator: Any = "direct"
@@ -126,15 +153,13 @@ class Adapter:
         targets = default_targets(model) if targets is None else targets
         chosen = {n: m for n, m in model.named_modules() if n and _matches(n, targets)}
         if not chosen:
-            raise AdapterError(
-                f"targets {targets!r} match no module of {type(model).__name__}; "
-                "module names look like: " + ", ".join(n for n, _ in list(model.named_modules())[1:8])
-            )
+            raise AdapterError(f"targets {targets!r} match no module of {type(model).__name__}; "
+                               + _target_hint(model))
         if explicit and not isinstance(targets, str):  # defaults may list names of several versions
             unmatched = [t for t in targets if not any(_matches(n, [t]) for n in chosen)]
             if unmatched:
                 raise AdapterError(f"targets {unmatched} match no module of {type(model).__name__} (the others "
-                                   f"matched {len(chosen)} modules); fix or remove them")
+                                   f"matched {len(chosen)} modules); fix or remove them; " + _target_hint(model))
         new = {name: self._wrap(name, module) for name, module in chosen.items()}
         for name, layer in new.items():
             parent, _, child = name.rpartition(".")
