@@ -10,7 +10,6 @@ takes a registered recipe.
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from torch import nn
 from .layer import AdaptedLayer
 from .plugins import registry
 from .primitives import AdapterError, Generator, Initializer, Magnitude, Normalizer
+from .validation import MAX_SEED, check_int, safe_regex
 
 Targets = str | Iterable[str] | None
 
@@ -31,8 +31,8 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
 
 
 def _matches(name: str, targets: Targets) -> bool:
-    if isinstance(targets, str):  # a regex over the full module name
-        return re.fullmatch(targets, name) is not None
+    if isinstance(targets, str):  # a regex over the full module name; refused if it could hang
+        return safe_regex(targets, f"targets {targets!r:.80}", max_chars=None).fullmatch(name) is not None
     return targets is not None and any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -100,6 +100,10 @@ class Adapter:
         for name, r in {"rank": self.rank, **self.rank_pattern}.items():
             if not isinstance(r, int) or isinstance(r, bool) or r < 1:
                 raise AdapterError(f"{name}={r!r}: the rank must be an integer >= 1")
+        for pattern in self.rank_pattern:
+            safe_regex(pattern, f"adapter.rank_pattern[{pattern!r:.80}]")
+        # save() writes it and load() must accept it: the range a torch.Generator seeds from
+        check_int(self.seed, "adapter.seed", 0, MAX_SEED)
 
     @classmethod
     def from_recipe(cls, name: str, **overrides: Any) -> Adapter:
@@ -123,15 +127,20 @@ class Adapter:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Adapter:
+        if not isinstance(config, Mapping):
+            raise AdapterError(f"adapter config {config!r:.80}: give a dict like Adapter.config() returns")
         fields = ("generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "recipe")
         kwargs = {k: config[k] for k in fields if k in config}
         if config.get("dtype"):
-            kwargs["dtype"] = getattr(torch, config["dtype"])
+            dtype = getattr(torch, config["dtype"], None) if isinstance(config["dtype"], str) else None
+            if not isinstance(dtype, torch.dtype):
+                raise AdapterError(f"adapter.dtype={config['dtype']!r:.80}: give a torch dtype name like 'float32'")
+            kwargs["dtype"] = dtype
         return cls(**kwargs)
 
     def rank_for(self, name: str) -> int:
         for pattern, r in self.rank_pattern.items():
-            if _matches(name, [pattern]) or re.fullmatch(pattern, name):
+            if _matches(name, [pattern]) or _matches(name, pattern):
                 return r
         return self.rank
 
@@ -199,7 +208,8 @@ class Adapter:
                 f"module {name!r} ({out_f}x{in_f}): rank {rank} exceeds min(out, in) = "
                 f"{min(out_f, in_f)}; lower the rank or set rank_pattern for it"
             )
-        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        # modulo 2**64, the range manual_seed takes (a no-op for seeds below ~1.8e13)
+        rng = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)
         try:
             layer = AdaptedLayer(module, kind, rank, self.generator, self.normalizer, self.init,
                                  self.magnitude, rng, self.dtype)

@@ -22,12 +22,15 @@ from torch import nn
 
 from .adapter import Adapter, adapted_layers
 from .primitives import AdapterError
+from .validation import MAX_SEED, check_regular_file, loads_strict, read_regular_file, safe_regex
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 OPT_STATE, OPT_CONFIG = "optimizer.safetensors", "optimizer.json"
 FORMAT = "lorakit"
 FORMAT_VERSION = 1
+#: a config lists each adapted module in ~60 bytes; 16 MiB is ~250k modules
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 class CheckpointError(AdapterError):
@@ -104,12 +107,12 @@ def save(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optim
 def read_config(path: str | os.PathLike) -> dict:
     """Read and validate ``adapter_config.json``; any defect is a :class:`CheckpointError`."""
     file = Path(path) / CONFIG
-    try:
-        config = json.loads(file.read_text())
+    try:  # a FIFO, a folder, a symlink loop or a huge file is refused, not read
+        data = read_regular_file(file, MAX_CONFIG_BYTES, CheckpointError)
     except FileNotFoundError:
         raise CheckpointError(f"{file} not found; is {path} a lorakit checkpoint folder?") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    # NaN/Infinity, overflowing floats, huge integers, duplicate keys: refused, naming the field
+    config = loads_strict(data, str(file), CheckpointError)
     problem = _config_problem(config)
     if problem:
         raise CheckpointError(f"{file}: {problem}")
@@ -119,8 +122,8 @@ def read_config(path: str | os.PathLike) -> dict:
 _DTYPES = {"float32", "float64", "bfloat16", "float16"}
 
 
-def _is_int(v: Any, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+def _is_int(v: Any, low: int = 0, high: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
 
 
 def _spec_problem(key: str, spec: Any) -> str | None:
@@ -150,11 +153,18 @@ def _config_problem(config: Any) -> str | None:
             return problem
     if adapter["magnitude"] is not None and (problem := _spec_problem("magnitude", adapter["magnitude"])):
         return problem
-    if not _is_int(adapter["rank"], 1) or not _is_int(adapter["seed"]):
-        return "adapter.rank must be an integer >= 1 and adapter.seed an integer >= 0"
+    if not _is_int(adapter["rank"], 1):
+        return f"adapter.rank must be an integer >= 1, not {adapter['rank']!r:.40}"
+    if not _is_int(adapter["seed"], 0, MAX_SEED):
+        return f"adapter.seed must be an integer in [0, 2**63 - 1], not {adapter['seed']!r:.40}"
     pattern = adapter["rank_pattern"]
     if not isinstance(pattern, dict) or not all(_is_int(r, 1) for r in pattern.values()):
         return "adapter.rank_pattern must map module patterns to integers >= 1"
+    for key in pattern:  # a pattern that could hang load, refused before any match
+        try:
+            safe_regex(key, f"adapter.rank_pattern[{key!r:.80}]")
+        except AdapterError as exc:
+            return str(exc)
     if adapter["dtype"] is not None and not (isinstance(adapter["dtype"], str) and adapter["dtype"] in _DTYPES):
         return f"adapter.dtype must be null or one of {sorted(_DTYPES)}"
     if adapter["recipe"] is not None and not isinstance(adapter["recipe"], str):
@@ -169,7 +179,10 @@ def _config_problem(config: Any) -> str | None:
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
+        check_regular_file(file, CheckpointError)  # safetensors would block on a FIFO
         return load_file(str(file))
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f"{file} not found; the checkpoint is incomplete") from None
     except (SafetensorError, OSError, ValueError) as exc:

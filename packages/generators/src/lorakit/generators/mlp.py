@@ -36,6 +36,10 @@ from lorakit.core import AdapterError, Generator, ParameterSlots
 
 #: slots the MLP generates when they are trainable
 GENERATED = ("A", "B", "d", "m")
+#: bound on width and embed_dim (the paper uses 32 and 128); 2**31 would allocate terabytes
+MAX_WIDTH = 2**16
+#: bound on one layer's W2 (generated slot values x width): 8 GiB in fp32
+MAX_W2_ELEMENTS = 2**31
 #: slots whose W2 rows start at zero (B: LoRA's "no change at init"; m: OP-DoRA's Δm)
 ZERO_ROWS = ("B", "m")
 
@@ -67,9 +71,9 @@ class MLP(Generator):
     def __post_init__(self):
         for field in ("width", "embed_dim"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WIDTH:
                 raise AdapterError(
-                    f"MLP({field}={value!r}): {field} must be an integer >= 1 "
+                    f"MLP({field}={value!r}): {field} must be an integer in [1, {MAX_WIDTH}] "
                     "(OP-LoRA uses width=32, embed_dim=128)"
                 )
         z = self.z_std
@@ -77,6 +81,12 @@ class MLP(Generator):
             raise AdapterError(f"MLP(z_std={self.z_std!r}): z_std must be a finite number >= 0")
 
     def build(self, slots, rng):
+        # W2 is (numel of the generated slots) x width: refuse before allocating, not with an OOM
+        generated = sum(s.value.numel() for n, s in slots.items() if n in GENERATED and s.trainable)
+        if generated * self.width > MAX_W2_ELEMENTS:
+            raise AdapterError(
+                f"MLP(width={self.width}): the layer's generator would hold {generated * self.width:.3g} "
+                f"weights (over {MAX_W2_ELEMENTS:.3g}); lower the width or the rank")
         return MLPSlots(slots, self.width, self.embed_dim, float(self.z_std), rng)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.core import Initializer
+from lorakit.core.validation import check_bool, check_number
 
 
 def kaiming_uniform(shape: tuple[int, int], a: float, rng: torch.Generator, dtype) -> torch.Tensor:
@@ -30,6 +31,10 @@ class Kaiming(Initializer):
     zero_b: bool = True
 
     name = "kaiming"
+
+    def __post_init__(self):
+        check_number(self.a, "Kaiming.a")  # a NaN/inf gain gives a NaN A0
+        check_bool(self.zero_b, "Kaiming.zero_b")
 
     def factors(self, weight, rank, scale, rng):
         out_f, in_f = weight.shape

@@ -29,6 +29,8 @@ from lorakit.core import AdapterError, Initializer
 
 SVDS = ("full", "lowrank")
 OVERSAMPLE = 10
+#: power iterations of the randomized SVD; more gains nothing and a huge value hangs apply
+MAX_NITER = 100
 
 
 @dataclass
@@ -41,8 +43,9 @@ class PiSSA(Initializer):
     def __post_init__(self):
         if self.svd not in SVDS:
             raise AdapterError(f"PiSSA(svd={self.svd!r}): use one of {SVDS}")
-        if isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0:
-            raise AdapterError(f"PiSSA(niter={self.niter!r}): niter must be an integer >= 0")
+        if isinstance(self.niter, bool) or not isinstance(self.niter, int) or not 0 <= self.niter <= MAX_NITER:
+            raise AdapterError(f"PiSSA(niter={self.niter!r}): niter must be an integer in [0, {MAX_NITER}] "
+                               "(svd_lowrank's default is 2; each iteration is two passes over the weight)")
 
     def principal(self, weight: torch.Tensor, rank: int, rng: torch.Generator):
         """``(U_r, S_r, V_r)`` with ``W̄ ≈ U_r diag(S_r) V_rᵀ``."""

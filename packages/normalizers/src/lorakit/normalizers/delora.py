@@ -58,8 +58,8 @@ class DeLoRA(Normalizer):
             raise AdapterError(f"DeLoRA(lambda0={self.lambda0!r}): lambda0 must be a finite number")
         if self.weight_norm not in WEIGHT_NORMS:
             raise AdapterError(f"DeLoRA(weight_norm={self.weight_norm!r}): use one of {WEIGHT_NORMS}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise AdapterError(f"DeLoRA(eps={self.eps!r}): eps must be a number > 0")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
+            raise AdapterError(f"DeLoRA(eps={self.eps!r}): eps must be a finite number > 0")
 
     def slots(self, weight, rank):
         sq = weight.square()

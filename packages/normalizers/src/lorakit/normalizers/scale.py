@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.core import AdapterError, Normalizer, Slot
+from lorakit.core import Normalizer, Slot
+from lorakit.core.validation import check_bool, check_number
 
 
 @dataclass
@@ -25,8 +26,10 @@ class Scale(Normalizer):
     name = "scale"
 
     def __post_init__(self):
-        if self.alpha is not None and not isinstance(self.alpha, (int, float)):
-            raise AdapterError(f"Scale(alpha={self.alpha!r}): alpha must be a number or None")
+        if self.alpha is not None:  # a NaN/inf alpha would silently poison every update
+            check_number(self.alpha, "Scale.alpha")
+        check_bool(self.rs, "Scale.rs")
+        check_bool(self.learnable, "Scale.learnable")
 
     def initial_scale(self, rank: int) -> float:
         alpha = rank if self.alpha is None else self.alpha
