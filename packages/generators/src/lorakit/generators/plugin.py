@@ -27,4 +27,4 @@ def lorakit_recipes(register):
 def lorakit_commands(register):
     from .mf import configure, run
 
-    register("mf", "OP-LoRA matrix-factorization study (op-lora.txt §4.1): MF vs OP-MF", configure, run)
+    register("mf", "OP-LoRA's matrix-factorization study (its §4.1): MF vs OP-MF", configure, run)
