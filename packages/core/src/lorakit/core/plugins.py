@@ -7,12 +7,16 @@ like any other. Loading is lazy (first lookup) and idempotent. Environment:
   with :func:`register_plugin`);
 - ``LORAKIT_LOAD_PLUGINS=core,generators``: allow-list of entry-point names.
 
-A plugin that fails to import, raises in a hook or registers a name that is already
-taken is recorded in :data:`registry.failures` with the reason; the others load.
+A plugin that fails to import (``sys.exit`` included), raises in a hook, registers a
+name that is already taken (or one of the CLI's own commands), or has a command whose
+``configure`` raises is recorded in :data:`registry.failures` with the reason and
+registers nothing: registration is all-or-nothing. The others load. A recipe naming a
+primitive that no loaded plugin registers is withdrawn and listed as failed too.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import warnings
 from collections.abc import Callable
@@ -26,6 +30,8 @@ from . import hookspecs
 from .primitives import KINDS, AdapterError, Primitive
 
 HOOKS = tuple(name for name in vars(hookspecs) if name.startswith("lorakit_"))
+#: the ``lorakit`` CLI's own subcommands, which no plugin may take
+CORE_COMMANDS = frozenset({"recipes", "plugins", "demo"})
 
 
 @dataclass
@@ -35,6 +41,8 @@ class PluginInfo:
     version: str | None = None
     hooks: list[str] = field(default_factory=list)
     registered: list[str] = field(default_factory=list)
+    #: (table, key) of each registered entry, so the plugin can be unregistered
+    entries: list[tuple[dict, Any]] = field(default_factory=list, repr=False, compare=False)
 
 
 @dataclass
@@ -80,6 +88,10 @@ class Registry:
         self.commands: dict[str, tuple] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: dict[str, str] = {}
+        # entries of the plugin being registered, committed only if all of it succeeds
+        self._pending: list[tuple[dict, Any, Any, str]] = []
+        self._loading = False  # recipes are checked once every entry point is in
+        self._partial = False  # an allow-list left plugins out: their recipes go quietly
 
     # -- loading ---------------------------------------------------------------
     def load(self) -> Registry:
@@ -87,20 +99,31 @@ class Registry:
             return self
         self.loaded = True
         if os.environ.get("LORAKIT_DISABLE_AUTOLOAD", "") not in ("", "0"):
+            self._partial = True
             return self
         allow = os.environ.get("LORAKIT_LOAD_PLUGINS")
         allowed = None if allow is None else {n.strip() for n in allow.split(",") if n.strip()}
+        self._partial, self._loading = allowed is not None, True
+        try:
+            self._load_entry_points(allowed)
+        finally:
+            self._loading = False
+        self._check_recipes()
+        return self
+
+    def _load_entry_points(self, allowed: set[str] | None) -> None:
         for ep in sorted(entry_points(group="lorakit"), key=lambda e: (e.name != "core", e.name)):
             if allowed is not None and ep.name not in allowed or ep.name in self.plugins:
                 continue
             dist = getattr(ep, "dist", None)
             try:
                 module = ep.load()
-            except Exception as exc:  # a broken plugin must not break the others
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit too: a broken plugin must not break the others
                 self._fail(ep.name, f"import failed: {type(exc).__name__}: {exc}")
                 continue
             self.register_plugin(module, ep.name, dist.name if dist else None, dist.version if dist else None)
-        return self
 
     def register_plugin(self, module: Any, name: str | None = None,
                         distribution: str | None = None, version: str | None = None) -> None:
@@ -115,30 +138,75 @@ class Registry:
             self._fail(name, f"rejected: {exc}")
             return
         info = PluginInfo(name, distribution, version)
+        self._pending = []
+        try:  # every hook into _pending; a failure anywhere discards all of it
+            for hook in HOOKS:
+                for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                    if impl.plugin_name == name:
+                        info.hooks.append(hook)
+                        self._run_hook(info, hook, impl.function)
+        except _PluginFailed as exc:
+            self.pm.unregister(module)
+            self._fail(name, str(exc))
+            return
+        finally:
+            pending, self._pending = self._pending, []
+        for table, key, value, label in pending:
+            table[key] = value
+            info.registered.append(label)
+            info.entries.append((table, key))
         self.plugins[name] = info
-        for hook in HOOKS:
-            for impl in getattr(self.pm.hook, hook).get_hookimpls():
-                if impl.plugin_name == name:
-                    info.hooks.append(hook)
-                    self._run_hook(info, hook, impl.function)
+        if self.loaded and not self._loading:  # load() checks them once every plugin is in
+            self._check_recipes()
 
-    def _fail(self, name: str, reason: str) -> None:
+    def unregister(self, name: str) -> PluginInfo:
+        """Remove a plugin and everything it registered (its failure record too)."""
+        self.failures.pop(name, None)
+        if name not in self.plugins:
+            raise AdapterError(f"no plugin {name!r} is registered; registered: {', '.join(sorted(self.plugins))}")
+        info = self.plugins.pop(name)
+        for table, key in info.entries:
+            table.pop(key, None)
+        if (plugin := self.pm.get_plugin(name)) is not None:
+            self.pm.unregister(plugin)
+        return info
+
+    def _fail(self, name: str, reason: str, warn: bool = True) -> None:
         self.failures[name] = reason
-        warnings.warn(f"lorakit plugin {name!r}: {reason}", stacklevel=3)
+        if warn:
+            what = name if name.startswith("recipe ") else f"plugin {name!r}"
+            warnings.warn(f"lorakit {what}: {reason}", stacklevel=3)
 
     def _run_hook(self, info: PluginInfo, hook: str, function: Callable) -> None:
         register = getattr(self, "_register_" + hook.removeprefix("lorakit_"))
         try:
             function(register=lambda *a, **k: register(info, *a, **k))
-        except Exception as exc:
-            self._fail(info.name, f"{hook} raised {type(exc).__name__}: {exc}")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # sys.exit() in a hook included
+            raise _PluginFailed(f"{hook} raised {type(exc).__name__}: {exc}") from None
+
+    def _check_recipes(self) -> None:
+        """Withdraw each recipe that names a primitive no loaded plugin registers, and
+        list it as failed: ``lorakit demo`` and lookups then see only usable recipes."""
+        for name, recipe in list(self.recipes.items()):
+            missing = [f"{kind} {spec['name']!r}" for kind, spec in zip(
+                ("generator", "normalizer", "initializer", "magnitude"),
+                (recipe.generator, recipe.normalizer, recipe.init, recipe.magnitude))
+                if spec is not None and spec["name"] not in self.primitives[kind]]
+            if missing:
+                del self.recipes[name]
+                if (info := self.plugins.get(recipe.plugin)) is not None:
+                    info.registered.remove(f"recipe {name!r}")
+                self._fail(f"recipe {name!r}", f"from plugin {recipe.plugin!r} names {', '.join(missing)}, "
+                                               "which no loaded plugin registers; install it or fix the recipe",
+                           warn=not self._partial)
 
     # -- register callbacks ------------------------------------------------------
     def _claim(self, table: dict, key: Any, value: Any, label: str, info: PluginInfo) -> None:
-        if key in table:
+        if key in table or any(t is table and k == key for t, k, _, _ in self._pending):
             raise AdapterError(f"{label} is already registered; rename it in plugin {info.name!r}")
-        table[key] = value
-        info.registered.append(label)
+        self._pending.append((table, key, value, label))
 
     def _register_primitives(self, info: PluginInfo, cls: type) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Primitive) and cls.kind in KINDS and cls.name):
@@ -164,6 +232,13 @@ class Registry:
 
     def _register_commands(self, info: PluginInfo, name: str, help: str,
                            configure: Callable, run: Callable) -> None:
+        if name in CORE_COMMANDS:
+            raise AdapterError(f"command {name!r} is one of lorakit's own; rename it in plugin {info.name!r}")
+        if not (isinstance(name, str) and name and callable(configure) and callable(run)):
+            raise AdapterError(f"command {name!r}: give a name, a help text and callables configure(parser), "
+                               "run(args)")
+        # configure() runs when the CLI builds its parser: one that raises would break every command
+        configure(argparse.ArgumentParser(prog=f"lorakit {name}"))
         self._claim(self.commands, name, (help, configure, run), f"command {name!r}", info)
 
     # -- lookups -------------------------------------------------------------------
@@ -204,6 +279,10 @@ class Registry:
             if cls in self.load().layers:
                 return self.layers[cls]
         return None
+
+
+class _PluginFailed(Exception):
+    """A hook of the plugin being registered failed; nothing of it is kept."""
 
 
 registry = Registry()
