@@ -3,14 +3,34 @@
 The config names primitives by registered name + JSON arguments, so loading never
 imports code by path and never unpickles. Optionally the optimizer state is saved
 beside it (``optimizer.safetensors`` + ``optimizer.json``) so a resumed run takes
-the identical next step. Every file is written to a temporary name and renamed.
+the identical next step.
+
+A checkpoint folder is replaced as a whole, never file by file (every instant of a
+``kill -9`` leaves the old or the new checkpoint, optimizer state included):
+
+1. :func:`save` writes every file into a fresh hidden sibling ``.NAME.partial-<pid>-<rand>``
+   (files there that are not lorakit's, e.g. a trainer's, are hard-linked in first),
+   fsyncs it and renames it to ``.NAME.new-…``: from then on it is complete.
+2. It swaps it in with two renames: ``NAME`` → ``.NAME.old-…``, ``.NAME.new-…`` → ``NAME``.
+   A concurrent saver's folder found at ``NAME`` is pushed aside the same way, so the
+   last rename wins and two savers leave one complete checkpoint.
+3. Superseded folders are renamed to ``.NAME.trash-…`` and only then deleted, so a
+   half-deleted folder never carries a name that means "complete".
+
+Between the two renames of step 2, ``NAME`` is missing: :func:`recover` (run by
+:func:`load` and :func:`save`) renames the newest complete ``.new-``/``.old-`` sibling
+back to ``NAME`` and deletes leftovers of writers that no longer run.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import os
 import re
+import secrets
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -48,24 +68,175 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _token() -> str:
+    """Unique per writer: the pid (to tell leftovers of dead writers) and random bits."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a folder (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` and the folder itself to disk."""
+    for entry in folder.iterdir():
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            fsync_tree(entry)
+        else:
+            with open(entry, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` to a temporary name beside ``path``, then rename it over ``path``:
     a process killed mid-write leaves the previous file intact, never a truncated one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{_token()}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+# -- whole-folder replacement (the scheme of the module docstring) ----------------
+_LEFTOVER = re.compile(r"\.(?P<target>.+)\.(?P<kind>partial|new|old|trash)-(?P<pid>\d+)-[0-9a-f]+(?:-\d+)?")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True)))
+def staging_folder(dst: Path) -> Path:
+    """A new empty hidden folder beside ``dst`` to build its next version in."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    folder = dst.with_name(f".{dst.name}.partial-{_token()}")
+    folder.mkdir()
+    return folder
+
+
+def publish(folder: Path, dst: Path) -> Path:
+    """Put the complete ``folder`` (a sibling of ``dst``) at ``dst``, replacing what is there.
+
+    At every instant ``dst`` is the old or the new folder, or is missing while both
+    lie beside it under complete hidden names for :func:`recover`.
+    """
+    fsync_tree(folder)
+    token = _token()
+    ready = dst.with_name(f".{dst.name}.new-{token}")
+    os.rename(folder, ready)
+    aside = []
+    for attempt in itertools.count():
+        old = dst.with_name(f".{dst.name}.old-{token}-{attempt}")
+        try:
+            os.rename(dst, old)
+            aside.append(old)
+        except FileNotFoundError:
+            pass
+        try:
+            os.rename(ready, dst)
+            break
+        except FileNotFoundError:  # a reader's recover() installed it for us
+            break
+        except OSError as exc:  # another saver's folder landed in between: push it aside too
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt >= 100:
+                raise
+    _fsync_dir(dst.parent)
+    for old in aside:
+        _discard(old, dst.name)
+    return dst
+
+
+def _discard(folder: Path, name: str) -> None:
+    trash = folder.with_name(f".{name}.trash-{_token()}")
+    try:
+        os.rename(folder, trash)  # first out of reach of recover(), then deleted
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # os.kill(pid, 0) would terminate it on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _leftovers(dst: Path) -> list[tuple[str, int, Path]]:
+    try:
+        entries = list(dst.parent.iterdir())
+    except OSError:
+        return []
+    return [(m["kind"], int(m["pid"]), e) for e in entries
+            if (m := _LEFTOVER.fullmatch(e.name)) and m["target"] == dst.name]
+
+
+def recover(dst: str | os.PathLike) -> None:
+    """Undo what a killed :func:`publish` left: if ``dst`` is missing, rename its newest
+    complete hidden version back; then delete leftovers of writers no longer running."""
+    dst = Path(dst)
+    for _ in range(10):  # a rename can lose a race with another process: look again
+        if os.path.lexists(dst):
+            break
+        complete = [e for kind, _, e in _leftovers(dst) if kind in ("new", "old")]
+        if not complete:
+            break
+        best = max(complete, key=lambda e: (".new-" in e.name, _mtime(e)))  # .new- is newer than .old-
+        try:
+            os.rename(best, dst)
+        except OSError:
+            continue
+    for kind, pid, entry in _leftovers(dst):
+        if not _alive(pid) and (kind in ("partial", "trash") or os.path.lexists(dst)):
+            _discard(entry, dst.name)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (or copy) the entries of ``old`` that :func:`write_files` does not write."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:  # no hard links on this filesystem
+            shutil.copy2(src, dst)
+
+    try:
+        shutil.copymode(old, new)
+        for entry in old.iterdir():
+            target = new / entry.name
+            if entry.name in _FILES or os.path.lexists(target):
+                continue
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry), target)
+            elif entry.is_dir():
+                shutil.copytree(entry, target, symlinks=True, copy_function=link)
+            else:
+                link(entry, target)
+    except FileNotFoundError:  # a concurrent saver moved it away: it carried them itself
+        pass
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,14 +249,34 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+_FILES = (CONFIG, WEIGHTS, OPT_STATE, OPT_CONFIG)
+
+
 def save(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write the adapter (and ``optimizer``'s state) to the folder ``path`` as one unit:
+    a kill at any moment leaves the previous checkpoint there or this one (see above)."""
     layers = adapted_layers(model)
     if not layers:
         raise AdapterError(f"{type(model).__name__} has no lorakit adapter to save")
     if any(layer.merged for layer in layers.values()):
         raise AdapterError("the adapter is merged; unmerge(model) before saving")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = Path(os.path.realpath(path))  # a symlinked folder is replaced where it points
+    recover(path)  # a previous save killed mid-swap: reinstate it, so its other files carry over
+    folder = staging_folder(path)
+    try:
+        write_files(model, folder, optimizer)
+        if path.is_dir():
+            _carry_over(path, folder)
+        publish(folder, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # gone already once published
+    return path
+
+
+def write_files(model: nn.Module, folder: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """The checkpoint files, written straight into ``folder`` (a fresh staging folder:
+    callers that add files of their own then :func:`publish` it)."""
+    layers = adapted_layers(model)
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "adapter": {k: v for k, v in getattr(model, "lorakit_config").items()  # noqa: B009 (typed Module)
@@ -95,13 +286,12 @@ def save(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optim
         "base_model": type(model).__name__,
         "versions": _versions(),
     }
-    atomic_write(path / WEIGHTS, lambda p: save_file(adapter_state(model), str(p), metadata={"format": "pt"}))
+    save_file(adapter_state(model), str(folder / WEIGHTS), metadata={"format": "pt"})
     if optimizer is not None:
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
-        atomic_write(path / OPT_STATE, lambda p: save_file(tensors, str(p)))
-        _write_json(path / OPT_CONFIG, meta)
-    _write_json(path / CONFIG, config)  # last: a config on disk means its tensors are complete
-    return path
+        save_file(tensors, str(folder / OPT_STATE))
+        (folder / OPT_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -193,12 +383,15 @@ def load(model: nn.Module, path: str | os.PathLike,
          optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Apply the saved adapter to ``model`` (or check the one it has) and load its tensors.
 
-    On any mismatch a :class:`CheckpointError` names the module and the model is
-    left as it was.
+    All or nothing: every file (the optimizer's too) is read and checked before
+    anything is copied. On any mismatch a :class:`CheckpointError` names the module
+    and the model and optimizer are left as they were.
     """
     path = Path(path)
+    recover(path)
     config = read_config(path)
     tensors = _read_tensors(path / WEIGHTS)
+    opt_state = None if optimizer is None else _read_optimizer(optimizer, path)
     modules = config["modules"]
     applied_here = not adapted_layers(model)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -209,7 +402,7 @@ def load(model: nn.Module, path: str | os.PathLike,
         except Exception as exc:  # e.g. a primitive rejecting its arguments
             raise CheckpointError(f"{path / CONFIG}: cannot build the saved adapter: {exc}") from None
     try:
-        _check_and_load(model, config, tensors, path)
+        _check_and_load(model, config, tensors, path, optimizer, opt_state)
     except Exception:
         if applied_here:  # leave the model exactly as it was
             from .model_ops import unload
@@ -218,22 +411,56 @@ def load(model: nn.Module, path: str | os.PathLike,
             for p, flag in grad_flags:
                 p.requires_grad_(flag)
         raise
-    if optimizer is not None:
-        load_optimizer(optimizer, path)
     return model
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
-    """Restore an optimizer saved by :func:`save` (built over the same parameters)."""
+    """Restore an optimizer saved by :func:`save` (built over the same parameters);
+    on a :class:`CheckpointError` the optimizer is unchanged."""
     path = Path(path)
+    recover(path)
+    _load_optimizer_state(optimizer, _read_optimizer(optimizer, path), path)
+
+
+def _read_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict:
+    """The saved optimizer state, checked against ``optimizer``'s groups and parameter shapes."""
+    file = path / OPT_CONFIG
     try:
-        meta = json.loads((path / OPT_CONFIG).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path / OPT_CONFIG}: no readable optimizer state ({exc})") from None
-    optimizer.load_state_dict(_unflatten_optimizer(_read_tensors(path / OPT_STATE), meta))
+        meta = loads_strict(read_regular_file(file, MAX_CONFIG_BYTES, CheckpointError), str(file), CheckpointError)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} not found; the checkpoint has no optimizer state "
+                              "(save it with save(model, dir, optimizer=...)) or load without optimizer=") from None
+    tensors = _read_tensors(path / OPT_STATE)
+    try:
+        state = _unflatten_optimizer(tensors, meta)
+        saved_sizes = [len(group["params"]) for group in state["param_groups"]]
+        ids = [i for group in state["param_groups"] for i in group["params"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{file} is malformed ({type(exc).__name__}: {exc}); the checkpoint is corrupt") from None
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise CheckpointError(f"{path}: the optimizer state has parameter groups of sizes {saved_sizes}, this "
+                              f"optimizer {sizes}; build it over the same parameters as the saved one")
+    params = dict(zip(ids, (p for group in optimizer.param_groups for p in group["params"])))
+    for idx, values in state["state"].items():
+        for key, value in values.items():
+            if idx not in params:
+                raise CheckpointError(f"{file}: state of parameter {idx}, which no group lists; the checkpoint is corrupt")
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[idx].shape:
+                raise CheckpointError(f"{path}: optimizer state {idx}.{key} has shape {tuple(value.shape)}, its "
+                                      f"parameter {tuple(params[idx].shape)}; it belongs to another model")
+    return state
 
 
-def _check_and_load(model, config, tensors, path) -> None:
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path: Path) -> None:
+    try:  # torch checks everything before it changes the optimizer
+        optimizer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({exc})") from None
+
+
+def _check_and_load(model, config, tensors, path, optimizer=None, opt_state=None) -> None:
+    """Check every tensor against the model, then load the optimizer state, then the tensors."""
     layers = adapted_layers(model)
     saved = {k: v for k, v in config["adapter"].items() if k not in ("seed",)}
     current = {k: v for k, v in model.lorakit_config.items() if k not in ("seed", "targets")}
@@ -260,6 +487,8 @@ def _check_and_load(model, config, tensors, path) -> None:
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(tensors[key].shape)} in the checkpoint but "
                 f"{tuple(value.shape)} in the model; the checkpoint was made for another model or rank")
+    if opt_state is not None:  # the last step that can fail; nothing was copied yet
+        _load_optimizer_state(optimizer, opt_state, path)
     for name, layer in layers.items():
         own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")
                and k[len(name) + 1:] in dict(layer.state_dict())}
