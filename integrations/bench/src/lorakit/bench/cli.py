@@ -6,6 +6,7 @@ import json
 import sys
 
 from lorakit.core import AdapterError
+from lorakit.core.cli import check_device, check_output_file, check_seed, check_threads
 
 from .methods import PEFT_METHODS
 from .runner import DTYPES, BenchConfig, run_bench, total_ticks
@@ -52,13 +53,13 @@ def config_from_args(args) -> BenchConfig:
     for name in ("hidden", "layers", "intermediate", "vocab", "batch", "seq", "rank", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise AdapterError(f"--{name} {getattr(args, name)}: must be >= 1")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise AdapterError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    elif args.device != "cpu":
-        raise AdapterError(f"--device {args.device}: use cpu or cuda")
+    if args.warmup < 0:
+        raise AdapterError(f"--warmup {args.warmup}: must be >= 0")
+    check_device(args.device, auto=False)
+    check_threads(args.threads, zero="torch's default")
+    check_seed(args.seed)
+    for option in ("json", "markdown", "plot"):  # before the benchmark runs, not after
+        check_output_file(getattr(args, option), f"--{option}")
     recipes = _names(args.recipes)
     if not recipes and not peft:
         raise AdapterError("nothing to benchmark: give --recipes and/or --peft")
@@ -103,6 +104,7 @@ def run(args) -> int:
 
         with open(args.markdown, "w") as f:
             f.write(markdown(result))
+        print(f"wrote {args.markdown}", file=sys.stderr if args.json == "-" else sys.stdout)
     if args.plot:
         from .report import plot
 

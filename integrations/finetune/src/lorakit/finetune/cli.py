@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from .errors import Interrupted
+from .errors import FinetuneError, Interrupted
 from .train import FinetuneConfig
 
 D = FinetuneConfig()
@@ -72,6 +73,23 @@ def _config(args, **extra) -> FinetuneConfig:
     return FinetuneConfig(**{**values, **extra})
 
 
+def _check_args(args) -> None:
+    """The arguments the work depends on, checked before any of it runs (loading the
+    model and data takes seconds, training minutes)."""
+    from lorakit.core.cli import check_device, check_seed, check_threads
+
+    from .train import check_writable
+
+    check_threads(args.threads)
+    check_seed(args.seed)
+    check_seed(args.split_seed, "--split-seed")
+    check_device(args.device)
+    resume = getattr(args, "resume", None)
+    if resume is not None and not Path(resume).is_dir():
+        raise FinetuneError(f"--resume {resume}: no such folder; give a checkpoint folder or a run's --out folder")
+    check_writable(Path(args.out))
+
+
 def _interrupted(exc: Interrupted) -> int:
     where = exc.checkpoint or "none was saved yet (use --save-every N)"
     print(f"\nlorakit: interrupted; last complete checkpoint: {where}", file=sys.stderr)
@@ -82,6 +100,7 @@ def run_finetune(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .train import finetune
 
+    _check_args(args)
     try:
         summary = finetune(_config(args))
     except Interrupted as exc:
@@ -96,6 +115,7 @@ def run_compare(args) -> int:
     from .compare import compare, resolve_recipes
 
     recipes = resolve_recipes(args.recipes)
+    _check_args(args)
     try:
         compare(recipes, _config(args))
     except Interrupted as exc:

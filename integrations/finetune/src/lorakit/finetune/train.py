@@ -233,14 +233,9 @@ def finetune(cfg: FinetuneConfig, *, label: str | None = None, log=print) -> dic
 
 
 def _device(name: str) -> torch.device:
-    try:
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available()
-                              else "cpu" if name == "auto" else name)
-    except RuntimeError as exc:
-        raise FinetuneError(f"--device {name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError(f"--device {name}: this torch build or machine has no CUDA; use --device cpu")
-    return device
+    from lorakit.core.cli import check_device  # the same check as every lorakit command's --device
+
+    return check_device(name)
 
 
 def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
@@ -282,11 +277,20 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     start = 0
     if cfg.resume:
         restored = load_checkpoint(model, optimizer, Path(cfg.resume))
-        start, state["losses"] = restored["step"], restored.get("losses", [])[: restored["step"]]
+        start = restored.get("step") if isinstance(restored, dict) else None
+        losses = restored.get("losses", []) if isinstance(restored, dict) else None
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0 or not isinstance(losses, list):
+            raise FinetuneError(f"--resume {cfg.resume}: its trainer_state.json is damaged (no valid step or "
+                                "losses); resume from another checkpoint or start again")
+        state["losses"] = losses[:start]
         if start >= cfg.steps:
             raise FinetuneError(f"--resume {cfg.resume}: it is at step {start}, not before --steps {cfg.steps}")
-        scheduler.last_epoch = start - 1
-        scheduler.step()  # the learning rate of step `start`
+        # The learning rate of step `start`, set directly: scheduler.step() before any
+        # optimizer.step() would make PyTorch warn about the call order.
+        scheduler.last_epoch = start
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(start)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     state["run_id"] = uuid.uuid4().hex
     ckpt_root = out / "checkpoints"
     memory = PeakMemory(device)

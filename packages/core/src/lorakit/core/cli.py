@@ -18,6 +18,69 @@ DESCRIPTION = ("Composable low-rank adapters: list the registered recipes and pl
 EPILOG = "Run 'lorakit COMMAND --help' for a command's options and defaults."
 
 
+# -- argument checks shared by the subcommands ------------------------------------------
+# Each raises AdapterError, which main() prints as one "lorakit: error:" line (exit 2),
+# and each runs before the command's work: a bad argument must not cost a training run.
+
+SEED_MAX = 2**32 - 1  # what every seeded generator (torch, numpy, random) accepts
+
+
+def check_seed(value: int, option: str = "--seed") -> None:
+    if not 0 <= value <= SEED_MAX:
+        raise AdapterError(f"{option} {value}: a seed must be an integer in [0, {SEED_MAX}]")
+
+
+def check_threads(value: int | None, option: str = "--threads", zero: str | None = None) -> None:
+    """``zero``: what 0 means where it is allowed (e.g. "torch's default")."""
+    if value is not None and value < (0 if zero else 1):
+        allowed = f">= 0 (0: {zero})" if zero else ">= 1"
+        raise AdapterError(f"{option} {value}: the number of threads must be {allowed}")
+
+
+def check_device(name: str, option: str = "--device", auto: bool = True):
+    """The torch.device for ``name`` ("auto": CUDA when available, else CPU), or an
+    error naming what this machine has."""
+    import torch
+
+    if auto and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choices = "auto, cpu, cuda or cuda:N" if auto else "cpu, cuda or cuda:N"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise AdapterError(f"{option} {name!r}: not a device; use {choices}") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdapterError(f"{option} {name}: this torch build or machine has no CUDA; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AdapterError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                               f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return device
+    raise AdapterError(f"{option} {name}: lorakit runs on {choices}")
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """Creates the file's folder if missing and checks that a file can be written there."""
+    import os
+    from pathlib import Path
+
+    if path is None or path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise AdapterError(f"{option} {path}: is a folder; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = target.parent / f".lorakit-write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise AdapterError(f"{option} {path}: cannot write there ({exc.strerror or exc}); "
+                           "give another path") from None
+
+
 def _recipes(args) -> int:
     recipes = registry.load().recipes
     rows = {name: {**r.composition(), "description": r.description, "plugin": r.plugin}

@@ -229,6 +229,11 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
+    from lorakit.core.cli import check_output_file, check_seed
+
+    check_seed(args.seed)
+    for option in ("json", "plot"):  # before the study runs, not after
+        check_output_file(getattr(args, option), f"--{option}")
     result = study(args.optimizer, args.lrs, args.steps, args.warmup, args.size, args.rank, args.width,
                    args.embed_dim, args.z_std, args.seed, getattr(torch, args.dtype), not args.no_progress)
     print(table(result))
