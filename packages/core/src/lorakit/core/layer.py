@@ -131,31 +131,59 @@ class AdaptedLayer(nn.Module):
         return V if g is None else V * g[:, None]
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Write ``W_eff`` (computed in fp32) into the base weight."""
-        if self.merged:
-            return
+    def merged_weight(self, name: str = "") -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """What :meth:`merge` writes: ``W_eff`` cast to the base dtype, plus the base rows
+        that :meth:`unmerge` cannot get back from it as ``(row indices, rows)``: rows
+        where ``W̄ = W_eff / g − B A`` would divide by ``g = 0`` (a DoRA magnitude of 0).
+
+        Raises :class:`MergeError`, writing nothing, when ``W_eff`` is non-finite or
+        does not fit the base dtype (an fp16 base would store inf).
+        """
+        where = f"module {name!r}: " if name else ""
+        W = self.kind.matrix(self.base)
         W_eff = self.effective_weight()
         if not torch.isfinite(W_eff).all():
-            raise MergeError(
-                "merge refused: the adapted weight has non-finite values; the base "
-                "weight is unchanged. Check the adapter's parameters for NaN/inf."
-            )
+            raise MergeError(f"merge refused: {where}the adapted weight has non-finite values; no base weight "
+                             "was changed. Check the adapter's parameters for NaN/inf.")
+        merged = W_eff.to(W.dtype)
+        if not torch.isfinite(merged).all():
+            raise MergeError(f"merge refused: {where}the adapted weight reaches {W_eff.abs().max().item():.4g}, "
+                             f"beyond {W.dtype}'s range (max {torch.finfo(W.dtype).max:.4g}); no base weight was "
+                             "changed. Keep the adapter unmerged, or merge a float32 copy of the model.")
+        g = self.factors()[2]
+        if g is None:
+            return merged, None
+        lost = ~torch.isfinite(merged.abs().amax(dim=1).to(g.dtype) / g.abs())  # g = 0, or so small W/g overflows
+        rows = lost.nonzero().flatten()
+        return merged, ((rows, W[rows].clone()) if len(rows) else None)
+
+    @torch.no_grad()
+    def merge(self, name: str = "") -> None:
+        """Write ``W_eff`` (computed in fp32) into the base weight, or raise
+        :class:`MergeError` and change nothing (see :meth:`merged_weight`)."""
+        if self.merged:
+            return
+        merged, lost = self.merged_weight(name)
         B, A, g = self.factors()
-        self._merged_with = (B.clone(), A.clone(), None if g is None else g.clone())
-        self.kind.set_matrix(self.base, W_eff.to(self.kind.matrix(self.base).dtype))
+        self._merged_with = (B.clone(), A.clone(), None if g is None else g.clone(), lost)
+        self.kind.set_matrix(self.base, merged)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore ``W̄ = W_eff / g − B A`` with the factors used at merge time."""
+        """Restore ``W̄ = W_eff / g − B A`` with the factors used at merge time (to within
+        rounding, docs/design.md), and the rows kept where ``g = 0``."""
         if not self.merged:
             return
-        B, A, g = self._merged_with
+        B, A, g, lost = self._merged_with
+        dtype = self.kind.matrix(self.base).dtype
         W = self.kind.matrix(self.base).to(A.dtype)
         if g is not None:
-            W = W / g[:, None]
-        self.kind.set_matrix(self.base, (W - B @ A).to(self.kind.matrix(self.base).dtype))
+            W = W / g[:, None]  # inf/NaN in the rows of g = 0, replaced just below
+        W = (W - B @ A).to(dtype)
+        if lost is not None:
+            W[lost[0]] = lost[1]
+        self.kind.set_matrix(self.base, W)
         self.merged = False
         del self._merged_with
 

@@ -12,6 +12,7 @@ from .adapter import adapted_layers
 from .functional import reduce_lowrank
 from .plugins import registry
 from .primitives import AdapterError, ParameterSlots, Slot
+from .validation import check_finite_tensors
 
 
 def _layers(model: nn.Module):
@@ -22,9 +23,24 @@ def _layers(model: nn.Module):
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (computed in fp32, cast back)."""
-    for layer in _layers(model).values():
-        layer.merge()
+    """Fold every adapter into its base weight (computed in fp32, cast back): all layers or none.
+
+    Every layer's ``W_eff`` is computed and checked first (finite, fits the base dtype),
+    then computed again and written, so one out × in matrix is held at a time. A
+    :class:`MergeError` names the module and leaves every base weight unchanged.
+    """
+    layers = {n: layer for n, layer in _layers(model).items() if not layer.merged}
+    for name, layer in layers.items():
+        layer.merged_weight(name)
+    done = []
+    try:
+        for name, layer in layers.items():
+            layer.merge(name)
+            done.append(layer)
+    except BaseException:  # Ctrl-C mid-way: back to all unmerged
+        for layer in done:
+            layer.unmerge()
+        raise
     return model
 
 
@@ -119,6 +135,13 @@ class ExportedLayer:
 
 
 @torch.no_grad()
+def _check_finite_adapter(model: nn.Module) -> None:
+    # a diverged adapter would export NaN factors that load silently elsewhere
+    check_finite_tensors(((f"{name}.{key}", value) for name, layer in _layers(model).items()
+                          for key, value in layer.state_dict().items() if not key.startswith("base.")),
+                         "export refused")
+
+
 def export_factors(model: nn.Module, rank: int | None = None) -> dict[str, ExportedLayer]:
     """Each adapted layer's total update as standard low-rank factors.
 
@@ -127,6 +150,7 @@ def export_factors(model: nn.Module, rank: int | None = None) -> dict[str, Expor
     With a magnitude head, the factors are ``V − W̄`` and the magnitude is ``m``,
     which is PEFT's DoRA parameterization exactly.
     """
+    _check_finite_adapter(model)
     out = {}
     for name, layer in _layers(model).items():
         if layer.merged:
