@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from lorakit.core import AdapterError, adapted_layers
 from lorakit.core.checkpoint import atomic_write
+from lorakit.core.validation import check_finite_tensors
 from lorakit.core.peft_format import lora_config, lora_tensors
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -79,6 +80,7 @@ def diffusers_state_dict(model: nn.Module, prefix: str | None = None, rank: int 
                 "nn.Linear and nn.Conv2d layers only. Leave it out of the targets."
             )
     tensors, ranks, use_dora, rel_error = lora_tensors(model, rank, prefix=f"{prefix}.", dtype=dtype)
+    check_finite_tensors(tensors.items(), "diffusers export refused")  # e.g. overflow when cast to fp16
     return tensors, lora_config(ranks, use_dora=use_dora), rel_error
 
 

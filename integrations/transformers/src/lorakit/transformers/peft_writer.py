@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lorakit.core import AdapterError, adapted_layers
 from lorakit.core.checkpoint import atomic_write
+from lorakit.core.validation import check_finite_tensors
 from lorakit.core.peft_format import DORA_KEY, TRUNCATION_TOL, TruncationWarning, lora_config, lora_tensors
 
 PEFT_CONFIG = "adapter_config.json"
@@ -76,6 +77,7 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
                       "(import_peft with a recipe); the export is relative to that merged base, so load it "
                       "on a base with the same PEFT adapter merged", UserWarning, stacklevel=3)
     tensors, ranks, use_dora, rel_errors = lora_tensors(model, rank, prefix=prefix, dtype=dtype)
+    check_finite_tensors(tensors.items(), "PEFT export refused")  # e.g. overflow when cast to fp16
     return PeftExport(tensors, lora_config(ranks, use_dora=use_dora,
                                            fan_in_fan_out=any(_uses_conv1d(m) for m in layers.values()),
                                            base_model_name_or_path=base_model_name_or_path,
