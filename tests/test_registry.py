@@ -219,3 +219,109 @@ def test_cli_recipes_json(capsys):
     assert recipes["rslora"]["normalizer"] == {"name": "scale", "args": {"rs": True}}
     assert recipes["vera"]["plugin"] == "vera" and recipes["vera"]["generator"]["name"] == "vera"
     assert recipes["olora"]["init"]["name"] == "olora"
+
+
+# -- a plugin must not break lorakit (issue 11 §3) ----------------------------------------------------
+BAD_PLUGINS = '''
+import sys
+from lorakit.core import hookimpl
+from lorakit.core.primitives import Initializer
+
+
+class Half(Initializer):
+    name = "half-registered"
+
+
+class DemoClash:
+    @hookimpl
+    def lorakit_commands(register):
+        register("demo", "takes a core command", lambda parser: None, lambda args: 0)
+
+
+class BadConfigure:
+    @hookimpl
+    def lorakit_commands(register):
+        register("bad-configure", "configure raises", lambda parser: 1 / 0, lambda args: 0)
+
+
+class ExitInHook:
+    @hookimpl
+    def lorakit_primitives(register):
+        register(Half)
+
+    @hookimpl
+    def lorakit_recipes(register):
+        sys.exit("no")
+
+
+class BadRecipe:
+    @hookimpl
+    def lorakit_recipes(register):
+        register("ghost", generator="no-such-generator", normalizer="scale", init="kaiming")
+'''
+
+
+@pytest.fixture
+def bad_plugins(tmp_path, monkeypatch, no_env):
+    (tmp_path / "lorakit_test_exit.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "lorakit_test_bad.py").write_text(BAD_PLUGINS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = plugins_mod.entry_points
+    bad = [EntryPoint(name=n, value=v, group="lorakit") for n, v in [
+        ("exits", "lorakit_test_exit"), ("demo-clash", "lorakit_test_bad:DemoClash"),
+        ("bad-configure", "lorakit_test_bad:BadConfigure"), ("exit-in-hook", "lorakit_test_bad:ExitInHook"),
+        ("bad-recipe", "lorakit_test_bad:BadRecipe")]]
+    monkeypatch.setattr(plugins_mod, "entry_points", lambda group: [*bad, *real(group=group)])
+    with pytest.warns(UserWarning):
+        reg = Registry().load()
+    monkeypatch.setattr("lorakit.core.cli.registry", reg)
+    return reg
+
+
+def test_broken_plugins_are_listed_and_register_nothing(bad_plugins):
+    reg = bad_plugins
+    assert reg.failures["exits"] == "import failed: SystemExit: 3"
+    assert "command 'demo' is one of lorakit's own" in reg.failures["demo-clash"]
+    assert "lorakit_commands raised ZeroDivisionError" in reg.failures["bad-configure"]
+    assert reg.failures["exit-in-hook"] == "lorakit_recipes raised SystemExit: no"
+    assert "names generator 'no-such-generator', which no loaded plugin registers" in reg.failures["recipe 'ghost'"]
+    # all-or-nothing: the primitive registered before the failing hook is gone too
+    assert "half-registered" not in reg.primitives["initializer"] and "bad-configure" not in reg.commands
+    assert not {"exits", "demo-clash", "bad-configure", "exit-in-hook"} & set(reg.plugins)
+    assert "ghost" not in reg.recipes and reg.plugins["bad-recipe"].registered == []
+    for name in ("demo-clash", "bad-configure", "exit-in-hook"):  # pluggy forgot them too
+        assert reg.pm.get_plugin(name) is None
+    assert {"lora", "dora", "vera"} <= set(reg.recipes)  # every other plugin loaded
+
+
+def test_every_other_command_works_beside_broken_plugins(bad_plugins, capsys):
+    assert main(["recipes", "--json"]) == 0
+    assert "ghost" not in json.loads(capsys.readouterr().out)
+    assert main(["plugins", "--json"]) == 0
+    failed = {f["name"] for f in json.loads(capsys.readouterr().out)["failures"]}
+    assert failed == {"exits", "demo-clash", "bad-configure", "exit-in-hook", "recipe 'ghost'"}
+    assert main(["demo"]) == 0
+    assert "ghost" not in capsys.readouterr().out
+
+
+def test_core_commands_are_the_clis_own():
+    import argparse
+
+    from lorakit.core.cli import build_parser
+    from lorakit.core.plugins import CORE_COMMANDS, registry
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) - set(registry.load().commands) == CORE_COMMANDS
+
+
+def test_unregister_removes_everything_a_plugin_registered(monkeypatch):
+    monkeypatch.setenv("LORAKIT_DISABLE_AUTOLOAD", "1")
+    reg = Registry()
+    reg.register_plugin(Everything, "everything")
+    info = reg.unregister("everything")
+    assert "command 'hello'" in info.registered and "everything" not in reg.plugins
+    assert reg.primitives["initializer"] == {} and reg.recipes == {} and reg.commands == {} and reg.layers == {}
+    reg.register_plugin(Everything, "everything")  # and it can come back
+    assert reg.failures == {} and reg.primitives["initializer"]["zeros-test"] is Zeros
+    with pytest.raises(AdapterError, match="no plugin 'nope' is registered"):
+        reg.unregister("nope")
