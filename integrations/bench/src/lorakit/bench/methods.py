@@ -8,6 +8,7 @@ difference between two runs is the adapter.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,11 @@ def adapt(method: Method, base: nn.Module, rank: int, seed: int) -> nn.Module:
     else:
         config = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS,
                                  use_dora=method.name == "dora")
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft (<= 0.21) reads model.is_gradient_checkpointing, which transformers >= 5.24
+        # deprecates with a FutureWarning: peft's call, not the user's, so not shown to them
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
