@@ -2,19 +2,23 @@
 
 A checkpoint is a folder ``checkpoints/step-NNNNNN`` holding lorakit's native
 checkpoint of the backbone's adapter (``adapter_config.json`` +
-``adapter_model.safetensors`` + the optimizer state, by ``lorakit.core.save``), the
+``adapter_model.safetensors`` + the optimizer state, as ``lorakit.core.save`` writes it), the
 head (``head.safetensors``) and the trainer state (``trainer_state.json`` and the
 RNG in ``trainer_rng.safetensors``). It is written under a hidden temporary name and
-renamed into place (atomic on POSIX); only then are older checkpoints renamed away
-to hidden names and deleted. An interrupt (Ctrl-C, SIGKILL) at any moment leaves the
-last complete checkpoint valid under its ``step-*`` name, and no partial folder is
-ever named ``step-*``.
+put in place as one unit by ``lorakit.core.checkpoint.publish`` (the scheme of
+``lorakit.core.checkpoint``); only then are older checkpoints deleted. An interrupt
+(Ctrl-C, SIGKILL) at any moment leaves the last complete checkpoint valid under its
+``step-*`` name, and no partial folder is ever named ``step-*``.
+
+A run deletes or replaces only checkpoints it wrote itself (``run_id`` in
+``trainer_state.json``) until it has finished: a failing run never touches the
+checkpoints of a finished run in the same folder. Only at the end of a successful run
+does :func:`keep_only` drop every other checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -22,46 +26,53 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import lorakit.core as core
+from lorakit.core import checkpoint as ckpt
 
 from .errors import FinetuneError
 
 STEP_DIR = re.compile(r"step-(\d{6,})")
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_tree = ckpt.fsync_tree  # a name of this module, so that tests can interrupt here
 
 
-def save_checkpoint(model, optimizer, root: Path, step: int, state: dict) -> Path:
+def checkpoint_path(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def save_checkpoint(model, optimizer, root: Path, step: int, state: dict, *, replace: bool = False) -> Path | None:
+    """Write ``root/step-NNNNNN`` as one unit and delete this run's older checkpoints.
+
+    Another run's checkpoint under that name is left alone and None returned, unless
+    ``replace`` (for a run that has finished).
+    """
+    final = checkpoint_path(root, step)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".{final.name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    core.save(model.backbone, tmp, optimizer=optimizer)
-    save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()},
-              str(tmp / "head.safetensors"))
-    save_file({"torch": torch.get_rng_state()}, str(tmp / "trainer_rng.safetensors"))
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    _fsync_tree(tmp)
-    if final.exists():  # the same step saved again (a resumed run): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    for old in root.iterdir():  # only now is it safe to drop the previous checkpoints:
-        if old != final and STEP_DIR.fullmatch(old.name):  # hide each one first (atomic rename)
-            os.rename(old, root / f".old-{old.name}.{os.getpid()}")
-    for old in root.iterdir():  # then delete hidden leftovers, ours or of an interrupted run
-        if old.name.startswith((".old-step-", ".step-")):
-            shutil.rmtree(old, ignore_errors=True)
+    ckpt.recover_all(root)  # finish or clear what a killed save left
+    if final.exists() and not replace and not written_by(final, state["run_id"]):
+        return None
+    tmp = ckpt.staging_folder(final)
+    try:
+        ckpt.write_files(model.backbone, tmp, optimizer)
+        save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()},
+                  str(tmp / "head.safetensors"))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "trainer_rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+        _fsync_tree(tmp)
+        ckpt.publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
+    for old in _checkpoints(root):  # only now is it safe to drop this run's previous ones
+        if old != final and written_by(old, state["run_id"]):
+            ckpt.discard(old)
     return final
+
+
+def keep_only(root: Path, final: Path) -> None:
+    """After a successful run: drop every checkpoint but ``final``, of any run."""
+    for old in _checkpoints(root):
+        if old != final:
+            ckpt.discard(old)
 
 
 def written_by(path: Path | None, run_id: str) -> bool:
@@ -71,9 +82,14 @@ def written_by(path: Path | None, run_id: str) -> bool:
         return False
 
 
+def _checkpoints(root: Path) -> list[Path]:
+    return [p for p in root.glob("step-*") if STEP_DIR.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    steps = [p for p in root.glob("step-*") if STEP_DIR.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
-    return max(steps, key=lambda p: int(p.name[5:]), default=None)
+    if root.is_dir():
+        ckpt.recover_all(root)  # a save killed mid-swap: its checkpoint back under its name
+    return max(_checkpoints(root), key=lambda p: int(p.name[5:]), default=None)
 
 
 def load_checkpoint(model, optimizer, path: Path) -> dict:
@@ -83,13 +99,14 @@ def load_checkpoint(model, optimizer, path: Path) -> dict:
         if found is None:
             raise FinetuneError(f"{path} has no checkpoint (checkpoints/step-*) to resume from")
         path = found
+    ckpt.recover(path)
     try:
         state = json.loads((path / "trainer_state.json").read_text())
     except FileNotFoundError:
         raise FinetuneError(f"{path} is not a finetune checkpoint (no trainer_state.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FinetuneError(f"{path / 'trainer_state.json'} is corrupt ({exc})") from None
-    core.load(model.backbone, path, optimizer=optimizer)  # checks recipe and shapes first
+    ckpt.load(model.backbone, path, optimizer=optimizer)  # checks recipe and shapes first
     try:
         model.head.load_state_dict(load_file(str(path / "head.safetensors")))
         torch.set_rng_state(load_file(str(path / "trainer_rng.safetensors"))["torch"])

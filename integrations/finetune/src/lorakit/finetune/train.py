@@ -21,7 +21,7 @@ import torch
 
 import lorakit.core as core
 
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, written_by
+from .checkpoints import checkpoint_path, keep_only, latest_checkpoint, load_checkpoint, save_checkpoint, written_by
 from .compose import build_adapter
 from .data import Dataset, load_data, split
 from .errors import FinetuneError, Interrupted
@@ -318,7 +318,7 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
             bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
             bar.update(1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                last_ckpt = save_checkpoint(model, optimizer, ckpt_root, step + 1, state)
+                last_ckpt = save_checkpoint(model, optimizer, ckpt_root, step + 1, state) or last_ckpt
     except KeyboardInterrupt:
         bar.close()
         latest = latest_checkpoint(ckpt_root)  # Ctrl-C may land between the rename and the assignment
@@ -329,7 +329,9 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     metrics = evaluate(model, test_batches, data.task, norm, device)
     eval_seconds = time.perf_counter() - t_eval
     peak_mb, peak_kind = memory.read_mb()
-    ckpt = save_checkpoint(model, optimizer, ckpt_root, cfg.steps, state)
+    # None when another run's checkpoint has this name: replaced only once this run has succeeded
+    saved = save_checkpoint(model, optimizer, ckpt_root, cfg.steps, state)
+    ckpt = checkpoint_path(ckpt_root, cfg.steps)
     peft_path, peft_error = _export_peft(backbone, out / "peft", folder)
     if peft_path:
         from safetensors.torch import save_file
@@ -362,6 +364,9 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
 
     loss_curve(state["losses"], out / "loss.png", f"{label}: {primary} {metrics[primary]:.3f}",
                "MSE (standardized)" if data.task == "regression" else "cross-entropy")
+    if saved is None:
+        save_checkpoint(model, optimizer, ckpt_root, cfg.steps, state, replace=True)
+    keep_only(ckpt_root, ckpt)  # this run succeeded: the other checkpoints go
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"{label}: {primary}={metrics[primary]:.4f} "
         + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != primary)

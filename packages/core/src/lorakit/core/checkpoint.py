@@ -154,12 +154,14 @@ def publish(folder: Path, dst: Path) -> Path:
                 raise
     _fsync_dir(dst.parent)
     for old in aside:
-        _discard(old, dst.name)
+        discard(old, dst.name)
     return dst
 
 
-def _discard(folder: Path, name: str) -> None:
-    trash = folder.with_name(f".{name}.trash-{_token()}")
+def discard(folder: Path, name: str | None = None) -> None:
+    """Delete ``folder`` (whose target is ``name``), never leaving a half-deleted folder
+    under a name that :func:`recover` would take for complete."""
+    trash = folder.with_name(f".{name or folder.name}.trash-{_token()}")
     try:
         os.rename(folder, trash)  # first out of reach of recover(), then deleted
     except FileNotFoundError:
@@ -205,7 +207,17 @@ def recover(dst: str | os.PathLike) -> None:
             continue
     for kind, pid, entry in _leftovers(dst):
         if not _alive(pid) and (kind in ("partial", "trash") or os.path.lexists(dst)):
-            _discard(entry, dst.name)
+            discard(entry, dst.name)
+
+
+def recover_all(parent: Path) -> None:
+    """:func:`recover` every folder of ``parent`` that has leftovers beside it."""
+    try:
+        names = {m["target"] for e in parent.iterdir() if (m := _LEFTOVER.fullmatch(e.name))}
+    except OSError:
+        return
+    for name in names:
+        recover(parent / name)
 
 
 def _mtime(path: Path) -> float:
