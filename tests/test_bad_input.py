@@ -4,7 +4,9 @@ Each row of ``CASES`` is one row of the table in docs/bad-inputs.md (checked bel
 """
 
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,37 @@ CASES = [
      lambda m, t: _disabled_export(Adapter(rank=2).apply(m, targets=["0"])), AdapterError, "is disabled"),
     ("save-no-adapter", "saving a model without adapter", lambda m, t: save(m, t), AdapterError,
      "has no lorakit adapter"),
+    # hostile or odd input (issue 11 §3); tests/test_hostile_input.py covers the variants
+    ("bad-regex", "targets that are not a valid regex", lambda m, t: Adapter().apply(m, targets="(0|2"),
+     AdapterError, r"targets '\(0\|2' is not a valid regex"),
+    ("catastrophic-regex", "a rank_pattern that backtracks catastrophically",
+     lambda m, t: Adapter(rank_pattern={"(.*)*y": 2}), AdapterError, re.escape("adapter.rank_pattern['(.*)*y']")),
+    ("bad-seed", "seed negative, a bool, a float, a string or above 2**63 - 1", lambda m, t: Adapter(seed=-1),
+     AdapterError, "adapter.seed=-1: must be an integer >= 0"),
+    ("alpha-nan", "a NaN or infinite alpha", lambda m, t: Adapter(normalizer={
+        "name": "scale", "args": {"alpha": float("nan")}}), AdapterError, "Scale.alpha=nan: must be a finite number"),
+    ("mlp-huge-width", "a generator width of 2**31 (terabytes)", lambda m, t: Adapter(generator={
+        "name": "mlp", "args": {"width": 2**31}}), AdapterError, r"MLP\(width=2147483648\): width must be"),
+    ("export-nonfinite", "exporting a non-finite adapter", lambda m, t: export_factors(_nan_slots(
+        Adapter(rank=2).apply(m, targets=["0"]))), AdapterError, "export refused: 0.slots.A has non-finite values"),
+    ("ckpt-catastrophic-regex", "config whose rank_pattern backtracks catastrophically", lambda m, t: load(
+        m, edit_config(saved(t), lambda c: c["adapter"].update(rank_pattern={"(.*)*y": 1}))), CheckpointError,
+     re.escape("adapter.rank_pattern['(.*)*y']")),
+    ("ckpt-nan", "config with a NaN or Infinity literal", lambda m, t: load(m, _literal(
+        saved(t), "normalizer", "alpha", "NaN")), CheckpointError, "adapter.normalizer.args.alpha is NaN"),
+    ("ckpt-huge-int", "config with a 5000-digit integer", lambda m, t: load(m, _literal(
+        saved(t), "init", "a", "9" * 5000)), CheckpointError, "adapter.init.args.a is an integer of 5000 digits"),
+    ("ckpt-huge-width", "config asking for an MLP of width 2**31", lambda m, t: load(m, edit_config(
+        saved(t), lambda c: c["adapter"].update(generator={"name": "mlp", "args": {"width": 2**31}}))),
+     CheckpointError, r"cannot build the saved adapter: MLP\(width=2147483648\)"),
+    ("ckpt-fifo", "a FIFO named adapter_config.json", lambda m, t: load(m, _fifo(saved(t))), CheckpointError,
+     "adapter_config.json is not a regular file"),
+    ("ckpt-symlink-loop", "adapter_config.json is a symlink loop", lambda m, t: load(m, _loop(saved(t))),
+     CheckpointError, "adapter_config.json cannot be read"),
+    ("ckpt-folder-for-file", "a folder where adapter_config.json belongs", lambda m, t: load(m, _folder(saved(t))),
+     CheckpointError, "adapter_config.json is a folder"),
+    ("ckpt-path-is-file", "a checkpoint path that is a file", lambda m, t: load(m, _file(t)), CheckpointError,
+     "is not a folder; give the checkpoint folder"),
 ]
 
 
@@ -154,6 +187,44 @@ def _extra_tensor(path):
     return path
 
 
+def _nan_slots(m):
+    with torch.no_grad():
+        adapted_layers(m)["0"].slots.A.fill_(float("nan"))
+    return m
+
+
+def _literal(path, section, arg, literal):
+    """Set ``adapter.<section>.args.<arg>`` to a raw JSON literal json.dumps would not write."""
+    edit_config(path, lambda c: c["adapter"][section]["args"].update({arg: "__LITERAL__"}))
+    config = path / "adapter_config.json"
+    config.write_text(config.read_text().replace('"__LITERAL__"', literal))
+    return path
+
+
+def _replace(path, make):
+    config = path / "adapter_config.json"
+    config.unlink()
+    make(config)
+    return path
+
+
+def _fifo(path):
+    return _replace(path, os.mkfifo)
+
+
+def _loop(path):
+    return _replace(path, lambda config: config.symlink_to(config))
+
+
+def _folder(path):
+    return _replace(path, lambda config: config.mkdir())
+
+
+def _file(tmp):
+    (tmp / "ckpt").write_text("{}")
+    return tmp / "ckpt"
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_a_clear_error_and_leaves_model_unchanged(case, tmp_path):
     _, _, action, error, fragment = case
@@ -176,7 +247,8 @@ def test_every_case_is_in_the_docs_table():
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    # NaN/inf and integers past 2**64: json.dumps writes them, load must refuse them by name
+    st.none() | st.booleans() | st.integers() | st.integers(-10**40, 10**40) | st.floats() | st.text(max_size=10),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20)
 
@@ -209,3 +281,33 @@ def test_fuzzed_config_gives_only_documented_errors(config, tmp_path_factory):
         load(fresh, path)
     except AdapterError:  # CheckpointError is one
         assert not adapted_layers(fresh)
+
+
+HOSTILE_LITERALS = ["NaN", "Infinity", "-Infinity", "1e999", "-" + "9" * 5000, "[" * 60 + "]" * 60,
+                    '{"a": 1, "a": 2}', '"' + "x" * 10_000 + '"']
+REGEX_TOKENS = [".", "*", "+", "?", "(", ")", "|", "a", r"\d", "{2,}", "[", "]", r"\1"]
+
+
+@given(config=configs(), literal=st.sampled_from(HOSTILE_LITERALS), where=st.integers(0, 10**6),
+       pattern=st.lists(st.sampled_from(REGEX_TOKENS), max_size=12).map("".join))
+@settings(max_examples=60, deadline=None)
+def test_fuzzed_hostile_text_gives_only_documented_errors(config, literal, where, pattern, tmp_path_factory):
+    """Raw JSON json.dumps would not write (NaN literals, 5000-digit integers, deep nesting,
+    duplicate keys) at a random value of the config, and random regexes as rank_pattern
+    keys: load raises only AdapterError subclasses, in bounded time."""
+    path = tmp_path_factory.mktemp("hostile")
+    save(Adapter(rank=2).apply(model(), targets=["0"]), path)
+    if isinstance(config, dict) and isinstance(config.get("adapter"), dict):
+        config["adapter"]["rank_pattern"] = {pattern: 1}
+    text = json.dumps(config)
+    values = [m.start() for m in re.finditer(r"(?<=: )[-0-9ntf\"\[{]", text)] or [0]
+    at = values[where % len(values)]  # replace the value starting there with the literal
+    end = json.JSONDecoder().raw_decode(text, at)[1] if text[at:at + 1] not in ("", ",", "}") else at
+    (path / "adapter_config.json").write_text(text[:at] + literal + text[end:])
+    fresh = model()
+    start = time.perf_counter()
+    try:
+        load(fresh, path)
+    except AdapterError:
+        assert not adapted_layers(fresh)
+    assert time.perf_counter() - start < 5
