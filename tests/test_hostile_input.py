@@ -185,7 +185,8 @@ def test_an_oversized_config_is_not_read(saved, monkeypatch):
     ({"normalizer": {"name": "scale", "args": {"rs": "yes"}}}, "Scale.rs='yes': must be true or false"),
     ({"normalizer": {"name": "delora", "args": {"eps": math.inf}}}, "eps must be a finite number"),
     ({"init": {"name": "kaiming", "args": {"a": math.nan}}}, "Kaiming.a=nan"),
-    ({"init": {"name": "pissa", "args": {"svd": "lowrank", "niter": 10**9}}}, r"niter must be an integer in \[0, 100\]"),
+    ({"init": {"name": "pissa", "args": {"svd": "lowrank", "niter": 10**9}}},
+     r"niter must be an integer in \[0, 100\]"),
 ])
 def test_primitive_arguments_are_bounded(kwargs, fragment):
     with pytest.raises(AdapterError, match=fragment):

@@ -36,10 +36,6 @@ MAX_JSON_DEPTH = 32
 MAX_SEED = 2**63 - 1
 
 
-def fail(field: str, problem: str, error: type[AdapterError] = AdapterError) -> AdapterError:
-    return error(f"{field}: {problem}")
-
-
 # -- regexes -------------------------------------------------------------------------------
 def _cost(items: Any, field: str) -> int:
     """Worst-case backtracking steps of a parsed regex over a NAME_CHARS name (an
