@@ -9,7 +9,8 @@ sys.path.insert(0, str(root / "tests"))
 import test_bad_input as cases  # noqa: E402
 
 doc = root / "docs" / "bad-inputs.md"
-head = doc.read_text().split("| case | input | error |")[0]
+head, _, rest = doc.read_text().partition("| case | input | error |")
+tail = rest[rest.index("\n## "):] if "\n## " in rest else ""  # later sections (## Command line) stay
 rows = []
 for cid, what, action, _, _ in cases.CASES:
     with tempfile.TemporaryDirectory() as d:
@@ -19,5 +20,5 @@ for cid, what, action, _, _ in cases.CASES:
         except Exception as exc:
             msg = f"{type(exc).__name__}: {exc}".replace(d, "CKPT").replace("|", "\\|")
     rows.append(f"| `{cid}` | {what} | {msg} |")
-doc.write_text(head + "| case | input | error |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+doc.write_text(head + "| case | input | error |\n|---|---|---|\n" + "\n".join(rows) + "\n" + tail)
 print(f"wrote {len(rows)} rows to {doc}")
