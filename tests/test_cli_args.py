@@ -54,8 +54,8 @@ BAD = [
     ("bench --seed -5", "--seed -5: a seed must be an integer"),
     ("mf --seed 99999999999", "--seed 99999999999: a seed must be an integer"),
     ("finetune --device cuda:7", "--device cuda:7: "),
-    ("finetune --device tpu", "--device 'tpu': not a device; use auto, cpu, cuda or cuda:N"),
-    ("bench --device meta", "--device meta: lorakit runs on cpu, cuda or cuda:N"),
+    ("finetune --device tpu", "--device 'tpu': not a device; use auto, cpu or cuda (cuda:N for GPU N)"),
+    ("bench --device meta", "--device meta: not supported; use cpu or cuda (cuda:N for GPU N)"),
     (f"finetune --out {NOT_A_FOLDER}", f"output folder {NOT_A_FOLDER} is not writable"),
     (f"compare --out {NOT_A_FOLDER}", f"output folder {NOT_A_FOLDER} is not writable"),
     (f"bench --json {NOT_A_FOLDER}/r.json", f"--json {NOT_A_FOLDER}/r.json: cannot write there"),
@@ -196,3 +196,33 @@ def test_unknown_option_shows_the_subcommands_usage(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: lorakit finetune") and "unrecognized arguments: --stepz 3" in err
+
+
+# -- output ----------------------------------------------------------------------------
+
+TINY_BENCH = ["--hidden", "64", "--layers", "1", "--intermediate", "96", "--vocab", "64", "--batch", "2",
+              "--seq", "8", "--steps", "1", "--repeats", "1", "--no-progress", "--no-floor"]
+
+
+def test_bench_shows_measurements_only_and_says_where_it_wrote(tmp_path, capsys):
+    md = tmp_path / "tables" / "bench.md"  # a missing folder is created
+    with warnings.catch_warnings():
+        # peft's own deprecated call must not reach the user through lorakit bench
+        warnings.filterwarnings("error", message=".*is_gradient_checkpointing", category=FutureWarning)
+        assert main(["bench", *TINY_BENCH, "--recipes", "lora", "--peft", "lora", "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "ratios" in out and f"wrote {md}" in out
+    for text in (out, md.read_text()):
+        assert "target" not in text and "met" not in text.split()  # the project's goals, not the user's
+
+
+def test_bench_without_peft_prints_no_empty_ratio_table(capsys):
+    assert main(["bench", *TINY_BENCH, "--recipes", "lora", "--peft", ""]) == 0
+    out = capsys.readouterr().out
+    assert "lorakit lora" in out and "ratio" not in out
+
+
+def test_demo_prints_a_legend_of_its_columns(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "|init-base|" in out.split("columns:")[1] and "|merged-unmerged|" in out.split("columns:")[1]

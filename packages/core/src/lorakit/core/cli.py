@@ -44,7 +44,7 @@ def check_device(name: str, option: str = "--device", auto: bool = True):
 
     if auto and name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    choices = "auto, cpu, cuda or cuda:N" if auto else "cpu, cuda or cuda:N"
+    choices = ("auto, " if auto else "") + "cpu or cuda (cuda:N for GPU N)"
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -53,12 +53,13 @@ def check_device(name: str, option: str = "--device", auto: bool = True):
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise AdapterError(f"{option} {name}: this torch build or machine has no CUDA; use --device cpu")
+            raise AdapterError(f"{option} {name}: CUDA is not available here (this torch build or machine "
+                               "has none); use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise AdapterError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         return device
-    raise AdapterError(f"{option} {name}: lorakit runs on {choices}")
+    raise AdapterError(f"{option} {name}: not supported; use {choices}")
 
 
 def check_output_file(path: str | None, option: str) -> None:
