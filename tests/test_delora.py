@@ -231,3 +231,76 @@ def test_merge_unmerge_round_trip():
                 torch.testing.assert_close(model.get_submodule(name).base.weight, pristine[f"{name}.weight"],
                                            rtol=0, atol=1e-13)
         torch.testing.assert_close(model(x), y, rtol=0, atol=1e-13)
+
+
+def _delora_combos():
+    """Every registered combination with DeLoRA, plus the ``delora`` recipe (both
+    factors Kaiming, residualized) under every generator."""
+    from dataclasses import replace
+
+    from lorakit.core.conformance import combinations
+    from lorakit.core.plugins import registry
+
+    combos = [c for c in combinations() if c.normalizer["name"] == "delora" and c.magnitude is None]
+    recipe = next(c for c in combos if c.init["args"].get("zero_b") is False)
+    combos += [replace(recipe, generator={"name": g, "args": {}}) for g in sorted(registry.load().primitives["generator"])
+               if g != recipe.generator["name"]]
+    return combos
+
+
+DELORA_COMBOS = _delora_combos()
+
+
+@pytest.mark.parametrize("combo", DELORA_COMBOS, ids=str)
+@given(seed=st.integers(0, 2**16), lr=st.sampled_from([0.1, 1.0, 10.0]))
+@settings(max_examples=3, deadline=None)
+def test_bound_holds_after_aggressive_fp32_training(combo, seed, lr):
+    """The update a layer *applies* in fp32 (``B_cat A_cat`` of the residual form)
+    stays within ``|λ|·max w·max|d| + ‖B0'A0'‖`` for every generator and initializer,
+    however far training drifts the scale of the factors (the MLP generator moves
+    ‖a_i‖ by 1e6 in a few steps at lr 1)."""
+    from lorakit.core.conformance import train_aggressively
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 12))
+    x = torch.randn(32, 24)
+    combo.adapter(4, seed=seed).apply(model, targets=["0", "2"])
+    if not train_aggressively(model, x, lr, seed=seed):
+        return
+    with torch.no_grad():
+        for name, layer in adapted_layers(model).items():
+            s = layer.slots()
+            B, A, _ = layer.factors()
+            applied = (B.double() @ A.double()).norm().item()
+            bound = abs(s["lambda_"].item()) * s["w_norm"].max().item() * s["d"].abs().max().item()
+            if layer.residual:
+                bound += (layer.residual_B.double() @ layer.residual_A.double()).norm().item()
+            assert applied <= bound * (1 + 1e-5), f"{combo} {name}: applied update {applied:.4g} > bound {bound:.4g}"
+
+
+@pytest.mark.parametrize("c", [1e2, 2e4, 1e7])
+def test_scale_split_changes_nothing_in_fp32(c):
+    """DeLoRA is invariant to the scale of A (each row is normalized; likewise B's
+    columns, down to ``eps``); training exploits it. The fp32 output and the applied
+    update must not move (the residual form before the
+    fix moved the output by 7.8e-3 at c = 2e4 and broke the bound at c = 1e7)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 32))
+    x = torch.randn(16, 64)
+    Adapter.from_recipe("delora", rank=8).apply(model, targets=["0", "2"])
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():  # move away from init first
+            layer.slots.A.mul_(1.3).add_(0.05 * torch.randn_like(layer.slots.A))
+        before = model(x)
+        exact = copy.deepcopy(model).double()(x.double())
+        for layer in adapted_layers(model).values():
+            layer.slots.A.mul_(c)
+        after = model(x)
+        assert (after - before).abs().max() / before.abs().max() < 1e-5
+        assert (after.double() - exact).abs().max() / exact.abs().max() < 1e-5
+        for layer in adapted_layers(model).values():
+            s = layer.slots()
+            B, A, _ = layer.factors()
+            bound = abs(s["lambda_"].item()) * s["w_norm"].max().item() + (
+                layer.residual_B.double() @ layer.residual_A.double()).norm().item()
+            assert (B.double() @ A.double()).norm().item() <= bound * (1 + 1e-5)

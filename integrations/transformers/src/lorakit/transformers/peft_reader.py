@@ -181,7 +181,6 @@ def _continue_same_adapter(model, config, updates, targets):
             slots.B.copy_(Bs / s)
             if m is not None:
                 slots.m.copy_(m)
-            layer._cache = None
     return model
 
 

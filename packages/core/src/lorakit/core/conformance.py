@@ -19,6 +19,7 @@ restricts it to the combinations containing the given primitives.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import tempfile
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from torch import nn
 
 from .adapter import Adapter, adapted_layers
 from .checkpoint import load, load_optimizer, save
-from .model_ops import export_factors, merge, unmerge
+from .model_ops import export_factors, freeze_generators, merge, unmerge
 from .plugins import registry
 from .primitives import Primitive
 
@@ -203,3 +204,97 @@ def check_combination(combo: Combo, case: Case) -> None:
             o.step()
         for (n, p), (_, q) in zip(model.named_parameters(), clone.named_parameters()):
             assert torch.equal(p, q), f"{combo}: next step differs after save/load at {n}"
+
+
+def train_aggressively(model: nn.Module, x: torch.Tensor, lr: float, steps: int = 10, seed: int = 0) -> bool:
+    """Adam at a large learning rate towards a random target: factors drift in scale
+    and direction as far as real training ever takes them. False if it diverged."""
+    target = model(x).detach()
+    target = target + 3 * torch.randn(target.shape, generator=torch.Generator().manual_seed(seed),
+                                      dtype=torch.float64).to(target.dtype)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) - target).float().square().mean().backward()
+        opt.step()
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+PRECISION_RTOL = 1e-5
+
+
+def check_precision(combo: Combo, case: Case, lr: float) -> None:
+    """fp32 after aggressive training computes what fp64 computes from the same values.
+
+    Train the fp32 adapter; copy it to fp64 with each generator's (fp32) output kept
+    as plain slots, so the comparison tests the update formula (normalizer, residual,
+    magnitude, layer) and not the fp32 evaluation of a generator's own MLP. Every
+    adapted layer gets the same input in both; the error must be within
+    ``PRECISION_RTOL`` of the output's forward-error scale (:func:`_output_scale`).
+    An update formula that cancels large terms (``B' − B0'`` after the scale drifted
+    between ``B'`` and ``A'``) fails it by orders of magnitude.
+    """
+    case = dataclasses.replace(case, dtype=torch.float32)
+    model, x = build_model(case)
+    combo.adapter(case.rank, seed=case.seed).apply(model, targets=["0", "2"])
+    if not any(p.requires_grad for p in model.parameters()) or not train_aggressively(model, x, lr, seed=case.seed):
+        return
+    model.eval()
+    exact = freeze_generators(copy.deepcopy(model)).double()
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(lambda _m, args, n=name: inputs.__setitem__(n, args[0]))
+             for name, layer in adapted_layers(exact).items()]
+    with torch.no_grad():
+        exact(x.double())
+        for h in hooks:
+            h.remove()
+        fp64 = adapted_layers(exact)
+        for name, layer in adapted_layers(model).items():
+            ref_layer, x_in = fp64[name], inputs[name]
+            ref = ref_layer(x_in)
+            if not torch.isfinite(ref).all():
+                continue  # the trained adapter overflows even in fp64: nothing to compare
+            err = (layer(x_in.float()).double() - ref).abs().max().item()
+            scale = _output_scale(ref_layer, x_in)
+            rtol = max(PRECISION_RTOL, 4 * torch.finfo(torch.float32).eps * _row_condition(ref_layer) ** 2)
+            assert err <= rtol * scale, (
+                f"{combo}: fp32 output of layer {name} after training at lr={lr} differs from fp64 "
+                f"by {err:.3e} (output scale {scale:.3e}, rtol {rtol:.1e})")
+
+
+def _output_scale(layer, x: torch.Tensor) -> float:
+    """fp32's forward-error scale of the layer: an upper bound over rows and samples of
+
+        |g_i| · (‖W̄_i‖ + Σ_k |B'_ik|·‖a'_k‖ + Σ_k |B0'_ik|·‖a0'_k‖) · ‖x‖ + |b_i|
+
+    i.e. of evaluating ``W̄``, the live product ``B'A'`` and the initial one ``B0'A0'``
+    each on its own. Cancellation inside ``B'A'`` (trained factors far larger than
+    their product) is the factorization's own and is allowed; cancellation *between*
+    the live and the initial terms, which a good residual form avoids, is not.
+    """
+    B, A = layer.normalizer.factors(layer.slots(), layer.rank)
+    rows = layer.kind.matrix(layer.base).norm(dim=1) + B.abs() @ A.norm(dim=1)
+    if layer.residual:
+        rows = rows + layer.residual_B.abs() @ layer.residual_A.norm(dim=1)
+    _, _, g = layer.factors()
+    if g is not None:
+        rows = rows * g.abs()
+    bias = getattr(layer.base, "bias", None)
+    b = 0.0 if bias is None else bias.abs().max().item()
+    return rows.max().item() * x.flatten(1).norm(dim=1).max().item() + b + 1e-30
+
+
+def _row_condition(layer) -> float:
+    """``max_i ‖W̄_i‖ / ‖V_i‖`` for a layer with a magnitude head (1 without).
+
+    A magnitude head divides by ``‖V_i‖`` computed by the low-rank identity
+    (``functional.row_sq_norms_of_sum``), whose fp32 error grows as the square of
+    this ratio: where training shrinks a row of ``V`` far below ``W̄``'s, ``‖V_i‖²``
+    is a difference of large numbers. docs/design.md, "Precision", states the limit.
+    """
+    if layer.magnitude is None:
+        return 1.0
+    B, A, _ = layer.factors()
+    W = layer.kind.matrix(layer.base)
+    V_norm = (W + B @ A).norm(dim=1)
+    return float((W.norm(dim=1) / V_norm.clamp_min(1e-300)).max().clamp_min(1.0))

@@ -42,6 +42,31 @@ def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tens
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def residual_factors(B: Tensor, A: Tensor, B0: Tensor, A0: Tensor) -> tuple[Tensor, Tensor]:
+    """Factors of ``B A − B0 A0`` that stay accurate however training splits the scale.
+
+        B A − B0 A0 = [B t − B0, B0] · [A / t; A / t − A0]      for any t_i > 0
+
+    The plain ``[B, −B0]·[A; A0]`` form cancels two large products; the difference
+    form above does not, as long as each component of ``(B t, A / t)`` keeps the
+    balance of ``(B0, A0)``. Scale-invariant normalizers (DeLoRA) and generators let
+    ``‖a_i‖`` drift by 1e2–1e8 while ``‖b_i‖`` shrinks; without ``t`` then
+    ``B − B0 ≈ −B0`` and fp32 loses up to 1e-2 of the output. So
+
+        t_i = sqrt( (‖a_i‖ / ‖b_i‖) · (‖b0_i‖ / ‖a0_i‖) )
+
+    (1 where a norm is zero: that component has nothing to cancel). ``t`` is held
+    constant in autograd: the product does not depend on it, so gradients are exact.
+    """
+    nb, na = B.detach().norm(dim=0), A.detach().norm(dim=1)
+    nb0, na0 = B0.norm(dim=0), A0.norm(dim=1)
+    ok = (nb > 0) & (na > 0) & (nb0 > 0) & (na0 > 0)
+    one = torch.ones_like(nb)
+    t = torch.where(ok, ((na / torch.where(ok, nb, one)) * (nb0 / torch.where(ok, na0, one))).sqrt(), one)
+    Bt, At = B * t, A / t[:, None]
+    return torch.cat([Bt - B0, B0], dim=1), torch.cat([At, At - A0], dim=0)
+
+
 def lowrank_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``B A`` from the factors: ``B A = U diag(S) Vh``.
 
@@ -53,22 +78,21 @@ def lowrank_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return Qb @ U, S, Vh @ Qa.T
 
 
-def reduce_lowrank(
-    B: Tensor, A: Tensor, rank: int | None = None, rtol: float | None = None
-) -> tuple[Tensor, Tensor, float]:
+def reduce_lowrank(B: Tensor, A: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, float]:
     """Rewrite ``B A`` with as few rank-1 terms as possible; return ``(B_k, A_k, rel_err)``.
 
-    ``rank=None`` keeps every singular value above ``rtol·S_max`` (numerically exact);
-    an explicit ``rank`` truncates, and ``rel_err = ‖BA − B_kA_k‖_F / ‖BA‖_F`` reports
-    what was lost. The singular values are split evenly: ``B_k = U√S``, ``A_k = √S Vh``.
+    ``rank=None`` is exact: it keeps every direction the factors hold and drops only
+    singular values that are zero to the fp64 SVD's own accuracy (below
+    ``4·eps64·max(out, in)·S_max``, ~1e-12 relative: noise of the QR and SVD, not
+    part of the update). An explicit ``rank`` truncates, and
+    ``rel_err = ‖BA − B_kA_k‖_F / ‖BA‖_F`` reports what was lost. The singular
+    values are split evenly: ``B_k = U√S``, ``A_k = √S Vh``.
     """
     work = torch.float64  # O((out + in)·R²): cheap enough to always do in fp64
     U, S, Vh = lowrank_svd(B.to(work), A.to(work))
-    if rtol is None:
-        rtol = torch.finfo(B.dtype).eps * max(B.shape[0], A.shape[1], 1) * 4  # the inputs' precision
     if rank is None:
-        keep = int((S > rtol * S.max()).sum()) if S.numel() and S.max() > 0 else 0
-        keep = max(keep, 1)
+        floor = 4 * torch.finfo(work).eps * max(B.shape[0], A.shape[1], 1) * S.max() if S.numel() else 0
+        keep = max(int((S > floor).sum()) if S.numel() else 0, 1)
     else:
         keep = min(rank, S.numel())
     total = S.square().sum()

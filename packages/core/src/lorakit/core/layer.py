@@ -1,12 +1,14 @@
-"""The adapted layer: a frozen base module plus the composed adapter (DESIGN §3).
+"""The adapted layer: a frozen base module plus the composed adapter (docs/design.md).
 
     ΔW(θ)  = B'A'                         (normalizer applied to generated slots)
     W_eff  = M(W̄ + ΔW(θ) − ΔW(θ0))         (residualized: W_eff = W̄ at step 0)
-    y      = g ⊙ (W̄ x + [B' − B0', B0'] ([A'; A' − A0'] x)) + b   g = 1 without a magnitude head
+    y      = g ⊙ (W̄ x + [B't − B0', B0'] ([A'/t; A'/t − A0'] x)) + b   g = 1 without a magnitude head
 
 The frozen initial factors ``(B0', A0')`` are kept (they are small) instead of
 rewriting ``W̄``: the base weight is never touched until ``merge``, identity at
-init is exact in every dtype, and ``W̄`` is always available for export.
+init is exact in every dtype, and ``W̄`` is always available for export. ``t``
+rebalances each rank-1 component like its initial one so that nothing large
+cancels in fp32 (``functional.residual_factors``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class AdaptedLayer(nn.Module):
         self.magnitude = magnitude
         self.merged = False
         self.disabled = False
-        self._cache: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self._cache: tuple[tuple, tuple[Tensor, Tensor, Tensor | None]] | None = None
         # A plain nn.Linear gets the fused path (functional.linear_lowrank); any
         # other module goes through its layer kind. A static decision.
         self.fused = type(kind) is LinearKind and type(base).forward is nn.Linear.forward
@@ -71,29 +73,41 @@ class AdaptedLayer(nn.Module):
         a magnitude head. Generated slots are evaluated once per call.
 
         In eval mode without autograd the result is cached (a generator's MLP runs
-        once, not once per forward) until ``train()``, a state-dict load or a merge.
-        Under ``torch.compile`` the cache is bypassed: a Python attribute holding
-        graph tensors would add guards and recompiles, and inside a compiled graph
-        the factors cost a few small kernels.
+        once, not once per forward), keyed on the identity and version counter of
+        every tensor it depends on: an optimizer step, an in-place edit, EMA or a
+        load bumps a counter and the next call recomputes. Under ``torch.compile``
+        the cache is bypassed: a Python attribute holding graph tensors would add
+        guards and recompiles, and inside a compiled graph the factors cost a few
+        small kernels.
         """
         cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if cacheable and self._cache is not None:
-            return self._cache
+        if cacheable:
+            key = self._inputs_key()
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
         s = self.slots()
         B, A = self.normalizer.factors(s, self.rank)
         if self.residual:
-            # B'A' − B0'A0' = (B' − B0')A' + B0'(A' − A0'): the differences are small
-            # near init, so nothing large cancels (the plain [B', −B0'] form lost
-            # ~1e-3 relative accuracy in fp32 under DoRA's row norms).
-            B = torch.cat([B - self.residual_B, self.residual_B], dim=1)
-            A = torch.cat([A, A - self.residual_A], dim=0)
+            B, A = functional.residual_factors(B, A, self.residual_B, self.residual_A)
         g = None
         if self.magnitude is not None:
             W = self.kind.matrix(self.base)
             g = self.magnitude.row_scale(s, W, self.row_sq_norm, B, A)
         if cacheable:
-            self._cache = (B, A, g)
+            self._cache = (key, (B, A, g))
         return B, A, g
+
+    def _inputs_key(self) -> tuple:
+        """Identity, storage and version of every tensor ``factors()`` reads.
+
+        In-place updates (optimizer steps, ``copy_``, EMA) bump ``_version``;
+        ``p.data = t`` changes the storage; replacing a module or parameter
+        changes the identity.
+        """
+        tensors = [*self.slots.parameters(), *self.slots.buffers(), *self.buffers(recurse=False)]
+        if self.magnitude is not None:
+            tensors.append(self.kind.matrix(self.base))
+        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
@@ -110,22 +124,13 @@ class AdaptedLayer(nn.Module):
         return self.kind.add_bias(self.base, self.kind.scale_rows(y, g))
 
     def train(self, mode: bool = True):
-        self._cache = None
+        self._cache = None  # not needed for correctness (the key is); frees the tensors
         return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .double(), .cuda(): the cache is stale
-        self._cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     # -- merge -------------------------------------------------------------------
     @torch.no_grad()
     def effective_weight(self) -> Tensor:
         """``W_eff`` in the adapter's dtype (fp32, or fp64); materializes out × in."""
-        self._cache = None
         B, A, g = self.factors()
         V = self.kind.matrix(self.base).to(A.dtype) + B @ A
         return V if g is None else V * g[:, None]

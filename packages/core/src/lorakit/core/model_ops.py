@@ -116,7 +116,6 @@ def freeze_generators(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             values = layer.slots()
         layer.slots = ParameterSlots({n: Slot(v, n in trainable) for n, v in values.items()})
-        layer._cache = None
     config = getattr(model, "lorakit_config", None)
     if config is not None:
         config["generator"] = {"name": "direct", "args": {}}
@@ -142,6 +141,7 @@ def _check_finite_adapter(model: nn.Module) -> None:
                          "export refused")
 
 
+@torch.no_grad()
 def export_factors(model: nn.Module, rank: int | None = None) -> dict[str, ExportedLayer]:
     """Each adapted layer's total update as standard low-rank factors.
 
@@ -157,7 +157,6 @@ def export_factors(model: nn.Module, rank: int | None = None) -> dict[str, Expor
             raise AdapterError(f"module {name!r} is merged; unmerge(model) before exporting")
         if layer.disabled:
             raise AdapterError(f"module {name!r} is disabled; enable it before exporting")
-        layer._cache = None
         B, A, _ = layer.factors()
         B_k, A_k, err = reduce_lowrank(B, A, rank)
         m = None if layer.magnitude is None else layer.slots()["m"].detach().clone()

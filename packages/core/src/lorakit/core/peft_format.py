@@ -65,7 +65,8 @@ def lora_tensors(model: nn.Module, rank: int | None = None, *, prefix: str = "",
                 tensors[f"{prefix}{name}.{key}"] = t.detach().to("cpu", dtype or t.dtype).contiguous()
         ranks[name] = f.A.shape[0]
     rel_errors = {name: f.rel_error for name, f in factors.items()}
-    lost = {n: e for n, e in rel_errors.items() if e > TRUNCATION_TOL}
+    # only an explicit rank truncates; rank=None drops nothing the fp32 factors hold
+    lost = {n: e for n, e in rel_errors.items() if e > TRUNCATION_TOL} if rank is not None else {}
     if lost:
         worst = ", ".join(f"{n}: {e:.3g}" for n, e in sorted(lost.items(), key=lambda kv: -kv[1])[:8])
         warnings.warn(

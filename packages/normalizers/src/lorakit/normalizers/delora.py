@@ -27,9 +27,15 @@ and core keeps a *clone* of the initial factors (the official code aliased the
 frozen copy with the live parameter) and unmerges exactly. PEFT's variant
 (``B0 = 0``, no residual) is ``init=Kaiming()``.
 
-Only factors are returned — ``(B', A') = ((λ/r)·B·(d ⊙ ξ), A·diag(w))`` — so
-nothing out × in is formed. Norms are ``sqrt(max(‖·‖², eps²))``: equal to
-``max(‖·‖, eps)`` and finite in value and gradient for zero rows/columns.
+Only factors are returned, each with unit directions so that neither depends on
+how training splits the scale between ``B`` and ``A`` (DeLoRA is invariant to it,
+and ``‖a_i‖`` drifts by 1e2–1e8 under training):
+
+    B'_i = (λ/r) d_i · b_i / ‖b_i‖,    A'_i = (a_i / ‖a_i‖) ⊙ w
+
+so nothing out × in is formed and core's residual difference ``B' − B0'`` stays
+small. Norms are ``sqrt(max(‖·‖², eps²))``: equal to ``max(‖·‖, eps)`` and finite
+in value and gradient for zero rows/columns.
 """
 
 from __future__ import annotations
@@ -73,6 +79,5 @@ class DeLoRA(Normalizer):
         B, A = s["B"], s["A"]
         eps2 = self.eps * self.eps
         b_norm = B.square().sum(dim=0).clamp_min(eps2).sqrt()  # ‖b_i‖, columns of B
-        a_norm = A.square().sum(dim=1).clamp_min(eps2).sqrt()  # ‖a_i‖, rows of A
-        coef = (s["lambda_"] / rank) * s["d"] / (b_norm * a_norm)
-        return B * coef, A * s["w_norm"]
+        a_norm = A.square().sum(dim=1, keepdim=True).clamp_min(eps2).sqrt()  # ‖a_i‖, rows of A
+        return B * ((s["lambda_"] / rank) * s["d"] / b_norm), (A / a_norm) * s["w_norm"]
