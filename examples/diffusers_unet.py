@@ -44,7 +44,7 @@ c = unet.config
 latents = torch.randn(4, c.in_channels, c.sample_size, c.sample_size)
 text = torch.randn(4, 8, c.cross_attention_dim)  # stands in for the text encoder's output
 optimizer = torch.optim.AdamW(trainable_parameters(unet).values(), lr=1e-2)
-for step in range(args.steps):
+for _ in range(args.steps):
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (4,))
     loss = (unet(latents + noise, t, text).sample - noise).square().mean()

@@ -13,9 +13,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from test_finetune import _args, tiny  # noqa: F401 (tiny: a fixture, used by name)
 
 from lorakit.core.cli import main
-from test_finetune import _args, tiny  # noqa: F401 (tiny: a fixture, used by name)
 
 DOC = Path(__file__).parents[1] / "docs" / "bad-inputs.md"
 NOT_A_FOLDER = "/proc/version/out"  # a file's "subfolder": no one can create it, root included
