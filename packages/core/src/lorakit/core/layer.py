@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import functional
+from . import functional, outputs
 from .layer_kinds import LayerKind, LinearKind
 from .primitives import FACTOR_SLOTS, Generator, Initializer, Magnitude, MergeError, Normalizer, Slot
 
@@ -50,22 +50,34 @@ class AdaptedLayer(nn.Module):
         W = kind.matrix(base).detach()
         dtype = dtype or (torch.float64 if W.dtype == torch.float64 else torch.float32)
         W = W.to(dtype)
-        B0, d0, A0 = init.factors(W, rank, normalizer.initial_scale(rank), rng)
-        slots = {name: Slot(value.to(dtype), generator.trainable_factors.get(name, False))
+        out_f, in_f = W.shape
+        # every primitive's output is checked as it comes (outputs.expect): a plugin's
+        # NaN or wrong shape is an error at apply naming it, not a wrong model later
+        initial = init.factors(W, rank, normalizer.initial_scale(rank), rng)
+        B0, d0, A0 = outputs.expect_tuple(init, "factors()", initial, 3)
+        shapes = {"A": (rank, in_f), "B": (out_f, rank), "d": (rank,)}
+        slots = {name: Slot(outputs.expect(init, f"{name}0", value, shapes[name]).to(dtype),
+                            generator.trainable_factors.get(name, False))
                  for name, value in zip(FACTOR_SLOTS, (A0, B0, d0))}
-        slots.update(normalizer.slots(W, rank))
+        slots.update(outputs.expect_slots(normalizer, normalizer.slots(W, rank)))
         if magnitude is not None:
             self.register_buffer("row_sq_norm", W.square().sum(dim=1))
-            slots.update(magnitude.slots(W, self.row_sq_norm))
+            slots.update(outputs.expect_slots(magnitude, magnitude.slots(W, self.row_sq_norm)))
         self.slots = generator.build(slots, rng)
-
         with torch.no_grad():
-            B0n, A0n = normalizer.factors(self.slots(), rank)
+            values = outputs.expect_slots(generator, self.slots(), {n: s.value for n, s in slots.items()})
+            B0n, A0n = outputs.expect_tuple(normalizer, "factors()", normalizer.factors(values, rank), 2)
+            R = B0n.shape[-1] if isinstance(B0n, Tensor) and B0n.dim() == 2 else rank  # 2r for some
+            outputs.expect(normalizer, "B'", B0n, (out_f, R))
+            outputs.expect(normalizer, "A'", A0n, (R, in_f))
         # Residualize only when the initial update is non-zero (a static decision).
         self.residual = bool(B0n.abs().amax() > 0 and A0n.abs().amax() > 0)
         if self.residual:
             self.register_buffer("residual_B", B0n.detach().clone())
             self.register_buffer("residual_A", A0n.detach().clone())
+        if magnitude is not None:
+            with torch.no_grad():
+                outputs.expect(magnitude, "row_scale()", self.factors()[2], (out_f,))
 
     # -- math --------------------------------------------------------------------
     def factors(self) -> tuple[Tensor, Tensor, Tensor | None]:

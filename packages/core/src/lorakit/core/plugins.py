@@ -242,6 +242,11 @@ class Registry:
         self._claim(self.commands, name, (help, configure, run), f"command {name!r}", info)
 
     # -- lookups -------------------------------------------------------------------
+    def plugin_of(self, primitive: Any) -> str | None:
+        """The name of the plugin that registered ``primitive``'s kind and name."""
+        label = f"{primitive.kind} {primitive.name!r}"
+        return next((name for name, info in self.plugins.items() if label in info.registered), None)
+
     def primitive_class(self, kind: str, name: str) -> type:
         table = self.load().primitives[kind]
         if name not in table:
