@@ -147,3 +147,37 @@ def test_bad_peft_folders(tmp_path):
     with pytest.raises(PeftImportError, match="corrupt"):
         import_peft(copy.deepcopy(base), path)
     assert issubclass(PeftImportError, AdapterError)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora", "corda", "loftq", "lora_ga"])
+def test_base_rewriting_inits_are_refused_with_the_fix(tmp_path, init):
+    # PEFT rewrote W̄ for these; importing A, B onto the original W̄ would be silently wrong
+    base, _, path = peft_adapter(tmp_path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    model = copy.deepcopy(base)
+    with pytest.raises(PeftImportError, match=r"rewrote the base.*path_initial_model_for_weight_conversion"):
+        import_peft(model, path)
+    assert not adapted_layers(model)
+
+
+def test_real_pissa_adapter_refused_and_its_converted_form_imports_exactly(tmp_path):
+    base = tiny_llama().eval()
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    peft_model.peft_config["default"].init_lora_weights = True  # the initial copy, as PEFT's docs do
+    peft_model.save_pretrained(tmp_path / "initial")
+    peft_model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # "training"
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    peft_model.eval()
+    expected = logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "raw")
+    with pytest.raises(PeftImportError, match="init_lora_weights='pissa'"):
+        import_peft(copy.deepcopy(base), tmp_path / "raw")
+    peft_model.save_pretrained(tmp_path / "converted",
+                               path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    model = import_peft(copy.deepcopy(base), tmp_path / "converted").eval()
+    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=1e-4)

@@ -22,6 +22,9 @@ Two semantics, both starting exactly at the PEFT model's function:
 
 Anything the file holds that lorakit cannot represent (biases, ``modules_to_save``,
 embedding LoRA, other PEFT methods) is a clear error listing it; nothing changes.
+So is an adapter whose ``init_lora_weights`` (pissa*, olora, corda, loftq, lora_ga)
+made PEFT rewrite the base weights: its factors only make sense on that rewritten
+base, and the error says how to convert it with PEFT first.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ _KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_
 _UNSUPPORTED = {"bias": "none", "lora_bias": False, "modules_to_save": None, "layer_replication": None,
                 "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None,
                 "use_qalora": False, "use_bdlora": None, "arrow_config": None}
+# init_lora_weights values for which PEFT rewrote the base weight (W_res = W̄ − B0 A0, or
+# LoftQ's quantized residual) and saved A, B relative to that residual: importing them
+# as a LoRA on the original W̄ would silently add B0 A0 back. EVA, MiCA, "gaussian" and
+# "orthogonal" leave the base untouched and import as they are.
+_BASE_REWRITING_INITS = re.compile(r"pissa.*|olora|corda.*|loftq|lora_ga", re.IGNORECASE)
 
 
 class PeftImportError(AdapterError):
@@ -79,6 +87,15 @@ def read_peft(path: str | os.PathLike, prefix: str = PEFT_PREFIX) -> tuple[dict,
     if odd:
         raise PeftImportError(f"{path}: these LoraConfig options have no lorakit equivalent: {odd}; "
                               "retrain without them or merge the adapter with PEFT instead")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and _BASE_REWRITING_INITS.fullmatch(init):
+        raise PeftImportError(
+            f"{path}: init_lora_weights={init!r}: PEFT rewrote the base weights when it created this adapter, "
+            "so its lora_A/lora_B are relative to that modified base and would give wrong outputs on the "
+            "original model. Fix: in PEFT, save it converted to a plain LoRA on the original base, "
+            "peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=<folder saved right "
+            "after get_peft_model, before training>) (pissa/olora/corda/lora_ga), or load it in PEFT on the "
+            "base it was made for and use merge_and_unload()'s model as the base to import into")
     weights = path / PEFT_WEIGHTS
     if not weights.is_file():
         extra = " (only a pickled adapter_model.bin is there; lorakit reads safetensors only: re-save it " \
