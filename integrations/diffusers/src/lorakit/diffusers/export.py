@@ -36,9 +36,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lorakit.core import AdapterError, adapted_layers
-from lorakit.core.checkpoint import atomic_write
-from lorakit.core.validation import check_finite_tensors
+from lorakit.core.atomic import atomic_write
 from lorakit.core.peft_format import lora_config, lora_tensors
+from lorakit.core.validation import check_finite_tensors
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -66,10 +66,11 @@ def default_prefix(model: nn.Module) -> str:
 
 
 def diffusers_state_dict(model: nn.Module, prefix: str | None = None, rank: int | None = None,
-                         dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict, dict[str, float]]:
+                         dtype: torch.dtype | None = None, **options) -> tuple[dict[str, Tensor], dict, dict[str, float]]:
     """``(tensors, lora_config, rel_error)``: the file's tensors (PEFT's layout,
     ``lorakit.core.peft_format``, under ``{prefix}.``), the ``LoraConfig`` arguments
-    diffusers reads, and each module's relative truncation error."""
+    diffusers reads, and each module's relative truncation error. ``options``:
+    ``max_rank``, ``energy``, ``fold_magnitude`` (``lorakit.core.peft_format.lora_tensors``)."""
     prefix = default_prefix(model) if prefix is None else prefix
     if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
         raise AdapterError(f"prefix {prefix!r}: give the pipeline component's name, e.g. 'unet' or 'transformer'")
@@ -79,27 +80,36 @@ def diffusers_state_dict(model: nn.Module, prefix: str | None = None, rank: int 
                 f"module {name!r} is a {type(layer.base).__name__}; the diffusers LoRA format holds "
                 "nn.Linear and nn.Conv2d layers only. Leave it out of the targets."
             )
-    tensors, ranks, use_dora, rel_error = lora_tensors(model, rank, prefix=f"{prefix}.", dtype=dtype)
+    tensors, ranks, use_dora, rel_error = lora_tensors(model, rank, prefix=f"{prefix}.", dtype=dtype, **options)
     check_finite_tensors(tensors.items(), "diffusers export refused")  # e.g. overflow when cast to fp16
     return tensors, lora_config(ranks, use_dora=use_dora), rel_error
 
 
 def export_diffusers(model: nn.Module, path: str | os.PathLike, prefix: str | None = None,
-                     rank: int | None = None, *, dtype: torch.dtype | None = None,
+                     rank: int | None = None, *, max_rank: int | str | None = None, energy: float = 0.999,
+                     fold_magnitude: bool = False, dtype: torch.dtype | None = None,
                      weight_name: str = WEIGHT_NAME) -> DiffusersExport:
     """Write ``path/pytorch_lora_weights.safetensors`` for diffusers.
 
     ``prefix``: the pipeline component the model is (``"unet"``, ``"transformer"``;
-    default from the class name). ``rank=None`` writes each module's exact update;
-    an integer truncates every module to that rank and warns with the relative error
-    lost (a ``TruncationWarning``; also in the returned report). ``dtype`` casts the saved tensors.
+    default from the class name). By default each module's exact update is written;
+    ``max_rank=k`` truncates every module to rank ≤ k, ``max_rank="auto"`` to the
+    fewest directions holding ``energy`` of its update, and warns with the relative
+    error lost (a ``TruncationWarning``; also in the returned report and the file's
+    ``lorakit_rel_errors`` metadata). ``fold_magnitude=True`` writes DoRA as plain
+    LoRA (exact at full rank). ``rank`` is the deprecated name of ``max_rank``.
+    ``dtype`` casts the saved tensors.
 
         export_diffusers(unet, "out/", prefix="unet")
         pipe.load_lora_weights("out/", weight_name=WEIGHT_NAME)
         unet.load_lora_adapter("out/", prefix="unet", weight_name=WEIGHT_NAME)
     """
     prefix = default_prefix(model) if prefix is None else prefix
-    tensors, config, rel_error = diffusers_state_dict(model, prefix, rank, dtype)
+    if rank is not None:
+        warnings.warn("export_diffusers(rank=) is deprecated; use max_rank=", DeprecationWarning, stacklevel=2)
+        max_rank = rank if max_rank is None else max_rank
+    tensors, config, rel_error = diffusers_state_dict(model, prefix, None, dtype, max_rank=max_rank, energy=energy,
+                                                      fold_magnitude=fold_magnitude)
     if not hasattr(model, "load_lora_adapter"):
         warnings.warn(
             f"diffusers has no LoRA loader for {type(model).__name__}; the file is written, and "
@@ -112,6 +122,7 @@ def export_diffusers(model: nn.Module, path: str | os.PathLike, prefix: str | No
         METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True),
         "lorakit": json.dumps({k: lorakit.get(k) for k in ("recipe", "generator", "normalizer", "init",
                                                            "magnitude", "rank")}, sort_keys=True),
+        "lorakit_rel_errors": json.dumps(rel_error, sort_keys=True),
     }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)

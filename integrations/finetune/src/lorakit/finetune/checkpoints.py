@@ -5,8 +5,8 @@ checkpoint of the backbone's adapter (``adapter_config.json`` +
 ``adapter_model.safetensors`` + the optimizer state, as ``lorakit.core.save`` writes it), the
 head (``head.safetensors``) and the trainer state (``trainer_state.json`` and the
 RNG in ``trainer_rng.safetensors``). It is written under a hidden temporary name and
-put in place as one unit by ``lorakit.core.checkpoint.publish`` (the scheme of
-``lorakit.core.checkpoint``); only then are older checkpoints deleted. An interrupt
+put in place as one unit by ``lorakit.core.atomic.publish`` (the scheme of
+``lorakit.core.atomic``); only then are older checkpoints deleted. An interrupt
 (Ctrl-C, SIGKILL) at any moment leaves the last complete checkpoint valid under its
 ``step-*`` name, and no partial folder is ever named ``step-*``.
 
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorakit.core import atomic
 from lorakit.core import checkpoint as ckpt
 
 from .errors import FinetuneError
@@ -33,7 +34,7 @@ from .errors import FinetuneError
 STEP_DIR = re.compile(r"step-(\d{6,})")
 
 
-_fsync_tree = ckpt.fsync_tree  # a name of this module, so that tests can interrupt here
+_fsync_tree = atomic.fsync_tree  # a name of this module, so that tests can interrupt here
 
 
 def checkpoint_path(root: Path, step: int) -> Path:
@@ -48,10 +49,10 @@ def save_checkpoint(model, optimizer, root: Path, step: int, state: dict, *, rep
     """
     final = checkpoint_path(root, step)
     root.mkdir(parents=True, exist_ok=True)
-    ckpt.recover_all(root)  # finish or clear what a killed save left
+    atomic.recover_all(root)  # finish or clear what a killed save left
     if final.exists() and not replace and not written_by(final, state["run_id"]):
         return None
-    tmp = ckpt.staging_folder(final)
+    tmp = atomic.staging_folder(final)
     try:
         ckpt.write_files(model.backbone, tmp, optimizer)
         save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()},
@@ -59,12 +60,12 @@ def save_checkpoint(model, optimizer, root: Path, step: int, state: dict, *, rep
         save_file({"torch": torch.get_rng_state()}, str(tmp / "trainer_rng.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         _fsync_tree(tmp)
-        ckpt.publish(tmp, final)
+        atomic.publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
     for old in _checkpoints(root):  # only now is it safe to drop this run's previous ones
         if old != final and written_by(old, state["run_id"]):
-            ckpt.discard(old)
+            atomic.discard(old)
     return final
 
 
@@ -72,7 +73,7 @@ def keep_only(root: Path, final: Path) -> None:
     """After a successful run: drop every checkpoint but ``final``, of any run."""
     for old in _checkpoints(root):
         if old != final:
-            ckpt.discard(old)
+            atomic.discard(old)
 
 
 def written_by(path: Path | None, run_id: str) -> bool:
@@ -88,7 +89,7 @@ def _checkpoints(root: Path) -> list[Path]:
 
 def latest_checkpoint(root: Path) -> Path | None:
     if root.is_dir():
-        ckpt.recover_all(root)  # a save killed mid-swap: its checkpoint back under its name
+        atomic.recover_all(root)  # a save killed mid-swap: its checkpoint back under its name
     return max(_checkpoints(root), key=lambda p: int(p.name[5:]), default=None)
 
 
@@ -99,7 +100,7 @@ def load_checkpoint(model, optimizer, path: Path) -> dict:
         if found is None:
             raise FinetuneError(f"{path} has no checkpoint (checkpoints/step-*) to resume from")
         path = found
-    ckpt.recover(path)
+    atomic.recover(path)
     try:
         state = json.loads((path / "trainer_state.json").read_text())
     except FileNotFoundError:

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lorakit.core import AdapterError, adapted_layers
-from lorakit.core.checkpoint import atomic_write
-from lorakit.core.validation import check_finite_tensors
+from lorakit.core.atomic import atomic_write
 from lorakit.core.peft_format import DORA_KEY, TRUNCATION_TOL, TruncationWarning, lora_config, lora_tensors
+from lorakit.core.validation import check_finite_tensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -59,13 +59,19 @@ def _uses_conv1d(layer: nn.Module) -> bool:
 
 def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT_PREFIX,
                 base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
-                task_type: str | None = None) -> PeftExport:
+                task_type: str | None = None, max_rank: int | str | None = None, energy: float = 0.999,
+                fold_magnitude: bool = False) -> PeftExport:
     """The PEFT tensors and config of ``model``'s adapter, with per-module errors.
 
-    ``rank=None`` keeps every module's update exactly (its numerical rank, ≤ 2r);
-    an explicit ``rank`` truncates every module to it and reports the relative
-    error (a :class:`TruncationWarning` lists the modules that lost more than
-    round-off). ``dtype`` casts the saved tensors (default: the adapter's dtype).
+    By default every module's update is kept exactly (its numerical rank, ≤ 2r).
+    ``max_rank=k`` truncates every module to rank ≤ k through the exact low-rank
+    SVD; ``max_rank="auto"`` keeps, per module, the fewest directions holding
+    ``energy`` of the update's energy (per-module ranks go into ``rank_pattern``).
+    Either reports the relative error (a :class:`TruncationWarning` lists the
+    modules that lost more than round-off). ``fold_magnitude=True`` writes a
+    DoRA/OP-DoRA adapter as a plain LoRA of ``W_eff − W̄`` for clients without DoRA
+    (vLLM, llama.cpp): exact at full rank. ``rank=k`` (older name) truncates to
+    exactly k. ``dtype`` casts the saved tensors (default: the adapter's dtype).
     ``task_type`` (e.g. ``"CAUSAL_LM"``) is written to the config for PEFT's
     task-specific wrappers; the default None loads as a plain ``PeftModel``.
     """
@@ -76,7 +82,8 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
         warnings.warn(f"this model's base has the PEFT adapter {model.lorakit_merged_peft} merged in "
                       "(import_peft with a recipe); the export is relative to that merged base, so load it "
                       "on a base with the same PEFT adapter merged", UserWarning, stacklevel=3)
-    tensors, ranks, use_dora, rel_errors = lora_tensors(model, rank, prefix=prefix, dtype=dtype)
+    tensors, ranks, use_dora, rel_errors = lora_tensors(model, rank, prefix=prefix, dtype=dtype, max_rank=max_rank,
+                                                        energy=energy, fold_magnitude=fold_magnitude)
     check_finite_tensors(tensors.items(), "PEFT export refused")  # e.g. overflow when cast to fp16
     return PeftExport(tensors, lora_config(ranks, use_dora=use_dora,
                                            fan_in_fan_out=any(_uses_conv1d(m) for m in layers.values()),
@@ -92,16 +99,22 @@ def peft_state_dict(model: nn.Module, rank: int | None = None,
     return export.tensors, export.config
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike, *, rank: int | None = None,
+def export_peft(model: nn.Module, path: str | os.PathLike, *, max_rank: int | str | None = None,
+                energy: float = 0.999, fold_magnitude: bool = False, rank: int | None = None,
                 base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
                 task_type: str | None = None) -> Path:
     """Write ``model``'s adapter to ``path`` as a PEFT LoRA (or DoRA) adapter.
 
     Loads with ``PeftModel.from_pretrained(base, path)`` or ``base.load_adapter(path)``.
-    ``rank=None`` is exact; an explicit ``rank`` truncates and warns with the
-    per-module relative errors, which are also stored in the safetensors metadata
-    (``lorakit_rel_errors``). Returns ``path``.
+    Exact by default; ``max_rank=k`` (≤ k per module) or ``"auto"`` (the fewest
+    directions holding ``energy``) truncate and warn with the per-module relative
+    errors, which are also stored in the safetensors metadata (``lorakit_rel_errors``).
+    ``fold_magnitude=True`` writes DoRA as plain LoRA (see :func:`peft_export`).
+    ``rank=`` is the deprecated name of ``max_rank``. Returns ``path``.
     """
-    export = peft_export(model, rank, base_model_name_or_path=base_model_name_or_path, dtype=dtype,
-                         task_type=task_type)
+    if rank is not None:
+        warnings.warn("export_peft(rank=) is deprecated; use max_rank=", DeprecationWarning, stacklevel=2)
+        max_rank, rank = (rank if max_rank is None else max_rank), None
+    export = peft_export(model, base_model_name_or_path=base_model_name_or_path, dtype=dtype,
+                         task_type=task_type, max_rank=max_rank, energy=energy, fold_magnitude=fold_magnitude)
     return export.save(path)

@@ -22,7 +22,8 @@ def _who(primitive: Primitive) -> str:
     from .plugins import registry  # plugins imports the layer machinery; late import avoids a cycle
 
     plugin = registry.plugin_of(primitive)
-    return f"{primitive.kind} {primitive.name!r} (plugin {plugin!r})" if plugin else f"{primitive.kind} {primitive.name!r}"
+    who = f"{primitive.kind} {primitive.name!r}"
+    return f"{who} (plugin {plugin!r})" if plugin else who
 
 
 def expect(primitive: Primitive, what: str, value: Any, shape: tuple[int, ...] | None = None) -> Tensor:
@@ -50,7 +51,7 @@ def expect_tuple(primitive: Primitive, what: str, value: Any, n: int) -> tuple:
 
 
 def expect_slots(primitive: Primitive, slots: Any, wanted: Mapping[str, Tensor] | None = None) -> Any:
-    """``slots`` maps names to tensors or :class:`Slot`\ s; with ``wanted``, it holds every
+    r"""``slots`` maps names to tensors or :class:`Slot`\ s; with ``wanted``, it holds every
     wanted slot with its shape. Returns ``slots`` unchanged."""
     if not isinstance(slots, Mapping):
         raise AdapterError(f"{_who(primitive)} returned {type(slots).__name__} for its slots, not a mapping")
