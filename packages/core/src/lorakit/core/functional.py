@@ -25,15 +25,16 @@ def row_sq_norms_of_sum(W: Tensor, W_row_sq: Tensor, B: Tensor, A: Tensor) -> Te
 
 
 def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
-                   g: Tensor | None = None) -> Tensor:
-    """``g ⊙ (W x + B (A x)) + b`` for a linear layer (``g = 1`` when None).
+                   g: Tensor | None = None, x_low: Tensor | None = None) -> Tensor:
+    """``g ⊙ (W x + B (A x_low)) + b`` for a linear layer (``g = 1`` when None;
+    ``x_low``, the adapter branch's input after dropout, is ``x`` when None).
 
     ``B (A x)`` is accumulated into the output of the base GEMM (``addmm_``) instead
     of being formed and added separately: one out × tokens tensor and one pass over
     it fewer, in forward and in backward.
     """
     x2 = x.reshape(-1, x.shape[-1])
-    h = x2 @ A.T  # tokens × R
+    h = (x2 if x_low is None else x_low.reshape(-1, x.shape[-1])) @ A.T  # tokens × R
     if g is None:
         y = torch.nn.functional.linear(x2, W, bias).addmm_(h, B.T)
     else:
@@ -78,31 +79,89 @@ def lowrank_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return Qb @ U, S, Vh @ Qa.T
 
 
-def reduce_lowrank(B: Tensor, A: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, float]:
+def energy_rank(S: Tensor, energy: float) -> int:
+    """The smallest ``k`` whose singular values hold ``energy`` of the total:
+    ``Σ_{i<k} S_i² / Σ S_i² ≥ energy`` (``S`` descending; at least 1)."""
+    sq = S.double().square()
+    total = sq.sum()
+    if S.numel() == 0 or total <= 0:
+        return 1
+    # a hair of slack so energy=1.0 is met by the full sum despite rounding in cumsum
+    reached = (sq.cumsum(0) >= energy * total * (1 - 1e-12)).nonzero()
+    return int(reached[0]) + 1 if len(reached) else S.numel()
+
+
+def kept_rank(S: Tensor, size: int, max_rank: int | str | None = None, energy: float = 0.999) -> int:
+    """How many of the descending singular values ``S`` of an out × in update an export keeps.
+
+    Always drops what is zero to the fp64 SVD's own accuracy (below
+    ``4·eps64·size·S_max``, ~1e-12 relative: noise of the QR and SVD, not part of
+    the update; ``size = max(out, in)``). ``max_rank=k`` caps at ``k``;
+    ``"auto"`` keeps the smallest rank holding ``energy`` of ``Σ S²``.
+    """
+    if S.numel() == 0:
+        return 1
+    floor = 4 * torch.finfo(torch.float64).eps * max(size, 1) * S.max()
+    keep = max(int((S > floor).sum()), 1)
+    if max_rank == "auto":
+        keep = min(keep, energy_rank(S, energy))
+    elif max_rank is not None:
+        keep = min(keep, max_rank)
+    return keep
+
+
+def split_svd(U: Tensor, S: Tensor, Vh: Tensor, keep: int, total_sq: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, float]:
+    """``(B_k, A_k, rel_err)`` from the first ``keep`` singular triplets, the
+    singular values split evenly (``B_k = U√S``, ``A_k = √S Vh``).
+    ``rel_err = ‖M − B_kA_k‖_F / ‖M‖_F`` with ``‖M‖²_F = total_sq`` (default ``Σ S²``,
+    which is ``‖M‖²`` when ``S`` holds every singular value)."""
+    total = S.square().sum() if total_sq is None else total_sq
+    dropped = (total - S[:keep].square().sum()).clamp_min(0)
+    rel_err = float((dropped / total).sqrt()) if total > 0 else 0.0
+    root = S[:keep].sqrt()
+    return U[:, :keep] * root, root[:, None] * Vh[:keep], rel_err
+
+
+def reduce_lowrank(B: Tensor, A: Tensor, rank: int | None = None, *, max_rank: int | str | None = None,
+                   energy: float = 0.999) -> tuple[Tensor, Tensor, float]:
     """Rewrite ``B A`` with as few rank-1 terms as possible; return ``(B_k, A_k, rel_err)``.
 
-    ``rank=None`` is exact: it keeps every direction the factors hold and drops only
-    singular values that are zero to the fp64 SVD's own accuracy (below
-    ``4·eps64·max(out, in)·S_max``, ~1e-12 relative: noise of the QR and SVD, not
-    part of the update). An explicit ``rank`` truncates, and
-    ``rel_err = ‖BA − B_kA_k‖_F / ‖BA‖_F`` reports what was lost. The singular
-    values are split evenly: ``B_k = U√S``, ``A_k = √S Vh``.
+    ``rank=None`` (and no ``max_rank``) is exact: it keeps every direction the
+    factors hold (see :func:`kept_rank`). ``max_rank=k`` keeps at most ``k``;
+    ``max_rank="auto"`` the fewest holding ``energy`` of the update's energy. An
+    explicit ``rank`` truncates to exactly ``rank``, zero-padded. ``rel_err =
+    ‖BA − B_kA_k‖_F / ‖BA‖_F`` reports what was lost.
     """
     work = torch.float64  # O((out + in)·R²): cheap enough to always do in fp64
     U, S, Vh = lowrank_svd(B.to(work), A.to(work))
-    if rank is None:
-        floor = 4 * torch.finfo(work).eps * max(B.shape[0], A.shape[1], 1) * S.max() if S.numel() else 0
-        keep = max(int((S > floor).sum()) if S.numel() else 0, 1)
-    else:
-        keep = min(rank, S.numel())
-    total = S.square().sum()
-    dropped = S[keep:].square().sum()
-    rel_err = float((dropped / total).sqrt()) if total > 0 else 0.0
-    root = S[:keep].sqrt()
-    B_k = U[:, :keep] * root
-    A_k = root[:, None] * Vh[:keep]
+    size = max(B.shape[0], A.shape[1])
+    keep = min(rank, S.numel()) if rank is not None else kept_rank(S, size, max_rank, energy)
+    B_k, A_k, rel_err = split_svd(U, S, Vh, keep)
     if rank is not None and keep < rank:  # pad with zero terms so the requested rank is honoured
         pad = rank - keep
         B_k = torch.cat([B_k, B_k.new_zeros(B_k.shape[0], pad)], 1)
         A_k = torch.cat([A_k, A_k.new_zeros(pad, A_k.shape[1])], 0)
     return B_k.to(B.dtype), A_k.to(A.dtype), rel_err
+
+
+def reduce_dense(D: Tensor, max_rank: int | str | None = None, energy: float = 0.999,
+                 oversample: int = 8, niter: int = 4) -> tuple[Tensor, Tensor, float]:
+    """``(B_k, A_k, rel_err)`` for a dense out × in update ``D`` (fp64 expected).
+
+    Exact SVD unless an integer ``max_rank`` is well below ``min(out, in)``: then a
+    randomized range ``Q`` (``torch.svd_lowrank``, ``max_rank + oversample``
+    columns) and the exact SVD of the small ``Qᵀ D``, so only out × q extra memory.
+    ``rel_err`` is exact either way: ``‖D − D_k‖² = ‖D‖² − Σ_{i<k} s_i²`` holds for
+    the singular values of any orthogonal projection ``Q Qᵀ D``.
+    """
+    small = min(D.shape)
+    total_sq = D.square().sum()
+    if isinstance(max_rank, int) and max_rank + oversample < small:
+        Q, _, _ = torch.svd_lowrank(D, q=max_rank + oversample, niter=niter)
+        u, S, Vh = torch.linalg.svd(Q.T @ D, full_matrices=False)
+        U = Q @ u
+    else:
+        U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    keep = kept_rank(S, max(D.shape), max_rank, energy)
+    return split_svd(U, S, Vh, keep, total_sq)

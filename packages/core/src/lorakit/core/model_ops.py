@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import adapted_layers
-from .functional import reduce_lowrank
+from .functional import reduce_dense, reduce_lowrank
 from .plugins import registry
 from .primitives import AdapterError, ParameterSlots, Slot
 from .validation import check_finite_tensors
@@ -141,15 +141,43 @@ def _check_finite_adapter(model: nn.Module) -> None:
                          "export refused")
 
 
+def check_export_options(max_rank: int | str | None, energy: float) -> None:
+    """Raise :class:`AdapterError` for a ``max_rank`` / ``energy`` no export can honour."""
+    if max_rank is not None and max_rank != "auto" and (
+            not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1):
+        raise AdapterError(f"export max_rank={max_rank!r}: give an integer >= 1, 'auto', or None to export exactly")
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+        raise AdapterError(f"export energy={energy!r}: give the fraction of the update's energy to keep, in (0, 1]")
+
+
 @torch.no_grad()
-def export_factors(model: nn.Module, rank: int | None = None) -> dict[str, ExportedLayer]:
+def folded_update(layer) -> Tensor:
+    """``W_eff − W̄ = g ⊙ (W̄ + B A) − W̄ = (g−1) ⊙ W̄ + g ⊙ B A`` in fp64: a magnitude
+    head written as a plain additive update, for clients without DoRA. Full rank in
+    general (the ``(g−1) ⊙ W̄`` term); built in place, one out × in matrix."""
+    B, A, g = layer.factors()
+    W = layer.kind.matrix(layer.base)
+    D = W.to(torch.float64, copy=True)
+    D.addmm_(B.to(torch.float64), A.to(torch.float64))
+    D.mul_(g.to(torch.float64)[:, None])
+    return D.sub_(W)
+
+
+@torch.no_grad()
+def export_factors(model: nn.Module, rank: int | None = None, *, max_rank: int | str | None = None,
+                   energy: float = 0.999, fold_magnitude: bool = False) -> dict[str, ExportedLayer]:
     """Each adapted layer's total update as standard low-rank factors.
 
     The residualized update ``B'A' − B0'A0'`` has rank ≤ 2r; it is reduced
-    exactly (QR + small SVD). ``rank`` truncates and reports the relative error.
+    exactly (QR + small SVD). ``rank`` truncates to exactly ``rank`` (zero-padded);
+    ``max_rank=k`` to at most ``k``; ``max_rank="auto"`` per module to the fewest
+    directions holding ``energy`` of ``‖ΔW‖²``. Each reports its relative error.
     With a magnitude head, the factors are ``V − W̄`` and the magnitude is ``m``,
-    which is PEFT's DoRA parameterization exactly.
+    which is PEFT's DoRA parameterization exactly; ``fold_magnitude=True`` instead
+    writes the whole ``W_eff − W̄`` (:func:`folded_update`) as plain factors, layer by
+    layer, exact at full rank.
     """
+    check_export_options(max_rank, energy)
     _check_finite_adapter(model)
     out = {}
     for name, layer in _layers(model).items():
@@ -158,7 +186,11 @@ def export_factors(model: nn.Module, rank: int | None = None) -> dict[str, Expor
         if layer.disabled:
             raise AdapterError(f"module {name!r} is disabled; enable it before exporting")
         B, A, _ = layer.factors()
-        B_k, A_k, err = reduce_lowrank(B, A, rank)
+        if fold_magnitude and layer.magnitude is not None:
+            B_k, A_k, err = reduce_dense(folded_update(layer), rank if rank is not None else max_rank, energy)
+            out[name] = ExportedLayer(B_k.to(A.dtype), A_k.to(A.dtype), None, err)
+            continue
+        B_k, A_k, err = reduce_lowrank(B, A, rank, max_rank=max_rank, energy=energy)
         m = None if layer.magnitude is None else layer.slots()["m"].detach().clone()
         out[name] = ExportedLayer(B_k, A_k, m, err)
     return out

@@ -38,16 +38,22 @@ class TruncationWarning(UserWarning):
 
 
 def lora_tensors(model: nn.Module, rank: int | None = None, *, prefix: str = "",
-                 dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, int], bool, dict[str, float]]:
+                 dtype: torch.dtype | None = None, max_rank: int | str | None = None, energy: float = 0.999,
+                 fold_magnitude: bool = False) -> tuple[dict[str, Tensor], dict[str, int], bool, dict[str, float]]:
     """``(tensors, ranks, use_dora, rel_errors)`` of ``model``'s adapter in PEFT's layout.
 
-    ``rank=None`` keeps every module's update exactly (its numerical rank, ≤ 2r); an
-    integer truncates and a :class:`TruncationWarning` lists the relative errors.
+    By default every module's update is kept exactly (its numerical rank, ≤ 2r).
+    ``max_rank=k`` truncates each module to rank ≤ k, ``max_rank="auto"`` to the
+    fewest directions holding ``energy`` of its update (``rank=k``: exactly k,
+    zero-padded); a :class:`TruncationWarning` lists the relative errors.
+    ``fold_magnitude`` writes DoRA/OP-DoRA heads as plain LoRA factors of
+    ``W_eff − W̄`` (core's ``export_factors``) for clients without DoRA.
     """
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise AdapterError(f"export rank={rank!r}: give an integer >= 1, or None to export exactly")
     layers = adapted_layers(model)
-    factors = export_factors(model, rank)  # raises if there is no adapter, or it is merged/disabled
+    # raises if there is no adapter, or it is merged/disabled, or max_rank/energy are invalid
+    factors = export_factors(model, rank, max_rank=max_rank, energy=energy, fold_magnitude=fold_magnitude)
     magnitudes = {f.magnitude is not None for f in factors.values()}
     if len(magnitudes) > 1:
         raise AdapterError("a LoRA file has one use_dora flag, but only some modules of this model have a "
@@ -66,18 +72,20 @@ def lora_tensors(model: nn.Module, rank: int | None = None, *, prefix: str = "",
         ranks[name] = f.A.shape[0]
     rel_errors = {name: f.rel_error for name, f in factors.items()}
     # only an explicit rank truncates; rank=None drops nothing the fp32 factors hold
-    lost = {n: e for n, e in rel_errors.items() if e > TRUNCATION_TOL} if rank is not None else {}
+    cap = rank if rank is not None else max_rank
+    lost = {n: e for n, e in rel_errors.items() if e > TRUNCATION_TOL} if cap is not None else {}
     if lost:
         worst = ", ".join(f"{n}: {e:.3g}" for n, e in sorted(lost.items(), key=lambda kv: -kv[1])[:8])
         warnings.warn(
-            f"export at rank {rank} truncated {len(lost)} of {len(rel_errors)} modules; relative error "
-            f"‖ΔW − ΔW_r‖/‖ΔW‖ (largest first): {worst}. Export with rank=None to keep the update exactly.",
+            f"export at rank {cap} truncated {len(lost)} of {len(rel_errors)} modules; relative error "
+            f"‖ΔW − ΔW_r‖/‖ΔW‖ (largest first): {worst}. Export with max_rank=None to keep the update exactly.",
             TruncationWarning, stacklevel=3)
     return tensors, ranks, magnitudes == {True}, rel_errors
 
 
 def lora_config(ranks: dict[str, int], *, use_dora: bool = False, fan_in_fan_out: bool = False,
-                base_model_name_or_path: str | None = None, task_type: str | None = None) -> dict:
+                base_model_name_or_path: str | None = None, task_type: str | None = None,
+                dropout: float = 0.0) -> dict:
     """A PEFT ``LoraConfig`` (as JSON) whose scaling is 1 for every module.
 
     ``r`` is the most common rank; other modules get ``rank_pattern`` and
@@ -102,7 +110,7 @@ def lora_config(ranks: dict[str, int], *, use_dora: bool = False, fan_in_fan_out
         "use_dora": use_dora,
         "use_rslora": False,
         "fan_in_fan_out": fan_in_fan_out,
-        "lora_dropout": 0.0,
+        "lora_dropout": dropout,
         "bias": "none",
         "modules_to_save": None,
         "init_lora_weights": True,
