@@ -1,5 +1,5 @@
 """Hooks of lorakit-transformers: the ``Conv1D`` layer kind, default targets per
-architecture, and the ``peft`` exporter."""
+architecture, the ``peft`` exporter and the ``export`` command."""
 
 from lorakit.core import hookimpl
 from transformers.pytorch_utils import Conv1D
@@ -23,3 +23,11 @@ def lorakit_targets(register):
 @hookimpl
 def lorakit_exporters(register):
     register("peft", export_peft)
+
+
+@hookimpl
+def lorakit_commands(register):
+    from .export_cli import configure_export, run_export
+
+    register("export", "write a native lorakit checkpoint as PEFT, diffusers, kohya (any registered format)",
+             configure_export, run_export)
