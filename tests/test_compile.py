@@ -47,7 +47,7 @@ def covering_combos() -> list[Combo]:
     return chosen
 
 
-def build(combos: list[Combo], dtype=torch.float32) -> nn.Sequential:
+def build(combos: list[Combo], dtype=torch.float32, dropout: float = 0.0) -> nn.Sequential:
     """A chain of blocks, block i adapted by ``combos[i]``: each block is two
     rectangular linear layers with biases, so one compiled graph covers many
     combinations (one trace instead of one per combination)."""
@@ -55,7 +55,7 @@ def build(combos: list[Combo], dtype=torch.float32) -> nn.Sequential:
     for i, combo in enumerate(combos):
         torch.manual_seed(i)
         block = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 12), nn.Tanh()).to(dtype)
-        blocks.append(combo.adapter(rank=4, seed=i).apply(block, targets=["0", "2"]))
+        blocks.append(combo.adapter(rank=4, seed=i, dropout=dropout).apply(block, targets=["0", "2"]))
     return nn.Sequential(*blocks)
 
 
@@ -77,11 +77,13 @@ def close(actual, expected, what, dtype=torch.float32):
 
 
 def check_compiles(combos: list[Combo], backend: str = "aot_eager", steps: int = STEPS,
-                   dtype=torch.float32) -> None:
+                   dtype=torch.float32, dropout: float = 0.0) -> None:
     """Compile a chain of ``combos``; train ``steps`` steps, switching to eval after
-    each, next to an eager copy; compare loss, every gradient and eval outputs."""
+    each, next to an eager copy; compare loss, every gradient and eval outputs.
+    With ``dropout``, each training step of both copies starts from the same RNG
+    state: ``aot_eager`` draws the masks from the global generator as eager does."""
     dynamo.reset()
-    model = build(combos, dtype)
+    model = build(combos, dtype, dropout)
     eager = copy.deepcopy(model)
     counter = CountingBackend(backend)
     compiled = torch.compile(model, backend=counter, fullgraph=True)
@@ -96,7 +98,9 @@ def check_compiles(combos: list[Combo], backend: str = "aot_eager", steps: int =
         module.train()
         opt = opts[id(module)]
         opt.zero_grad(set_to_none=True)
-        loss = (fn(x) - target).square().mean()
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            loss = (fn(x) - target).square().mean()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
         opt.step()
@@ -128,6 +132,12 @@ def test_recipes_and_primitives_compile_without_breaks_or_recompiles():
     combination: 10 training steps with an eval forward after each."""
     recipes = list(recipe_combos().values())
     check_compiles(recipes + [c for c in covering_combos() if c not in recipes])
+
+
+def test_recipes_compile_with_dropout():
+    """Dropout on the adapter branch (issue 14): still one train and one eval graph, no
+    break, no recompile, and the same masks give the same loss and gradients."""
+    check_compiles(list(recipe_combos().values()), steps=3, dropout=0.2)
 
 
 @pytest.mark.slow

@@ -88,7 +88,8 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
     return PeftExport(tensors, lora_config(ranks, use_dora=use_dora,
                                            fan_in_fan_out=any(_uses_conv1d(m) for m in layers.values()),
                                            base_model_name_or_path=base_model_name_or_path,
-                                           task_type=task_type), rel_errors)
+                                           task_type=task_type,
+                                           dropout=max(layer.dropout for layer in layers.values())), rel_errors)
 
 
 def peft_state_dict(model: nn.Module, rank: int | None = None,

@@ -21,7 +21,7 @@ from torch import nn
 from .layer import AdaptedLayer
 from .plugins import registry
 from .primitives import AdapterError, Generator, Initializer, Magnitude, Normalizer
-from .validation import MAX_SEED, check_int, safe_regex
+from .validation import MAX_SEED, check_int, check_probability, safe_regex
 
 Targets = str | Iterable[str] | None
 
@@ -86,6 +86,7 @@ class Adapter:
     seed: int = 0
     dtype: torch.dtype | None = None
     recipe: str | None = None
+    dropout: float = 0.0  # PEFT's lora_dropout: on the adapter branch's input, in training only
 
     def __post_init__(self) -> None:
         self.generator: Generator = registry.create("generator", self.generator)
@@ -104,6 +105,7 @@ class Adapter:
             safe_regex(pattern, f"adapter.rank_pattern[{pattern!r:.80}]")
         # save() writes it and load() must accept it: the range a torch.Generator seeds from
         check_int(self.seed, "adapter.seed", 0, MAX_SEED)
+        check_probability(self.dropout, "adapter.dropout")
 
     @classmethod
     def from_recipe(cls, name: str, **overrides: Any) -> Adapter:
@@ -123,13 +125,15 @@ class Adapter:
             "rank_pattern": dict(self.rank_pattern),
             "seed": self.seed,
             "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
+            "dropout": self.dropout,
         }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Adapter:
         if not isinstance(config, Mapping):
             raise AdapterError(f"adapter config {config!r:.80}: give a dict like Adapter.config() returns")
-        fields = ("generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "recipe")
+        fields = ("generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "recipe",
+                  "dropout")
         kwargs = {k: config[k] for k in fields if k in config}
         if config.get("dtype"):
             dtype = getattr(torch, config["dtype"], None) if isinstance(config["dtype"], str) else None
@@ -212,7 +216,7 @@ class Adapter:
         rng = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)
         try:
             layer = AdaptedLayer(module, kind, rank, self.generator, self.normalizer, self.init,
-                                 self.magnitude, rng, self.dtype)
+                                 self.magnitude, rng, self.dtype, self.dropout)
         except AdapterError as exc:
             raise AdapterError(f"module {name!r}: {exc}") from None
         return layer.to(kind.matrix(module).device)

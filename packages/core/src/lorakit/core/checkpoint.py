@@ -28,7 +28,7 @@ from torch import nn
 from .adapter import Adapter, adapted_layers
 from .atomic import carry_over, publish, recover, staging_folder
 from .primitives import AdapterError
-from .validation import MAX_SEED, check_regular_file, loads_strict, read_regular_file, safe_regex
+from .validation import MAX_SEED, check_probability, check_regular_file, loads_strict, read_regular_file, safe_regex
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -125,6 +125,8 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 _DTYPES = {"float32", "float64", "bfloat16", "float16"}
+# adapter fields a checkpoint may omit: (validator, the value a file without it means)
+_OPTIONAL_FIELDS = {"dropout": (check_probability, 0.0)}
 
 
 def _is_int(v: Any, low: int = 0, high: int | None = None) -> bool:
@@ -151,8 +153,15 @@ def _config_problem(config: Any) -> str | None:
     if not isinstance(adapter, dict) or not isinstance(modules, dict) or not modules:
         return "'adapter' must be an object and 'modules' a non-empty object"
     required = {"generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "dtype", "recipe"}
-    if set(adapter) != required:
-        return f"adapter fields must be {sorted(required)}; got {sorted(adapter)}"
+    optional = set(_OPTIONAL_FIELDS)  # added after format 1 shipped: older files load with the defaults
+    if not required <= set(adapter) <= required | optional:
+        return f"adapter fields must be {sorted(required)} (optionally {sorted(optional)}); got {sorted(adapter)}"
+    for key, (check, _) in _OPTIONAL_FIELDS.items():
+        try:
+            if key in adapter:
+                check(adapter[key], f"adapter.{key}")
+        except AdapterError as exc:
+            return str(exc)
     for key in ("generator", "normalizer", "init"):
         if problem := _spec_problem(key, adapter[key]):
             return problem
@@ -278,7 +287,8 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path: P
 def _check_and_load(model, config, tensors, path, optimizer=None, opt_state=None) -> None:
     """Check every tensor against the model, then load the optimizer state, then the tensors."""
     layers = adapted_layers(model)
-    saved = {k: v for k, v in config["adapter"].items() if k not in ("seed",)}
+    saved = {k: default for k, (_, default) in _OPTIONAL_FIELDS.items()}
+    saved.update((k, v) for k, v in config["adapter"].items() if k not in ("seed",))
     current = {k: v for k, v in model.lorakit_config.items() if k not in ("seed", "targets")}
     current = json.loads(json.dumps(current))  # compare as JSON (tuples become lists)
     if saved != current:

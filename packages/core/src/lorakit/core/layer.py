@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional, outputs
@@ -33,9 +34,10 @@ class AdaptedLayer(nn.Module):
 
     def __init__(self, base: nn.Module, kind: LayerKind, rank: int, generator: Generator,
                  normalizer: Normalizer, init: Initializer, magnitude: Magnitude | None,
-                 rng: torch.Generator, dtype: torch.dtype | None = None):
+                 rng: torch.Generator, dtype: torch.dtype | None = None, dropout: float = 0.0):
         super().__init__()
         self.base = base
+        self.dropout = dropout  # PEFT's lora_dropout: on the adapter branch's input, in training only
         self.kind = kind
         self.rank = rank
         self.normalizer = normalizer
@@ -125,15 +127,24 @@ class AdaptedLayer(nn.Module):
         if self.merged or self.disabled:
             return self.base(x)
         B, A, g = self.factors()
-        if self.fused and x.dtype == A.dtype:
-            return functional.linear_lowrank(x, self.base.weight, self.base.bias, B, A, g)
+        # a static decision (the training flag is a guard under torch.compile); x_d is x otherwise
+        dropping = self.training and self.dropout > 0
+        x_d = F.dropout(x, self.dropout, training=True) if dropping else x
+        if self.fused and x.dtype == A.dtype and (g is None or not dropping):
+            return functional.linear_lowrank(x, self.base.weight, self.base.bias, B, A, g, x_low=x_d)
         # Generic path; also an adapter kept in fp32 on a bf16/fp16 base: the
         # low-rank term is computed in the adapter's dtype, then cast.
-        delta = self.kind.lowrank(self.base, x.to(A.dtype), B, A).to(x.dtype)
+        delta = self.kind.lowrank(self.base, x_d.to(A.dtype), B, A).to(x.dtype)
         if g is None:
             return self.base(x) + delta
-        y = self.kind.linear(self.base, x) + delta
-        return self.kind.add_bias(self.base, self.kind.scale_rows(y, g))
+        if not dropping:
+            y = self.kind.linear(self.base, x) + delta
+            return self.kind.add_bias(self.base, self.kind.scale_rows(y, g))
+        # DoRA with dropout as PEFT defines it (peft/tuners/lora/dora.py): only the dropped
+        # input takes the magnitude-scaled path, y = W̄(x − x_d) + g ⊙ (W̄ x_d + ΔW x_d) + b,
+        # which is g ⊙ (W̄ x + ΔW x) + b again when x_d = x
+        y = self.kind.scale_rows(self.kind.linear(self.base, x_d) + delta, g)
+        return self.kind.add_bias(self.base, self.kind.linear(self.base, x - x_d) + y)
 
     def train(self, mode: bool = True):
         self._cache = None  # not needed for correctness (the key is); frees the tensors
@@ -205,4 +216,5 @@ class AdaptedLayer(nn.Module):
         del self._merged_with
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, residual={self.residual}, merged={self.merged}"
+        dropout = f", dropout={self.dropout}" if self.dropout else ""
+        return f"rank={self.rank}, residual={self.residual}, merged={self.merged}{dropout}"

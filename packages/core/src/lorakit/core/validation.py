@@ -122,6 +122,13 @@ def check_number(value: Any, field: str, low: float | None = None, positive: boo
     return value
 
 
+def check_probability(value: Any, field: str) -> float:
+    """``value`` if it is a number in [0, 1) (a dropout rate), else AdapterError."""
+    if check_number(value, field, low=0) >= 1:
+        raise AdapterError(f"{field}={_short(value)}: must be in [0, 1)")
+    return value
+
+
 def check_bool(value: Any, field: str) -> bool:
     if not isinstance(value, bool):
         raise AdapterError(f"{field}={_short(value)}: must be true or false")
