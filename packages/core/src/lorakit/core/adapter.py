@@ -75,6 +75,28 @@ def _target_hint(model: nn.Module, limit: int = 12) -> str:
     return hint + f"; registered defaults for this model family (targets=None): {', '.join(family)}"
 
 
+def _quantized_hint(name: str, module: nn.Module, dtype: torch.dtype) -> str:
+    """Why a module with a non-float weight cannot be adapted, and what to install.
+
+    A quantized linear usually subclasses ``nn.Linear``, so without its integration it
+    falls back to the plain linear kind; the package that registers its kind is named."""
+    cls = type(module)
+    package = cls.__module__.partition(".")[0]
+    supported = sorted(t.__name__ for t, k in registry.load().layers.items() if getattr(k, "quantized", False))
+    if supported and any(type(k).__module__.startswith(f"lorakit.{package}")
+                         for k in registry.layers.values() if getattr(k, "quantized", False)):
+        return (f"module {name!r} is a {package} {cls.__name__} ({dtype} weight), which no installed layer kind "
+                f"adapts; supported quantized layers: {', '.join(supported)}. Narrow the targets or convert it.")
+    install = f"pip install lorakit-{package}" if package in QUANTIZATION_PACKAGES else "register a layer kind"
+    return (f"module {name!r} is a {cls.__name__} with a {dtype} weight (quantized); lorakit adapts it through "
+            f"a layer kind: {install} (lorakit_layers hook), or dequantize the model first"
+            + (f"; quantized layers supported now: {', '.join(supported)}" if supported else ""))
+
+
+QUANTIZATION_PACKAGES = ("bitsandbytes",)
+"""Quantization libraries with a lorakit integration (``lorakit-<name>``), named in errors."""
+
+
 @dataclass
 class Adapter:
     generator: Any = "direct"
@@ -203,9 +225,11 @@ class Adapter:
             raise AdapterError(f"module {name!r} has its weight on the meta device; materialize the base "
                                "weights first (model.to_empty(device=...) and load them), then apply")
         if not weight.dtype.is_floating_point:
-            raise AdapterError(f"module {name!r} has a {weight.dtype} weight (quantized?); lorakit adapts "
-                               "floating-point weights: dequantize or register a layer kind for it")
-        out_f, in_f = kind.matrix(module).shape
+            raise AdapterError(_quantized_hint(name, module, weight.dtype))
+        out_f, in_f = weight.shape
+        device = weight.device
+        del weight  # a quantized kind's matrix is a transient dequantized copy: keep none
+        kind.prepare(module)
         rank = self.rank_for(name)
         if rank > min(out_f, in_f):
             raise AdapterError(
@@ -219,4 +243,4 @@ class Adapter:
                                  self.magnitude, rng, self.dtype, self.dropout)
         except AdapterError as exc:
             raise AdapterError(f"module {name!r}: {exc}") from None
-        return layer.to(kind.matrix(module).device)
+        return layer.to(device)

@@ -5,20 +5,34 @@ Convention: ``W`` is out × in, ``B`` is out × R, ``A`` is R × in, ``ΔW = B A
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 
-def row_sq_norms_of_sum(W: Tensor, W_row_sq: Tensor, B: Tensor, A: Tensor) -> Tensor:
+class WeightOperator(Protocol):
+    """``W`` known only through ``times_t(M) = W Mᵀ`` (a quantized base: no out × in tensor)."""
+
+    def times_t(self, M: Tensor) -> Tensor: ...
+
+
+def dense_times_t(W: Tensor, M: Tensor) -> Tensor:
+    """``W Mᵀ`` in ``M``'s dtype, computed in ``W``'s dtype: casting ``W`` (bf16 base,
+    fp32 adapter) would copy the out × in matrix; rounding ``M`` to ``W``'s precision
+    is at the resolution the layer computes its output in."""
+    return (W @ M.T.to(W.dtype)).to(M.dtype)
+
+
+def row_sq_norms_of_sum(W: Tensor | WeightOperator, W_row_sq: Tensor, B: Tensor, A: Tensor) -> Tensor:
     """``‖(W + B A)_i‖²`` for every row i without forming the out × in sum.
 
     ``‖W_i + B_i A‖² = ‖W_i‖² + 2 (W Aᵀ)_i · B_i + B_i (A Aᵀ) B_iᵀ`` (DESIGN §4, DoRA).
     Cost O(out·in·R) and memory O((out + in)·R). Clamped at 0 against cancellation.
-    ``W A'ᵀ`` is computed in ``W``'s dtype: casting ``W`` (bf16 base, fp32 adapter)
-    would copy the out × in matrix; rounding it to ``W``'s precision is at the
-    resolution the layer computes its output in.
+    ``W`` is a dense tensor (:func:`dense_times_t`) or an operator whose ``times_t``
+    applies it (a quantized layer's own kernel on A's rows).
     """
-    WA = (W @ A.T.to(W.dtype)).to(A.dtype)  # out × R
+    WA = dense_times_t(W, A) if isinstance(W, Tensor) else W.times_t(A)  # out × R
     cross = (WA * B).sum(dim=1)
     quad = ((B @ (A @ A.T)) * B).sum(dim=1)
     return (W_row_sq + 2 * cross + quad).clamp_min(0)

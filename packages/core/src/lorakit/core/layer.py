@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional, outputs
-from .layer_kinds import LayerKind, LinearKind
+from .layer_kinds import FrozenWeight, LayerKind, LinearKind
 from .primitives import FACTOR_SLOTS, Generator, Initializer, Magnitude, MergeError, Normalizer, Slot
 
 
@@ -52,7 +52,7 @@ class AdaptedLayer(nn.Module):
         W = kind.matrix(base).detach()
         dtype = dtype or (torch.float64 if W.dtype == torch.float64 else torch.float32)
         W = W.to(dtype)
-        out_f, in_f = W.shape
+        out_f, in_f = self.shape = tuple(W.shape)
         # every primitive's output is checked as it comes (outputs.expect): a plugin's
         # NaN or wrong shape is an error at apply naming it, not a wrong model later
         initial = init.factors(W, rank, normalizer.initial_scale(rank), rng)
@@ -105,7 +105,9 @@ class AdaptedLayer(nn.Module):
             B, A = functional.residual_factors(B, A, self.residual_B, self.residual_A)
         g = None
         if self.magnitude is not None:
-            W = self.kind.matrix(self.base)
+            # W̄ as an operator, not a dense tensor: a quantized kind applies its own
+            # kernel to A's rows instead of dequantizing out × in every step
+            W = FrozenWeight.of(self.kind, self.base, self.shape)
             g = self.magnitude.row_scale(s, W, self.row_sq_norm, B, A)
         if cacheable:
             self._cache = (key, (B, A, g))
@@ -120,7 +122,7 @@ class AdaptedLayer(nn.Module):
         """
         tensors = [*self.slots.parameters(), *self.slots.buffers(), *self.buffers(recurse=False)]
         if self.magnitude is not None:
-            tensors.append(self.kind.matrix(self.base))
+            tensors.extend(self.kind.frozen_tensors(self.base))
         return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -7,9 +7,12 @@ plug in without touching the adapted layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import functional
 from .primitives import AdapterError
 
 
@@ -17,7 +20,35 @@ class LayerKind:
     """Matrix view of one base module type. Methods never allocate out × in tensors
     except :meth:`matrix` callers that merge."""
 
+    quantized = False
+    """True when ``matrix`` dequantizes: the weight cannot take ``W_eff`` in place, and
+    per-step code must go through :meth:`weight_times_t`, never :meth:`matrix`."""
+
     def matrix(self, base: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+    def weight_times_t(self, base: nn.Module, M: Tensor) -> Tensor:
+        """``W̄ Mᵀ`` (out × R) for an R × in ``M``, in ``M``'s dtype: the frozen weight
+        as an operator. A quantized kind overrides it with its own kernel so the per-step
+        magnitude norm never dequantizes ``W̄`` into an out × in tensor."""
+        return functional.dense_times_t(self.matrix(base), M)
+
+    def frozen_tensors(self, base: nn.Module) -> tuple[Tensor, ...]:
+        """The tensors holding ``W̄``: their identity and version key cached factors."""
+        return (self.matrix(base),)
+
+    def prepare(self, base: nn.Module) -> None:
+        """Called once at apply, after :meth:`check`: make the frozen module keep its
+        weight bytes as they are (default: nothing to do)."""
+
+    def float_module(self, base: nn.Module, W: Tensor) -> nn.Module:
+        """A quantized kind: the float module ``merge_and_unload`` puts in place of
+        ``base``, holding ``W`` (out × in, compute dtype) and ``base``'s bias."""
+        raise NotImplementedError
+
+    def requantize(self, base: nn.Module, W: Tensor) -> dict:
+        """A quantized kind: write ``W`` into ``base``'s quantized weight; return the
+        error that adds (``{"max_abs_error": ..., "rel_fro_error": ...}``)."""
         raise NotImplementedError
 
     def set_matrix(self, base: nn.Module, W: Tensor) -> None:
@@ -101,6 +132,28 @@ class Conv2dKind(LayerKind):
         if base.padding_mode != "zeros":
             return f"padding_mode={base.padding_mode!r} is not supported; use 'zeros'"
         return None
+
+
+@dataclass(frozen=True)
+class FrozenWeight:
+    """The frozen ``W̄`` of one base module as an operator: what a magnitude head gets
+    per step (``Magnitude.row_scale``'s ``weight``). ``times_t(M) = W̄ Mᵀ`` costs what
+    the layer's own forward on R rows costs and allocates out × R, never out × in;
+    :meth:`dense` is the transient out × in matrix (dequantized for a quantized kind)."""
+
+    kind: LayerKind
+    base: nn.Module
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, kind: LayerKind, base: nn.Module, shape: tuple[int, int]) -> FrozenWeight:
+        return cls(kind, base, (int(shape[0]), int(shape[1])))
+
+    def times_t(self, M: Tensor) -> Tensor:
+        return self.kind.weight_times_t(self.base, M)
+
+    def dense(self) -> Tensor:
+        return self.kind.matrix(self.base)
 
 
 BUILTIN_KINDS: dict[type, LayerKind] = {nn.Linear: LinearKind(), nn.Conv2d: Conv2dKind()}

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .adapter import adapted_layers
 from .functional import reduce_dense, reduce_lowrank
 from .plugins import registry
-from .primitives import AdapterError, ParameterSlots, Slot
+from .primitives import AdapterError, MergeError, ParameterSlots, Slot
 from .validation import check_finite_tensors
 
 
@@ -31,6 +31,18 @@ def merge(model: nn.Module) -> nn.Module:
     """
     layers = {n: layer for n, layer in _layers(model).items() if not layer.merged}
     for name, layer in layers.items():
+        if layer.kind.quantized:
+            raise MergeError(
+                f"merge refused: module {name!r} is a quantized {type(layer.base).__name__}; writing W_eff into it "
+                "would requantize (adding quantization error) and unmerge could not restore W. Use "
+                "merge_and_unload(model) for a float model (dequantized W + update), or "
+                "merge_and_unload(model, requantize=True) to requantize and get the added error reported.")
+    _merge_layers(layers)
+    return model
+
+
+def _merge_layers(layers: dict) -> None:
+    for name, layer in layers.items():
         layer.merged_weight(name)
     done = []
     try:
@@ -41,7 +53,6 @@ def merge(model: nn.Module) -> nn.Module:
         for layer in done:
             layer.unmerge()
         raise
-    return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -60,13 +71,41 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """A plain model with the adaptation baked into its weights."""
-    merge(model)
-    for name, layer in _layers(model).items():
+def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module:
+    """A plain model with the adaptation baked into its weights.
+
+    A quantized base cannot hold ``W_eff`` in place: each such module is replaced by
+    the kind's float module (``nn.Linear`` in the compute dtype holding dequantized
+    ``W̄`` + update), with a warning saying so. ``requantize=True`` instead writes
+    ``W_eff`` back into the quantized format and reports the error that adds
+    (``model.lorakit_merge_report``). All checks run before any module changes.
+    """
+    layers = _layers(model)
+    quantized = {n: layer for n, layer in layers.items() if layer.kind.quantized and not layer.merged}
+    for name, layer in quantized.items():
+        layer.merged_weight(name)  # finite and in range, for every layer, before anything changes
+    _merge_layers({n: layer for n, layer in layers.items() if not layer.merged and n not in quantized})
+    report = {}
+    for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.base)
+        module = layer.base
+        if name in quantized:
+            W_eff = layer.merged_weight(name)[0]
+            if requantize:
+                report[name] = layer.kind.requantize(layer.base, W_eff)
+            else:
+                module = layer.kind.float_module(layer.base, W_eff)
+                report[name] = {"merged_into": f"{type(module).__name__}({W_eff.dtype})"}
+            del W_eff
+        setattr(model.get_submodule(parent), child, module)
     model.__dict__.pop("lorakit_config", None)
+    if quantized:
+        import warnings
+
+        what = ("requantized in place; max abs error added per module in model.lorakit_merge_report" if requantize
+                else "replaced by float modules holding dequantized W + update (the model is no longer quantized)")
+        warnings.warn(f"merge_and_unload: {len(quantized)} quantized module(s) {what}", stacklevel=2)
+        setattr(model, "lorakit_merge_report", report)  # noqa: B010 (typed Module)
     return model
 
 
