@@ -1,9 +1,10 @@
 """Hooks of lorakit-diffusers: default targets per diffusers model class and the
-``diffusers`` exporter."""
+``diffusers`` and ``kohya`` exporters."""
 
 from lorakit.core import hookimpl
 
 from .export import export_diffusers
+from .kohya import export_kohya
 from .targets import ATTENTION, MODELS
 
 
@@ -16,3 +17,4 @@ def lorakit_targets(register):
 @hookimpl
 def lorakit_exporters(register):
     register("diffusers", export_diffusers)
+    register("kohya", export_kohya)

@@ -24,7 +24,7 @@ def configure_export(parser) -> None:
     parser.add_argument("--format", required=True, help=FORMATS_HELP)
     parser.add_argument("--base", required=True, help="local folder of the base model the adapter was trained on")
     parser.add_argument("--out", required=True, help="output folder (kohya: the .safetensors file path, or a "
-                                                     "folder to write adapter.safetensors into)")
+                                                     "folder to write lora.safetensors into)")
     parser.add_argument("--max-rank", default=None,
                         help="truncate every module to rank <= K, or 'auto' (the fewest directions holding "
                              "--energy of each update); default: exact")

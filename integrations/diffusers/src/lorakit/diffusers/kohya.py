@@ -1,0 +1,124 @@
+"""Export to the kohya-ss / A1111 / ComfyUI LoRA file (issue 15): the format the
+Stable Diffusion community shares, which diffusers reads with
+``pipeline.load_lora_weights(file)`` (``lora_conversion_utils._convert_non_diffusers_lora_to_diffusers``).
+
+One ``.safetensors`` file; for each adapted module ``<name>`` of a component:
+
+    lora_<component>_<name with . → _>.lora_down.weight   (k × in), a k-channel conv for Conv2d
+    lora_<component>_<name with . → _>.lora_up.weight     (out × k), a 1×1 conv for Conv2d
+    lora_<component>_<name with . → _>.alpha              scalar k: scale alpha/k = 1
+
+``<component>`` is ``unet`` for a UNet, ``te`` for the text encoder (``te1`` / ``te2``
+when SDXL's second encoder is exported too). kohya-ss trains SD 1.x/2.x on
+diffusers' own UNet and module names, so the names are the diffusers ones; SDXL
+files with diffusers names are read the same way (diffusers and ComfyUI map both
+spellings). The factors are core's exact ``W_eff − W̄`` (``peft_format.lora_tensors``).
+
+DoRA: the format's ``dora_scale`` is dropped by diffusers' reader and means
+different things to different clients, so a magnitude head is always folded
+(``fold_magnitude``: the plain LoRA of ``W_eff − W̄``, exact at full rank).
+DiT transformers (SD3, Flux, …) have community formats keyed by their original
+(non-diffusers) module names; they are refused here: use :func:`export_diffusers`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lorakit.core import AdapterError, adapted_layers
+from lorakit.core.atomic import atomic_write
+from lorakit.core.peft_format import lora_tensors
+from lorakit.core.validation import check_finite_tensors
+
+KOHYA_NAME = "lora.safetensors"  # the file written when ``path`` is a folder
+
+
+def component_prefix(model: nn.Module, second_encoder: bool = False) -> str:
+    """``lora_unet``, ``lora_te`` (``lora_te1`` / ``lora_te2`` with SDXL's two encoders)."""
+    name = type(model).__name__
+    if name.startswith("UNet2DCondition"):
+        return "lora_unet"
+    if name.startswith("CLIPTextModel"):
+        return "lora_te"
+    raise AdapterError(f"{name}: the kohya format holds a Stable Diffusion UNet (UNet2DConditionModel) and its "
+                       "CLIP text encoders; export other models with export_diffusers")
+
+
+def kohya_tensors(model: nn.Module, prefix: str, **options) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """``(tensors, rel_errors)`` of one component under ``prefix`` (``lora_unet``, …)."""
+    for name, layer in adapted_layers(model).items():
+        if not isinstance(layer.base, (nn.Linear, nn.Conv2d)):
+            raise AdapterError(f"module {name!r} is a {type(layer.base).__name__}; the kohya format holds "
+                               "nn.Linear and nn.Conv2d layers only")
+    peft, ranks, _, rel_errors = lora_tensors(model, fold_magnitude=True, **options)
+    # diffusers keys a text encoder's attention alphas by the attention block, not the
+    # projection (``…self_attn.alpha``): with ranks differing inside a block it scales
+    # some projections wrongly. Zero-padding the encoder to one rank k (alpha = k,
+    # scale 1 whichever alpha is picked) loads the same update everywhere.
+    pad_to = max(ranks.values()) if prefix.startswith("lora_te") else None
+    tensors = {}
+    for name, k in ranks.items():
+        key = f"{prefix}_{name.replace('.', '_')}"
+        down, up = peft[f"{name}.lora_A.weight"], peft[f"{name}.lora_B.weight"]
+        if pad_to is not None and k < pad_to:
+            down = torch.cat([down, down.new_zeros(pad_to - k, *down.shape[1:])], 0)
+            up = torch.cat([up, up.new_zeros(up.shape[0], pad_to - k, *up.shape[2:])], 1)
+            k = pad_to
+        tensors[f"{key}.lora_down.weight"] = down
+        tensors[f"{key}.lora_up.weight"] = up
+        tensors[f"{key}.alpha"] = torch.tensor(float(k))
+    return tensors, {f"{prefix}_{n}": e for n, e in rel_errors.items()}
+
+
+def export_kohya(model: nn.Module | None, path: str | os.PathLike, *, text_encoder: nn.Module | None = None,
+                 text_encoder_2: nn.Module | None = None, max_rank: int | str | None = None,
+                 energy: float = 0.999, fold_magnitude: bool = True,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Write ``model``'s adapter (a UNet or a CLIP text encoder) and, optionally, the
+    text encoders' as one kohya/A1111/ComfyUI ``.safetensors`` file; return its path.
+
+    ``path`` is the file (``….safetensors``) or a folder to write ``lora.safetensors``
+    into. ``max_rank`` / ``energy`` truncate as in :func:`export_peft`, and the
+    per-module relative errors go into the ``lorakit_rel_errors`` metadata. DoRA is
+    always folded into plain LoRA (``fold_magnitude=False`` is refused).
+
+        export_kohya(unet, "my_lora.safetensors", text_encoder=pipe.text_encoder)
+        pipe.load_lora_weights("my_lora.safetensors")
+    """
+    if not fold_magnitude:
+        raise AdapterError("the kohya format has no DoRA magnitude every client reads; it is written folded "
+                           "(fold_magnitude=True)")
+    parts = []
+    if model is not None:
+        parts.append((model, component_prefix(model)))
+    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
+    for i, encoder in enumerate(encoders, 1):
+        prefix = component_prefix(encoder)
+        if prefix != "lora_te":
+            raise AdapterError(f"text_encoder: {type(encoder).__name__} is not a CLIP text encoder")
+        parts.append((encoder, f"lora_te{i}" if text_encoder_2 is not None else prefix))
+    if not parts:
+        raise AdapterError("nothing to export: give a UNet and/or text encoders")
+    if sum(p == "lora_te" for _, p in parts) > 1:
+        raise AdapterError("two CLIP text encoders: pass the second as text_encoder_2")
+    tensors, rel_errors = {}, {}
+    for component, prefix in parts:
+        t, e = kohya_tensors(component, prefix, max_rank=max_rank, energy=energy, dtype=dtype)
+        tensors.update(t)
+        rel_errors.update(e)
+    check_finite_tensors(tensors.items(), "kohya export refused")
+    target = Path(path)
+    if target.suffix != ".safetensors":
+        target = target / KOHYA_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # kohya's own metadata keys, which A1111/ComfyUI show; alpha = dim per module
+    metadata = {"format": "pt", "ss_network_module": "networks.lora",
+                "lorakit_rel_errors": json.dumps(rel_errors, sort_keys=True)}
+    atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return target

@@ -1,0 +1,118 @@
+"""kohya / A1111 / ComfyUI export (issue 15, item 3): every recipe on a tiny SD UNet
+and its CLIP text encoder, written by ``export_kohya`` and read by diffusers' own
+kohya reader (``pipeline.load_lora_weights(file)``); outputs equal lorakit's to 1e-5."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lorakit.core import Adapter, AdapterError, adapted_layers, registry
+from lorakit.diffusers import KOHYA_NAME, export_kohya, targets
+
+from test_diffusers import RECIPES, TOL, one_thread, run, sd_components, sd_pipeline, tiny_unet, train, unet_inputs  # noqa: F401
+
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@pytest.fixture(scope="module")
+def sd_parts():
+    return sd_components()
+
+
+def text_inputs():
+    return {"input_ids": torch.randint(0, 514, (2, 7), generator=torch.Generator().manual_seed(3))}
+
+
+def adapt_text_encoder(encoder, recipe):
+    Adapter.from_recipe(recipe, rank=2).apply(encoder, targets=TEXT_TARGETS)
+    with torch.no_grad():  # a trained-looking adapter: every trainable tensor moved
+        for p in encoder.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p, generator=None))
+    return encoder.eval()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_kohya_file_loads_in_diffusers(tmp_path, sd_parts, recipe):
+    torch.manual_seed(0)
+    base = tiny_unet()
+    unet = copy.deepcopy(base)
+    conv = recipe in ("lora", "dora")  # the LoCon set too, for a recipe with and one without a magnitude
+    Adapter.from_recipe(recipe, rank=4).apply(unet, targets=targets(unet, conv=conv))
+    inputs = unet_inputs()
+    train(unet, inputs)
+    encoder = adapt_text_encoder(copy.deepcopy(sd_parts["text_encoder"]), recipe)
+    expected_unet, expected_text = run(unet, inputs), run(encoder, text_inputs())
+    assert (expected_unet - run(base, inputs)).abs().max() > 10 * TOL  # the adapter moved the output
+
+    file = export_kohya(unet, tmp_path / "my_lora.safetensors", text_encoder=encoder)
+    assert file == tmp_path / "my_lora.safetensors"
+    with safe_open(str(file), "pt") as f:
+        keys = set(f.keys())
+        errors = json.loads(f.metadata()["lorakit_rel_errors"])
+        alphas = {k: f.get_tensor(k) for k in keys if k.endswith(".alpha")}
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert len(alphas) == len(adapted_layers(unet)) + len(adapted_layers(encoder))
+    assert max(errors.values()) < 1e-5
+
+    pipe = sd_pipeline(copy.deepcopy(base), {**sd_parts, "text_encoder": copy.deepcopy(sd_parts["text_encoder"])})
+    pipe.load_lora_weights(str(file))
+    assert (run(pipe.unet, inputs) - expected_unet).abs().max() <= TOL
+    assert (run(pipe.text_encoder, text_inputs()) - expected_text).abs().max() <= TOL
+
+
+def test_kohya_max_rank_and_folder(tmp_path, sd_parts):
+    unet = tiny_unet()
+    Adapter.from_recipe("delora", rank=4).apply(unet)
+    train(unet, unet_inputs())
+    with pytest.warns(UserWarning, match="relative error"):
+        file = export_kohya(unet, tmp_path, max_rank=1)
+    assert file == tmp_path / KOHYA_NAME
+    with safe_open(str(file), "pt") as f:
+        downs = [f.get_tensor(k) for k in f.keys() if k.endswith("lora_down.weight")]
+        assert all(float(f.get_tensor(k)) == 1.0 for k in f.keys() if k.endswith(".alpha"))
+    assert all(d.shape[0] == 1 for d in downs)
+    pipe = sd_pipeline(tiny_unet(), sd_parts)
+    pipe.load_lora_weights(str(file))  # still a valid file
+
+
+def test_kohya_bad_input(tmp_path):
+    unet = tiny_unet()
+    with pytest.raises(AdapterError, match="no lorakit adapter"):
+        export_kohya(unet, tmp_path / "a.safetensors")
+    Adapter.from_recipe("dora", rank=2).apply(unet)
+    with pytest.raises(AdapterError, match="folded"):
+        export_kohya(unet, tmp_path / "a.safetensors", fold_magnitude=False)
+    with pytest.raises(AdapterError, match="kohya format holds"):
+        export_kohya(torch.nn.Linear(2, 2), tmp_path / "a.safetensors")
+    with pytest.raises(AdapterError, match="nothing to export"):
+        export_kohya(None, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+    assert registry.load().exporters["kohya"] is export_kohya
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_export_command_from_a_unet_checkpoint(tmp_path, sd_parts, fmt):
+    """``lorakit export --format kohya|diffusers`` from a native checkpoint of a DoRA UNet."""
+    from lorakit.core import checkpoint
+    from lorakit.core.cli import main
+
+    base = tiny_unet()
+    base.save_pretrained(tmp_path / "base")
+    unet = copy.deepcopy(base)
+    Adapter.from_recipe("dora", rank=2).apply(unet)
+    inputs = unet_inputs()
+    train(unet, inputs)
+    checkpoint.save(unet, tmp_path / "ckpt")
+    out = tmp_path / ("k.safetensors" if fmt == "kohya" else "d")
+    assert main(["export", str(tmp_path / "ckpt"), "--format", fmt, "--base", str(tmp_path / "base"),
+                 "--out", str(out), "--fold-magnitude"]) == 0
+    pipe = sd_pipeline(copy.deepcopy(base), sd_parts)
+    pipe.load_lora_weights(str(out))
+    assert (run(pipe.unet, inputs) - run(unet, inputs)).abs().max() <= TOL
