@@ -15,6 +15,8 @@ from lorakit.core.layer_kinds import LayerKind
 
 
 class Conv1DKind(LayerKind):
+    all_linear = True  # a linear layer for targets="all-linear", as in PEFT
+
     def matrix(self, base: nn.Module) -> Tensor:
         return base.weight.T  # a view: no copy of the in × out storage
 

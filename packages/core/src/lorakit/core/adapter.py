@@ -10,6 +10,7 @@ takes a registered recipe.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,10 +31,60 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLayer)}
 
 
+def _check_targets(targets: Targets, field: str) -> str | list[str] | None:
+    """``targets`` as JSON can hold it (a regex string or a list of names), checked."""
+    if targets is None or isinstance(targets, str):
+        if targets is not None:
+            safe_regex(targets, f"{field} {targets!r:.80}", max_chars=None)
+        return targets
+    names = list(targets) if isinstance(targets, Iterable) else None
+    if names is None or not all(isinstance(t, str) for t in names):
+        raise AdapterError(f"{field}={targets!r:.80}: give module names (a list of strings) or a regex string")
+    return names
+
+
 def _matches(name: str, targets: Targets) -> bool:
     if isinstance(targets, str):  # a regex over the full module name; refused if it could hang
         return safe_regex(targets, f"targets {targets!r:.80}", max_chars=None).fullmatch(name) is not None
     return targets is not None and any(name == t or name.endswith("." + t) for t in targets)
+
+
+ALL_LINEAR = "all-linear"
+# classification heads PEFT's all-linear leaves out (peft.utils.constants.SEQ_CLS_HEAD_NAMES)
+_CLASSIFIER_HEADS = ("score", "classifier")
+
+
+def _output_heads(model: nn.Module) -> list[str]:
+    """Names of the modules that produce the model's output: transformers' output
+    embeddings (``lm_head``), else a top-level ``score``/``classifier`` head. They are
+    trained as a whole (``modules_to_save``), never given a low-rank update by
+    ``targets="all-linear"``."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    heads = [head] if isinstance(head, nn.Module) else [
+        getattr(model, n) for n in _CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+    return [name for name, m in model.named_modules() if any(m is h for h in heads)]
+
+
+def _all_linear(model: nn.Module) -> str:
+    """PEFT's ``target_modules="all-linear"`` as a regex of full names: every
+    ``nn.Linear`` (quantized linears subclass it) and every module whose layer kind
+    declares ``all_linear`` (transformers' ``Conv1D``), except the output head and
+    anything inside it."""
+    heads = _output_heads(model)
+    names = [name for name, m in model.named_modules()
+             if name and (kind := registry.layer_kind(m)) is not None
+             and (isinstance(m, nn.Linear) or getattr(kind, "all_linear", False))
+             and not any(name == h or name.startswith(h + ".") for h in heads)]
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def _layer_index(name: str) -> int | None:
+    """The index of the repeated block a module is in: the first integer part of its
+    name (``model.layers.3.self_attn.q_proj`` → 3; T5's encoder and decoder blocks
+    share indices, as in PEFT's ``layers_to_transform``)."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return None if match is None else int(match[1])
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -109,6 +160,8 @@ class Adapter:
     dtype: torch.dtype | None = None
     recipe: str | None = None
     dropout: float = 0.0  # PEFT's lora_dropout: on the adapter branch's input, in training only
+    exclude: Targets = None  # module names or a regex, removed from the targets
+    layers: Iterable[int] | int | None = None  # block indices to adapt (PEFT's layers_to_transform)
 
     def __post_init__(self) -> None:
         self.generator: Generator = registry.create("generator", self.generator)
@@ -128,6 +181,10 @@ class Adapter:
         # save() writes it and load() must accept it: the range a torch.Generator seeds from
         check_int(self.seed, "adapter.seed", 0, MAX_SEED)
         check_probability(self.dropout, "adapter.dropout")
+        self.exclude = _check_targets(self.exclude, "adapter.exclude")
+        if self.layers is not None:  # stored as a sorted list: a range or a set round-trips through JSON
+            layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+            self.layers = sorted({check_int(i, "adapter.layers[]", 0) for i in layers})
 
     @classmethod
     def from_recipe(cls, name: str, **overrides: Any) -> Adapter:
@@ -148,6 +205,8 @@ class Adapter:
             "seed": self.seed,
             "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
             "dropout": self.dropout,
+            "exclude": self.exclude,
+            "layers": self.layers,
         }
 
     @classmethod
@@ -155,7 +214,7 @@ class Adapter:
         if not isinstance(config, Mapping):
             raise AdapterError(f"adapter config {config!r:.80}: give a dict like Adapter.config() returns")
         fields = ("generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "recipe",
-                  "dropout")
+                  "dropout", "exclude", "layers")
         kwargs = {k: config[k] for k in fields if k in config}
         if config.get("dtype"):
             dtype = getattr(torch, config["dtype"], None) if isinstance(config["dtype"], str) else None
@@ -176,7 +235,9 @@ class Adapter:
         """Wrap every target module of ``model`` in place and return ``model``.
 
         ``targets``: module names (a name matches itself and any ``*.name``), a regex
-        string over full names, or None for the model family's registered defaults.
+        string over full names, ``"all-linear"`` (every linear layer but the output
+        head, as PEFT), or None for the model family's registered defaults. The
+        adapter's ``exclude`` and ``layers`` then narrow that set.
         All checks run before anything is replaced: on error the model is unchanged.
         """
         if adapted_layers(model):
@@ -184,9 +245,11 @@ class Adapter:
                 f"{type(model).__name__} already has a lorakit adapter; call "
                 "lorakit.core.unload(model) (or merge_and_unload) before applying another"
             )
-        explicit = targets is not None
+        explicit = targets is not None and targets != ALL_LINEAR
+        if targets == ALL_LINEAR:
+            targets = _all_linear(model)
         targets = default_targets(model) if targets is None else targets
-        chosen = {n: m for n, m in model.named_modules() if n and _matches(n, targets)}
+        chosen = self._narrow({n: m for n, m in model.named_modules() if n and _matches(n, targets)}, model)
         if not chosen:
             raise AdapterError(f"targets {targets!r} match no module of {type(model).__name__}; "
                                + _target_hint(model))
@@ -209,6 +272,19 @@ class Adapter:
         if verbose:
             print(f"lorakit: adapted {len(new)} modules of {type(model).__name__}: {', '.join(sorted(new))}")
         return model
+
+    def _narrow(self, chosen: dict[str, nn.Module], model: nn.Module) -> dict[str, nn.Module]:
+        """``chosen`` without the modules ``exclude`` names and outside ``layers``."""
+        if self.exclude is not None:
+            if not isinstance(self.exclude, str):  # a name that matches nothing is a typo, not a no-op
+                unknown = [e for e in self.exclude if not any(_matches(n, [e]) for n, _ in model.named_modules())]
+                if unknown:
+                    raise AdapterError(f"exclude={unknown} match no module of {type(model).__name__}; "
+                                       + _target_hint(model))
+            chosen = {n: m for n, m in chosen.items() if not _matches(n, self.exclude)}
+        if self.layers is not None:
+            chosen = {n: m for n, m in chosen.items() if _layer_index(n) in self.layers}
+        return chosen
 
     def _wrap(self, name: str, module: nn.Module) -> AdaptedLayer:
         kind = registry.layer_kind(module)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter import Adapter, adapted_layers
+from .adapter import _check_targets as check_targets
 from .atomic import carry_over, publish, recover, staging_folder
 from .primitives import AdapterError
 from .validation import MAX_SEED, check_probability, check_regular_file, loads_strict, read_regular_file, safe_regex
@@ -125,8 +126,16 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 _DTYPES = {"float32", "float64", "bfloat16", "float16"}
+
+
+def _check_layers(value: Any, field: str) -> None:
+    if value is not None and not (isinstance(value, list) and all(_is_int(i) for i in value)):
+        raise AdapterError(f"{field} must be null or a list of block indices >= 0")
+
+
 # adapter fields a checkpoint may omit: (validator, the value a file without it means)
-_OPTIONAL_FIELDS = {"dropout": (check_probability, 0.0)}
+_OPTIONAL_FIELDS = {"dropout": (check_probability, 0.0), "exclude": (check_targets, None),
+                    "layers": (_check_layers, None)}
 
 
 def _is_int(v: Any, low: int = 0, high: int | None = None) -> bool:

@@ -148,6 +148,12 @@ class AdaptedLayer(nn.Module):
         y = self.kind.scale_rows(self.kind.linear(self.base, x_d) + delta, g)
         return self.kind.add_bias(self.base, self.kind.linear(self.base, x - x_d) + y)
 
+    @property
+    def weight(self) -> Tensor:
+        """The base module's weight: model code reads ``self.wo.weight.dtype`` (T5's
+        feed-forward) through the wrapper, as PEFT's layers allow."""
+        return self.base.weight
+
     def train(self, mode: bool = True):
         self._cache = None  # not needed for correctness (the key is); frees the tensors
         return super().train(mode)
