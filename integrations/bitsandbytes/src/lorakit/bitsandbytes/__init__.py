@@ -57,6 +57,8 @@ def quantize(model: nn.Module, mode: str = "nf4", *, compute_dtype: torch.dtype 
     for name, module in chosen:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, _quantized_linear(module, mode, compute_dtype, double_quant))
+    # the flags transformers' loader sets: PEFT wraps bitsandbytes layers only when they are there
+    setattr(model, "is_loaded_in_8bit" if mode == "int8" else "is_loaded_in_4bit", True)  # noqa: B010
     return model
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .adapter import adapted_layers
 from .functional import reduce_dense, reduce_lowrank
 from .plugins import registry
-from .primitives import AdapterError, MergeError, ParameterSlots, Slot
+from .primitives import AdapterError, MergeError, MergeError, ParameterSlots, Slot
 from .validation import check_finite_tensors
 
 
