@@ -116,3 +116,44 @@ def test_export_command_from_a_unet_checkpoint(tmp_path, sd_parts, fmt):
     pipe = sd_pipeline(copy.deepcopy(base), sd_parts)
     pipe.load_lora_weights(str(out))
     assert (run(pipe.unet, inputs) - run(unet, inputs)).abs().max() <= TOL
+
+
+# -- the diffusers exporter's max_rank / fold_magnitude (item 1-2 for diffusers) ---------
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_diffusers_export_capped_and_folded(tmp_path, recipe):
+    """``export_diffusers(max_rank=64, fold_magnitude=True)``: above every module's
+    rank the cap is exact, DoRA is written as plain LoRA, and diffusers' loader gives
+    lorakit's output; ``max_rank=1`` gives rank-1 modules with the errors reported."""
+    from lorakit.diffusers import WEIGHT_NAME, export_diffusers
+
+    base = tiny_unet()
+    unet = copy.deepcopy(base)
+    Adapter.from_recipe(recipe, rank=4).apply(unet)
+    inputs = unet_inputs()
+    train(unet, inputs)
+    report = export_diffusers(unet, tmp_path / "a", prefix="unet", max_rank=64, fold_magnitude=True)
+    assert not report.use_dora and report.max_rel_error < 1e-5
+    loaded = copy.deepcopy(base)
+    loaded.load_lora_adapter(tmp_path / "a", prefix="unet", weight_name=WEIGHT_NAME)
+    assert (run(loaded, inputs) - run(unet, inputs)).abs().max() <= TOL
+    with pytest.warns(UserWarning, match="relative error"):
+        capped = export_diffusers(unet, tmp_path / "b", prefix="unet", max_rank=1, fold_magnitude=True)
+    assert capped.rank == 1 and not capped.rank_pattern and capped.max_rel_error > 0
+    with safe_open(str(capped.path), "pt") as f:
+        assert json.loads(f.metadata()["lorakit_rel_errors"]) == pytest.approx(capped.rel_error)
+
+
+def test_diffusers_export_auto_rank_pattern_loads(tmp_path):
+    from lorakit.diffusers import WEIGHT_NAME, export_diffusers
+
+    base = tiny_unet()
+    unet = copy.deepcopy(base)
+    Adapter.from_recipe("delora", rank=4).apply(unet)
+    train(unet, unet_inputs(), steps=4)
+    with pytest.warns(UserWarning, match="relative error"):
+        report = export_diffusers(unet, tmp_path, prefix="unet", max_rank="auto", energy=0.9)
+    assert report.rank_pattern, "modules of different ranks expected"
+    loaded = copy.deepcopy(base)
+    loaded.load_lora_adapter(tmp_path, prefix="unet", weight_name=WEIGHT_NAME)
+    ranks = {n: next(iter(m.r.values())) for n, m in loaded.named_modules() if hasattr(m, "lora_A") and m.r}
+    assert ranks == {n: report.rank_pattern.get(n, report.rank) for n in adapted_layers(unet)}

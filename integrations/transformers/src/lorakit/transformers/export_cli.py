@@ -49,7 +49,9 @@ def resolve_checkpoint(path: Path) -> Path:
     """``path`` itself, or the latest ``step-*`` checkpoint under a run folder."""
     if (path / checkpoint.CONFIG).is_file():
         return path
-    steps = sorted(p for p in path.glob("step-*") if (p / checkpoint.CONFIG).is_file()) if path.is_dir() else []
+    # a finetune --out folder keeps its checkpoints under checkpoints/step-NNNNNN
+    steps = sorted(p for pattern in ("step-*", "checkpoints/step-*") for p in path.glob(pattern)
+                   if (p / checkpoint.CONFIG).is_file()) if path.is_dir() else []
     if not steps:
         raise AdapterError(f"checkpoint {path}: no {checkpoint.CONFIG} there (nor in a step-* folder); give a "
                            "folder written by lorakit.core.checkpoint.save or lorakit finetune")
