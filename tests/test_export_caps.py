@@ -12,13 +12,12 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
+from test_peft_export import RECIPES, TOL, assert_matches, run, trained
 
 from lorakit.core import AdapterError, adapted_layers, registry
 from lorakit.core.functional import energy_rank, reduce_dense
 from lorakit.core.model_ops import folded_update
 from lorakit.transformers import TruncationWarning, export_peft, peft_export
-
-from test_peft_export import RECIPES, TOL, assert_matches, run, trained
 
 DORA_RECIPES = [r for r in RECIPES if registry.load().recipes[r].magnitude is not None]
 

@@ -8,12 +8,11 @@ import copy
 import pytest
 import torch
 from peft import PeftModel
+from test_peft_export import RECIPES, TOL
 from transformers import LlamaConfig, LlamaModel
 
 from lorakit.core import Adapter, checkpoint, registry
 from lorakit.core.cli import main
-
-from test_peft_export import RECIPES, TOL
 
 
 def tiny_llama_model():

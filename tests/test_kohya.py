@@ -10,11 +10,10 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from test_diffusers import RECIPES, TOL, one_thread, run, sd_components, sd_pipeline, tiny_unet, train, unet_inputs  # noqa: F401
 
 from lorakit.core import Adapter, AdapterError, adapted_layers, registry
 from lorakit.diffusers import KOHYA_NAME, export_kohya, targets
-
-from test_diffusers import RECIPES, TOL, one_thread, run, sd_components, sd_pipeline, tiny_unet, train, unet_inputs  # noqa: F401
 
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
