@@ -56,6 +56,8 @@ def restore_registry():
     ("olora", "lorakit-olora", {"initializer 'olora'", "recipe 'olora'"}),
     ("vera", "lorakit-vera", {"generator 'vera'", "initializer 'shared-random'", "recipe 'vera'"}),
     ("devtools", "lorakit-devtools", {"command 'new-plugin'"}),
+    ("lorafa", "lorakit-lorafa", {"generator 'lora-fa'", "recipe 'lora-fa'"}),
+    ("ia3", "lorakit-ia3", {"magnitude 'ia3'"}),
 ])
 def test_found_through_the_entry_point(plugin, dist, registered):
     info = registry.load().plugins[plugin]
@@ -66,13 +68,13 @@ def test_found_through_the_entry_point(plugin, dist, registered):
 def test_plugins_depend_only_on_core():
     import tomllib
 
-    for name in ("lorakit-olora", "lorakit-vera", "lorakit-devtools"):
+    for name in ("lorakit-olora", "lorakit-vera", "lorakit-devtools", "lorakit-lorafa", "lorakit-ia3"):
         project = tomllib.loads((ROOT / "plugins" / name / "pyproject.toml").read_text())["project"]
         assert project["dependencies"] == ["lorakit-core"], name
         assert list(project["entry-points"]) == ["lorakit"], name
 
 
-@pytest.mark.parametrize("plugin", ["lorakit-olora", "lorakit-vera"])
+@pytest.mark.parametrize("plugin", ["lorakit-olora", "lorakit-vera", "lorakit-lorafa", "lorakit-ia3"])
 def test_plugin_suite_passes(plugin, monkeypatch):
     monkeypatch.setenv("LORAKIT_CONFORMANCE_EXAMPLES", "1")  # CI budget; the plugin's default is 3
     assert run_pytest(ROOT / "plugins" / plugin) == 0, f"{plugin}'s own tests failed (output above)"

@@ -116,7 +116,30 @@ def test_allow_list(monkeypatch):
     monkeypatch.setenv("LORAKIT_LOAD_PLUGINS", "core, normalizers")
     reg = Registry().load()
     assert set(reg.plugins) == {"core", "normalizers"}
-    assert "scale" in reg.primitives["normalizer"] and reg.primitives["generator"] == {}
+    # core ships the LoRA baseline (lorakit.core.lora); the normalizers add DeLoRA
+    assert set(reg.primitives["normalizer"]) == {"scale", "delora"} and set(reg.primitives["generator"]) == {"direct"}
+
+
+@pytest.mark.parametrize("plugins", ["core", "core,transformers", "core,generators"])
+def test_core_plus_any_one_plugin_works(monkeypatch, plugins, tmp_path):
+    """lorakit-core alone is LoRA; any one plugin composes with it (issue: core self-sufficient)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from torch import nn; from lorakit.core import Adapter, save, load\n"
+        "m = nn.Sequential(nn.Linear(4, 3)); Adapter(rank=2).apply(m, targets=['0'])\n"
+        f"save(m, {str(tmp_path)!r}); load(nn.Sequential(nn.Linear(4, 3)), {str(tmp_path)!r})\n"
+        "import importlib.util\n"
+        "if importlib.util.find_spec('lorakit.transformers'):\n"
+        "    from lorakit.transformers import export_peft, import_peft\n"
+        f"    export_peft(m, {str(tmp_path / 'peft')!r})\n"
+        f"    import_peft(nn.Sequential(nn.Linear(4, 3)), {str(tmp_path / 'peft')!r})\n"
+    )
+    env = {**__import__("os").environ, "LORAKIT_LOAD_PLUGINS": plugins}
+    env.pop("LORAKIT_DISABLE_AUTOLOAD", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_a_plugin_that_fails_to_import_is_reported_not_fatal(monkeypatch, no_env):

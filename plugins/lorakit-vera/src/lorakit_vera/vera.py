@@ -23,7 +23,7 @@ In lorakit's slot model this is two primitives:
 Either composes with the rest: ``VeRA`` over PiSSA/LDU/OLoRA factors trains scaling
 vectors on a principal basis; ``SharedRandom`` under ``Direct`` is LoRA with a
 shared random start (residualized by core). Deviation from the generator rule of
-DESIGN §3 (output equals the initializer's values at step 0): with the paper's
+docs/design.md (output equals the initializer's values at step 0): with the paper's
 ``b_initial = 0`` the returned ``B`` is 0 at step 0 — VeRA's own zero start, as
 LoRA's ``B0 = 0``. ``b_initial=1.0`` follows the rule; core then residualizes.
 Note ``VeRA`` over an initializer with ``B0 = 0`` (``kaiming``'s default) has a zero
@@ -42,14 +42,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit.core import Generator, Initializer, ParameterSlots
+from lorakit.core import Generator, Initializer, ParameterSlots, Role, Slot, SlotsModule
+from lorakit.core.lora import kaiming_uniform
 
 
 def _kaiming_uniform(shape: tuple[int, int], key: str, dtype: torch.dtype) -> torch.Tensor:
-    """``nn.init.kaiming_uniform_(a=√5)`` (bound 1/√fan_in) from a generator keyed by ``key``."""
-    rng = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-    bound = math.sqrt(6.0 / ((1 + 5.0) * shape[1]))
-    return ((torch.rand(shape, generator=rng, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
+    """Kaiming-uniform (``a = √5``, as ``nn.Linear``) from a generator keyed by ``key``."""
+    return kaiming_uniform(shape, math.sqrt(5), torch.Generator().manual_seed(zlib.crc32(key.encode())), dtype)
 
 
 @dataclass
@@ -70,16 +69,14 @@ class SharedRandom(Initializer):
         return B0, weight.new_full((rank,), self.d_initial), A0
 
 
-class VeRASlots(nn.Module):
-    """``A``, ``B`` frozen; ``d`` and ``lambda_b`` trainable; returns ``B = b ⊙ B0``."""
+class VeRASlots(SlotsModule):
+    """``A``, ``B0`` frozen; ``d`` and ``lambda_b`` trainable; returns ``B = b ⊙ B0``."""
 
     def __init__(self, slots, b_initial: float):
-        super().__init__()
-        self.inner = ParameterSlots(slots)  # trainability as declared by VeRA.trainable_factors
+        super().__init__(slots)  # B is declared trainable: it changes, through lambda_b
         B0 = slots["B"].value
+        self.inner = ParameterSlots({**slots, "B": Slot(B0, False, Role.B)})  # B0 itself stays frozen
         self.lambda_b = nn.Parameter(B0.new_full((B0.shape[0],), b_initial))
-        # for lorakit.core.freeze_generators: these outputs stay trainable afterwards
-        self.trainable_names = {n for n, s in slots.items() if s.trainable}
 
     def forward(self):
         s = self.inner()
@@ -94,7 +91,8 @@ class VeRA(Generator):
     b_initial: float = 0.0
 
     name = "vera"
-    trainable_factors = {"A": False, "B": False, "d": True}
+    #: B trains through lambda_b (B = diag(lambda_b)·B0); A and B0 stay frozen
+    trainable_factors = {"A": False, "B": True, "d": True}
 
     def build(self, slots, rng):
         return VeRASlots(slots, self.b_initial)

@@ -41,7 +41,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lorakit.core import Adapter, AdapterError, adapted_layers, registry
+from lorakit.core import Adapter, AdapterError, Role, adapted_layers, registry
+from lorakit.core.lora import Direct, Kaiming, Scale
+from lorakit.core.peft_format import most_common_rank
+from lorakit.magnitudes import DoRA
 
 from .peft_writer import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 
@@ -181,11 +184,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike, recipe: Adapter | str
 
 def _continue_same_adapter(model, config, updates, targets):
     ranks = {name: A.shape[0] for name, (_, (_, A, _)) in updates.items()}
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    adapter = Adapter(generator="direct",
-                      normalizer={"name": "scale", "args": {"alpha": config.get("lora_alpha", 8),
-                                                            "rs": bool(config.get("use_rslora"))}},
-                      init="kaiming", magnitude="dora" if config.get("use_dora") else None,
+    r = most_common_rank(ranks)
+    adapter = Adapter(generator=Direct(), normalizer=Scale(alpha=config.get("lora_alpha", 8),
+                                                           rs=bool(config.get("use_rslora"))),
+                      init=Kaiming(), magnitude=DoRA() if config.get("use_dora") else None,
                       rank=r, rank_pattern={n: k for n, k in ranks.items() if k != r})
     adapter.apply(model, targets=targets)
     layers = adapted_layers(model)
@@ -193,11 +195,11 @@ def _continue_same_adapter(model, config, updates, targets):
         for name, (_, (Bs, A, m)) in updates.items():
             layer = layers[name]
             s = layer.normalizer.initial_scale(layer.rank)  # lorakit's alpha/r; PEFT's may differ per module
-            slots = layer.slots
-            slots.A.copy_(A)
-            slots.B.copy_(Bs / s)
-            if m is not None:
-                slots.m.copy_(m)
+            params = layer.slots.parameters_by_slot()  # Direct: one parameter per trainable slot
+            values = {Role.A: A, Role.B: Bs / s, Role.MAGNITUDE: m}
+            for role, value in values.items():
+                if value is not None:
+                    params[layer.slots.names_with(role)[0]].copy_(value)
     return model
 
 

@@ -24,6 +24,7 @@ from .model_ops import (
 from .optim import param_groups
 from .plugins import register_plugin, registry
 from .primitives import (
+    DORA_MAGNITUDE,
     AdapterError,
     Generator,
     Initializer,
@@ -32,10 +33,14 @@ from .primitives import (
     Normalizer,
     ParameterSlots,
     Primitive,
+    Role,
     Slot,
+    SlotInfo,
+    SlotsModule,
 )
 
 __all__ = [
+    "DORA_MAGNITUDE", "Role", "SlotInfo", "SlotsModule",
     "Adapter", "AdaptedLayer", "AdapterError", "CheckpointError", "ExportedLayer", "Generator",
     "Initializer", "Magnitude", "MergeError", "Normalizer", "ParameterSlots", "Primitive", "Slot",
     "adapted_layers", "default_targets", "disabled", "export_factors", "freeze_generators",

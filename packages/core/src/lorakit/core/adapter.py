@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .layer import AdaptedLayer
+from .lora import Direct, Kaiming, Scale
 from .plugins import registry
 from .primitives import AdapterError, Generator, Initializer, Magnitude, Normalizer
 from .validation import MAX_SEED, check_int, check_probability, safe_regex
@@ -172,9 +173,9 @@ QUANTIZATION_PACKAGES = ("bitsandbytes",)
 
 @dataclass
 class Adapter:
-    generator: Any = "direct"
-    normalizer: Any = "scale"
-    init: Any = "kaiming"
+    generator: Any = field(default_factory=Direct)  # LoRA's baseline (lorakit.core.lora)
+    normalizer: Any = field(default_factory=Scale)
+    init: Any = field(default_factory=Kaiming)
     magnitude: Any = None
     rank: int = 8
     rank_pattern: Mapping[str, int] = field(default_factory=dict)

@@ -33,7 +33,7 @@ from .adapter import Adapter, adapted_layers
 from .checkpoint import load, load_optimizer, save
 from .model_ops import export_factors, freeze_generators, merge, unmerge
 from .plugins import registry
-from .primitives import Primitive
+from .primitives import DORA_MAGNITUDE, FACTOR_NAMES, Primitive, Role
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -167,6 +167,9 @@ def check_combination(combo: Combo, case: Case) -> None:
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{combo}: {name} has no finite gradient"
     model.zero_grad(set_to_none=True)
 
+    # 3. the slot contract: what each slot declares is what training does to it
+    check_slot_contract(combo, adapter, copy.deepcopy(model), x)
+
     # 2. merged == unmerged, unmerge restores W̄
     perturb(model, case.seed)
     model.eval()
@@ -183,17 +186,23 @@ def check_combination(combo: Combo, case: Case) -> None:
 
     # exported factors reproduce the adapted weight: V = W̄ + B A, and the magnitude m
     # (DoRA's W_eff = m/‖V‖·V is a function of exactly these two; comparing g itself
-    # would test fp32 conditioning of near-zero rows of V, not the export)
+    # would test fp32 conditioning of near-zero rows of V, not the export). A head
+    # without DoRA's meaning is exported folded: W_eff − W̄ as plain factors.
     if case.dtype != torch.bfloat16:  # bf16 W̄ makes this a bf16-resolution check only
-        for name, exp in export_factors(model).items():
-            layer = adapted_layers(model)[name]
+        layers = adapted_layers(model)
+        fold = any(layer.magnitude is not None and not any(
+            i.exported_as == DORA_MAGNITUDE for i in layer.slots.slot_info.values()) for layer in layers.values())
+        for name, exp in export_factors(model, fold_magnitude=fold).items():
+            layer = layers[name]
             with torch.no_grad():
-                B, A, _ = layer.factors()
+                B, A, g = layer.factors()
                 W = layer.kind.matrix(layer.base).double()
-                assert_close(W + exp.B.double() @ exp.A.double(), W + B.double() @ A.double(), case.dtype,
+                V = W + B.double() @ A.double()
+                want = V * g.double()[:, None] if fold and g is not None else V
+                assert_close(W + exp.B.double() @ exp.A.double(), want, case.dtype,
                              f"{combo}: export of {name}", scale=10)
                 if exp.magnitude is not None:
-                    assert torch.equal(exp.magnitude, layer.slots()["m"]), f"{combo}: magnitude of {name}"
+                    assert torch.equal(exp.magnitude, layer.slot_value(Role.MAGNITUDE)), f"{combo}: magnitude of {name}"
 
     # 4. save -> load -> identical outputs and identical next step
     if any(p.requires_grad for p in model.parameters()):
@@ -214,6 +223,40 @@ def check_combination(combo: Combo, case: Case) -> None:
             o.step()
         for (n, p), (_, q) in zip(model.named_parameters(), clone.named_parameters()):
             assert torch.equal(p, q), f"{combo}: next step differs after save/load at {n}"
+
+
+def check_slot_contract(combo, adapter: Adapter, model: nn.Module, x: torch.Tensor) -> None:
+    """Each layer's slots behave as declared (``Slot.trainable``, the generator's
+    ``trainable_factors``): the built module reports them (``trainable_slots()``),
+    frozen slots carry no gradient and are bit-identical after optimizer steps, and
+    the factor slots train exactly as the generator's ``trainable_factors`` says."""
+    layers = adapted_layers(model)
+    for name, layer in layers.items():
+        info = layer.slots.slot_info
+        declared = {n for n, i in info.items() if i.trainable}
+        assert layer.slots.trainable_slots() == declared, \
+            f"{combo}: {name}: trainable_slots() {sorted(layer.slots.trainable_slots())} != declared {sorted(declared)}"
+        for role, factor in FACTOR_NAMES.items():
+            wanted = adapter.generator.trainable_factors.get(factor, False)
+            assert info[factor].role is role and info[factor].trainable == wanted, \
+                f"{combo}: {name}: slot {factor} is not the {role.value} its generator declares (trainable={wanted})"
+        values = layer.slots()
+        for n in set(values) - declared:
+            assert not values[n].requires_grad, \
+                f"{combo}: {name}: frozen slot {n!r} is computed from trained parameters"
+    before = {name: {n: v.detach().clone() for n, v in layer.slots().items()} for name, layer in layers.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params:
+        opt = torch.optim.Adam(params, lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            _loss(model, x).backward()
+            opt.step()
+    for name, layer in layers.items():
+        after = layer.slots()
+        frozen = set(after) - layer.slots.trainable_slots()
+        for n in frozen:
+            assert torch.equal(after[n], before[name][n]), f"{combo}: {name}: frozen slot {n!r} changed in training"
 
 
 def train_aggressively(model: nn.Module, x: torch.Tensor, lr: float, steps: int = 10, seed: int = 0) -> bool:

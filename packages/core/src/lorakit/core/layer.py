@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import functional, outputs
 from .layer_kinds import FrozenWeight, LayerKind, LinearKind
-from .primitives import FACTOR_SLOTS, Generator, Initializer, Magnitude, MergeError, Normalizer, Slot
+from .primitives import FACTOR_NAMES, Generator, Initializer, Magnitude, MergeError, Normalizer, Role, Slot
 
 
 class AdaptedLayer(nn.Module):
@@ -57,10 +57,10 @@ class AdaptedLayer(nn.Module):
         # NaN or wrong shape is an error at apply naming it, not a wrong model later
         initial = init.factors(W, rank, normalizer.initial_scale(rank), rng)
         B0, d0, A0 = outputs.expect_tuple(init, "factors()", initial, 3)
-        shapes = {"A": (rank, in_f), "B": (out_f, rank), "d": (rank,)}
-        slots = {name: Slot(outputs.expect(init, f"{name}0", value, shapes[name]).to(dtype),
-                            generator.trainable_factors.get(name, False))
-                 for name, value in zip(FACTOR_SLOTS, (A0, B0, d0))}
+        shapes = {Role.A: (rank, in_f), Role.B: (out_f, rank), Role.D: (rank,)}
+        slots = {name: Slot(outputs.expect(init, f"{name}0", value, shapes[role]).to(dtype),
+                            generator.trainable_factors.get(name, False), role)
+                 for (role, name), value in zip(FACTOR_NAMES.items(), (A0, B0, d0))}
         slots.update(outputs.expect_slots(normalizer, normalizer.slots(W, rank)))
         if magnitude is not None:
             self.register_buffer("row_sq_norm", W.square().sum(dim=1))
@@ -124,6 +124,11 @@ class AdaptedLayer(nn.Module):
         if self.magnitude is not None:
             tensors.extend(self.kind.frozen_tensors(self.base))
         return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+    def slot_value(self, role: Role) -> Tensor | None:
+        """The current value of the (first) slot with ``role``, None if there is none."""
+        names = self.slots.names_with(role)
+        return self.slots()[names[0]] if names else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:

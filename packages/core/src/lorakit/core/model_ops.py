@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from .adapter import adapted_layers
 from .functional import reduce_dense, reduce_lowrank
-from .plugins import registry
-from .primitives import AdapterError, MergeError, MergeError, ParameterSlots, Slot
+from .lora import Direct
+from .primitives import DORA_MAGNITUDE, AdapterError, MergeError, ParameterSlots, Role, Slot
 from .validation import check_finite_tensors
 
 
@@ -151,14 +151,14 @@ def freeze_generators(model: nn.Module) -> nn.Module:
     for layer in _layers(model).values():
         if isinstance(layer.slots, ParameterSlots):
             continue
-        trainable: set[str] = set(getattr(layer.slots, "trainable_names", ()))
         with torch.no_grad():
             values = layer.slots()
-        layer.slots = ParameterSlots({n: Slot(v, n in trainable) for n, v in values.items()})
+        info = layer.slots.slot_info
+        layer.slots = ParameterSlots({n: Slot(v, info[n].trainable, info[n].role, info[n].exported_as)
+                                      for n, v in values.items()})
     config = getattr(model, "lorakit_config", None)
     if config is not None:
-        config["generator"] = {"name": "direct", "args": {}}
-        registry.primitive_class("generator", "direct")  # must exist to load the result
+        config["generator"] = Direct().spec()
     return model
 
 
@@ -202,6 +202,16 @@ def folded_update(layer) -> Tensor:
     return D.sub_(W)
 
 
+def _exported_magnitude(name: str, layer) -> Tensor:
+    """The magnitude slot a standard layout carries as is (DoRA's ``m``), by its declaration."""
+    names = [n for n in layer.slots.names_with(Role.MAGNITUDE)
+             if layer.slots.slot_info[n].exported_as == DORA_MAGNITUDE]
+    if not names:
+        raise AdapterError(f"module {name!r}: magnitude head {layer.magnitude.name!r} has no slot with DoRA's "
+                           "meaning to export; export with fold_magnitude=True (a plain LoRA of W_eff − W̄)")
+    return layer.slots()[names[0]].detach().clone()
+
+
 @torch.no_grad()
 def export_factors(model: nn.Module, rank: int | None = None, *, max_rank: int | str | None = None,
                    energy: float = 0.999, fold_magnitude: bool = False) -> dict[str, ExportedLayer]:
@@ -230,6 +240,6 @@ def export_factors(model: nn.Module, rank: int | None = None, *, max_rank: int |
             out[name] = ExportedLayer(B_k.to(A.dtype), A_k.to(A.dtype), None, err)
             continue
         B_k, A_k, err = reduce_lowrank(B, A, rank, max_rank=max_rank, energy=energy)
-        m = None if layer.magnitude is None else layer.slots()["m"].detach().clone()
+        m = None if layer.magnitude is None else _exported_magnitude(name, layer)
         out[name] = ExportedLayer(B_k, A_k, m, err)
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +84,12 @@ def lora_tensors(model: nn.Module, rank: int | None = None, *, prefix: str = "",
     return tensors, ranks, magnitudes == {True}, rel_errors
 
 
+def most_common_rank(ranks: Mapping[str, int]) -> int:
+    """The rank most modules have (ties: the larger), the base rank of a rank pattern."""
+    counts = Counter(ranks.values())
+    return max(counts, key=lambda k: (counts[k], k))
+
+
 def lora_config(ranks: dict[str, int], *, use_dora: bool = False, fan_in_fan_out: bool = False,
                 base_model_name_or_path: str | None = None, task_type: str | None = None,
                 dropout: float = 0.0) -> dict:
@@ -95,8 +102,7 @@ def lora_config(ranks: dict[str, int], *, use_dora: bool = False, fan_in_fan_out
     writes its own keys so too). ``target_modules`` lists full names so exactly the
     exported modules are adapted.
     """
-    counts = Counter(ranks.values())
-    r = max(counts, key=lambda k: (counts[k], k))
+    r = most_common_rank(ranks)
     pattern = {"^" + re.escape(name): k for name, k in sorted(ranks.items()) if k != r}
     return {
         "peft_type": "LORA",

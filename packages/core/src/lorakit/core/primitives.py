@@ -1,13 +1,15 @@
-"""The four kinds of primitive an adapter is composed of (DESIGN.md §3).
+"""The four kinds of primitive an adapter is composed of (docs/design.md, "Primitives").
 
 A target layer has a frozen weight ``W̄`` (out × in). Its adapter owns named
-tensors, *slots*: ``A`` (r × in), ``B`` (out × r), ``d`` (r) and whatever a
-primitive declares for itself (``lambda_`` for DeLoRA, ``sigma`` for a learnable
-scale, ``m`` for DoRA).
+tensors, *slots*. Each :class:`Slot` declares its :class:`Role`; core, generators and
+exporters ask for roles, never for names. Core creates the factor slots ``A``
+(r × in), ``B`` (out × r) and ``d`` (r) from the initializer; a primitive adds its
+own (DeLoRA's ``λ`` as a :attr:`Role.SCALAR`, DoRA's ``m`` as a :attr:`Role.MAGNITUDE`)
+under names of its choosing.
 
 - an :class:`Initializer` gives ``B0, d0, A0`` from ``W̄``;
 - a :class:`Generator` decides which factor slots train and how they are
-  parameterized; its module returns the current slot values each forward;
+  parameterized; it builds a :class:`SlotsModule` returning the current slot values;
 - a :class:`Normalizer` maps ``(B, d, A)`` to effective factors ``B', A'`` with
   ``ΔW = B'A'``;
 - a :class:`Magnitude` head (optional) rescales the rows of ``V = W̄ + ΔW``.
@@ -19,6 +21,7 @@ how checkpoints name them (registered name + arguments, never an import path).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,7 +30,27 @@ import torch
 from torch import Tensor, nn
 
 KINDS = ("generator", "normalizer", "initializer", "magnitude")
-FACTOR_SLOTS = ("A", "B", "d")
+
+
+class Role(enum.Enum):
+    """What a slot is. Core and exporters find slots by role; names are free."""
+
+    A = "factor A"  # r × in, from the initializer
+    B = "factor B"  # out × r, from the initializer
+    D = "diagonal d"  # r, from the initializer
+    SCALAR = "scalar"  # a learnable scalar of a primitive (DeLoRA's λ, a learnable σ)
+    MAGNITUDE = "magnitude"  # one value per output row, trained (DoRA's m)
+    STATISTIC = "statistic"  # computed from W̄ once and frozen (DeLoRA's column norms)
+
+
+#: the names core gives the factor slots (a normalizer reads ``s["A"]``, ``s["B"]``, ``s["d"]``)
+FACTOR_NAMES = {Role.A: "A", Role.B: "B", Role.D: "d"}
+FACTOR_SLOTS = tuple(FACTOR_NAMES.values())
+
+#: ``Slot.exported_as`` of a magnitude with DoRA's meaning, ``g = m / ‖W̄ + BA‖`` per row:
+#: PEFT's ``lora_magnitude_vector``. A head with any other meaning leaves it None and
+#: is exported only with its magnitude folded into the factors.
+DORA_MAGNITUDE = "dora-magnitude"
 
 
 class AdapterError(ValueError):
@@ -40,10 +63,12 @@ class MergeError(AdapterError):
 
 @dataclass
 class Slot:
-    """Initial value of a slot and whether the optimizer sees it."""
+    """Initial value of a slot, whether the optimizer sees it, and what it is."""
 
     value: Tensor
     trainable: bool
+    role: Role = Role.STATISTIC
+    exported_as: str | None = None  # a standard layout that carries it as is (DORA_MAGNITUDE)
 
 
 class Primitive:
@@ -109,12 +134,47 @@ class Generator(Primitive):
     #: trainability of the factor slots A, B, d under this generator
     trainable_factors: ClassVar[Mapping[str, bool]] = {"A": True, "B": True, "d": False}
 
-    def build(self, slots: Mapping[str, Slot], rng: torch.Generator) -> nn.Module:
-        """A module whose ``forward()`` returns ``{slot name: current value}``."""
+    def build(self, slots: Mapping[str, Slot], rng: torch.Generator) -> SlotsModule:
+        """A :class:`SlotsModule` whose ``forward()`` returns ``{slot name: current value}``."""
         raise NotImplementedError
 
 
-class ParameterSlots(nn.Module):
+@dataclass(frozen=True)
+class SlotInfo:
+    """A slot's declaration without its value (what a built module remembers)."""
+
+    role: Role
+    trainable: bool
+    exported_as: str | None = None
+
+
+class SlotsModule(nn.Module):
+    """What :meth:`Generator.build` returns: ``forward()`` gives ``{slot name: value}``.
+
+    The base records the declaration of every slot it was built from, so core and the
+    conformance kit ask which slots train and which slot has a role instead of reading
+    attributes or knowing names. Rule: at step 0 the outputs equal the initial values;
+    slots declared frozen never change.
+    """
+
+    def __init__(self, slots: Mapping[str, Slot]):
+        super().__init__()
+        self.slot_info = {name: SlotInfo(slot.role, slot.trainable, slot.exported_as)
+                          for name, slot in slots.items()}
+
+    def trainable_slots(self) -> frozenset[str]:
+        """Names of the slots training changes (as declared when built)."""
+        return frozenset(name for name, info in self.slot_info.items() if info.trainable)
+
+    def names_with(self, role: Role) -> list[str]:
+        """Names of the slots with ``role``, in declaration order."""
+        return [name for name, info in self.slot_info.items() if info.role is role]
+
+    def forward(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class ParameterSlots(SlotsModule):
     """Slots held as plain tensors: trainable ones as parameters, the rest as buffers.
 
     This is the ``Direct`` parameterization and the storage every other generator
@@ -122,7 +182,7 @@ class ParameterSlots(nn.Module):
     """
 
     def __init__(self, slots: Mapping[str, Slot]):
-        super().__init__()
+        super().__init__(slots)
         self.names = tuple(slots)
         # FSDP2 (fully_shard) shards parameters along dim 0 and refuses 0-dim ones:
         # a trainable scalar (DeLoRA's λ, a learnable σ) is stored with shape (1,)

@@ -32,22 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.core import AdapterError, Generator, ParameterSlots
+from lorakit.core import AdapterError, Generator, ParameterSlots, Role, SlotsModule
+from lorakit.core.lora import kaiming_uniform
 
-#: slots the MLP generates when they are trainable
-GENERATED = ("A", "B", "d", "m")
+#: roles of the slots the MLP generates when they are trainable (scalars such as λ stay plain)
+GENERATED_ROLES = (Role.A, Role.B, Role.D, Role.MAGNITUDE)
 #: bound on width and embed_dim (the paper uses 32 and 128); 2**31 would allocate terabytes
 MAX_WIDTH = 2**16
 #: bound on one layer's W2 (generated slot values x width): 8 GiB in fp32
 MAX_W2_ELEMENTS = 2**31
-#: slots whose W2 rows start at zero (B: LoRA's "no change at init"; m: OP-DoRA's Δm)
-ZERO_ROWS = ("B", "m")
-
-
-def _kaiming_uniform(shape: tuple[int, int], rng: torch.Generator, dtype: torch.dtype) -> Tensor:
-    """``nn.init.kaiming_uniform_(w, a=√5)`` (``nn.Linear``'s default) from ``rng``."""
-    bound = 1.0 / math.sqrt(shape[1])  # gain √(2/(1+a²)) · √(3/fan_in) with a = √5
-    return ((torch.rand(shape, generator=rng, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
+#: roles whose W2 rows start at zero (B: LoRA's "no change at init"; a magnitude: OP-DoRA's Δm)
+ZERO_ROW_ROLES = (Role.B, Role.MAGNITUDE)
 
 
 @dataclass
@@ -82,7 +77,7 @@ class MLP(Generator):
 
     def build(self, slots, rng):
         # W2 is (numel of the generated slots) x width: refuse before allocating, not with an OOM
-        generated = sum(s.value.numel() for n, s in slots.items() if n in GENERATED and s.trainable)
+        generated = sum(s.value.numel() for s in slots.values() if s.role in GENERATED_ROLES and s.trainable)
         if generated * self.width > MAX_W2_ELEMENTS:
             raise AdapterError(
                 f"MLP(width={self.width}): the layer's generator would hold {generated * self.width:.3g} "
@@ -90,13 +85,12 @@ class MLP(Generator):
         return MLPSlots(slots, self.width, self.embed_dim, float(self.z_std), rng)
 
 
-class MLPSlots(nn.Module):
+class MLPSlots(SlotsModule):
     """The per-layer MLP. ``forward()`` evaluates it once and returns every slot."""
 
     def __init__(self, slots, width: int, embed_dim: int, z_std: float, rng: torch.Generator):
-        super().__init__()
-        self.trainable_names = {n for n, s in slots.items() if s.trainable}
-        gen = [n for n in GENERATED if n in slots and slots[n].trainable]
+        super().__init__(slots)
+        gen = [n for n, s in slots.items() if s.role in GENERATED_ROLES and s.trainable]
         self.generated = tuple(gen)
         self.shapes = tuple(tuple(slots[n].value.shape) for n in gen)
         self.sizes = tuple(slots[n].value.numel() for n in gen)
@@ -105,12 +99,12 @@ class MLPSlots(nn.Module):
         F0 = torch.cat([slots[n].value.detach().reshape(-1) for n in gen])
         dtype, P = F0.dtype, F0.numel()
         self.z = nn.Parameter(torch.randn(embed_dim, generator=rng, dtype=torch.float64).mul_(z_std).to(dtype))
-        self.W1 = nn.Parameter(_kaiming_uniform((width, embed_dim), rng, dtype))
+        self.W1 = nn.Parameter(kaiming_uniform((width, embed_dim), math.sqrt(5), rng, dtype))  # nn.Linear's
         self.b1 = nn.Parameter(torch.zeros(width, dtype=dtype))
-        W2 = _kaiming_uniform((P, width), rng, dtype)
+        W2 = kaiming_uniform((P, width), math.sqrt(5), rng, dtype)
         start = 0
         for n, size in zip(gen, self.sizes):
-            if n in ZERO_ROWS:
+            if slots[n].role in ZERO_ROW_ROLES:
                 W2[start:start + size] = 0
             start += size
         self.W2 = nn.Parameter(W2)

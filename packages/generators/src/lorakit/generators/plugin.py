@@ -3,12 +3,12 @@ with lorakit (entry point ``generators``)."""
 
 from lorakit.core import hookimpl
 
-from . import MLP, Diagonal, Direct
+from . import MLP, Diagonal
 
 
 @hookimpl
 def lorakit_primitives(register):
-    for cls in (Direct, MLP, Diagonal):
+    for cls in (MLP, Diagonal):
         register(cls)
 
 

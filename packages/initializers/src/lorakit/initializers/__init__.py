@@ -1,6 +1,7 @@
 """lorakit initializers: (W̄, r) → B0, d0, A0."""
 
-from .kaiming import Kaiming
+from lorakit.core.lora import Kaiming  # re-exported: it lives in core now
+
 from .ldu import LDU
 from .pissa import PiSSA
 

@@ -2,12 +2,12 @@
 
 from lorakit.core import hookimpl
 
-from . import LDU, Kaiming, PiSSA
+from . import LDU, PiSSA
 
 
 @hookimpl
 def lorakit_primitives(register):
-    for cls in (Kaiming, PiSSA, LDU):
+    for cls in (PiSSA, LDU):
         register(cls)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.core import Magnitude, Slot
+from lorakit.core import DORA_MAGNITUDE, Magnitude, Role, Slot
 from lorakit.core.functional import row_sq_norms_of_sum
 
 
@@ -34,7 +34,8 @@ class DoRA(Magnitude):
     name = "dora"
 
     def slots(self, weight, row_sq_norm):
-        return {"m": Slot(row_sq_norm.sqrt(), trainable=True)}
+        # exported_as: m has exactly PEFT's lora_magnitude_vector meaning
+        return {"m": Slot(row_sq_norm.sqrt(), trainable=True, role=Role.MAGNITUDE, exported_as=DORA_MAGNITUDE)}
 
     def row_scale(self, s, weight, row_sq_norm, B, A):
         with torch.no_grad():  # sg(n): DoRA §4.3

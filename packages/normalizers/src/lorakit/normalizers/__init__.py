@@ -1,6 +1,7 @@
 """lorakit normalizers: map the slots (B, d, A) to effective factors (B', A')."""
 
+from lorakit.core.lora import Scale  # re-exported: it lives in core now
+
 from .delora import DeLoRA
-from .scale import Scale
 
 __all__ = ["DeLoRA", "Scale"]

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.core import AdapterError, Normalizer, Slot
+from lorakit.core import AdapterError, Normalizer, Role, Slot
 
 WEIGHT_NORMS = ("column", "frobenius")
 
@@ -71,8 +71,8 @@ class DeLoRA(Normalizer):
         sq = weight.square()
         w = sq.sum(dim=0).sqrt() if self.weight_norm == "column" else sq.sum().sqrt()
         return {
-            "lambda_": Slot(torch.tensor(float(self.lambda0), dtype=weight.dtype), trainable=True),
-            "w_norm": Slot(w, trainable=False),
+            "lambda_": Slot(torch.tensor(float(self.lambda0), dtype=weight.dtype), trainable=True, role=Role.SCALAR),
+            "w_norm": Slot(w, trainable=False, role=Role.STATISTIC),
         }
 
     def factors(self, s, rank):

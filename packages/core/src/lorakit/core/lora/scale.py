@@ -3,7 +3,7 @@
 - LoRA (Hu et al., 2021): ``s = alpha / r`` (alpha defaults to r, so s = 1);
 - rsLoRA (Kalajdzievski, 2023): ``s = alpha / √r``;
 - ``learnable=True``: ``s`` is a trainable scalar slot ``sigma`` initialized to the
-  above (LoLDU's scaling factor σ, papers/loldu.txt §III).
+  above (LoLDU's scaling factor σ, LoLDU, arXiv:2410.13618, §III).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.core import Normalizer, Slot
-from lorakit.core.validation import check_bool, check_number
+from ..primitives import Normalizer, Role, Slot
+from ..validation import check_bool, check_number
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Scale(Normalizer):
         if not self.learnable:
             return {}
         value = torch.tensor(self.initial_scale(rank), dtype=weight.dtype)
-        return {"sigma": Slot(value, trainable=True)}
+        return {"sigma": Slot(value, trainable=True, role=Role.SCALAR)}
 
     def factors(self, s, rank):
         scale = s["sigma"] if self.learnable else self.initial_scale(rank)

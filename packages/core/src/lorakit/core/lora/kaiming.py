@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.core import Initializer
-from lorakit.core.validation import check_bool, check_number
+from ..primitives import Initializer
+from ..validation import check_bool, check_number
 
 
 def kaiming_uniform(shape: tuple[int, int], a: float, rng: torch.Generator, dtype) -> torch.Tensor:

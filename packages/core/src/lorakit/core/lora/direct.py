@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorakit.core import Generator, ParameterSlots
+from ..primitives import Generator, ParameterSlots
 
 
 @dataclass
