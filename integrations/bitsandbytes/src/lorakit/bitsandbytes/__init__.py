@@ -63,21 +63,26 @@ def quantize(model: nn.Module, mode: str = "nf4", *, compute_dtype: torch.dtype 
 
 
 def frozen_base_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's frozen base: parameters and buffers that are not
-    trainable, quantized weights at their packed size plus their quantization state."""
+    """Bytes held by the model's base (everything but lorakit's adapter tensors):
+    parameters and buffers, quantized weights at their packed size plus their
+    quantization state (absmax, code, SCB)."""
+    from lorakit.core import adapted_layers
+
+    adapter = {id(t) for layer in adapted_layers(model).values()
+               for t in (*layer.slots.parameters(), *layer.slots.buffers(), *layer.buffers(recurse=False))}
     total = 0
     for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if not p.requires_grad:
-                total += p.numel() * p.element_size()
-                state = getattr(p, "quant_state", None)
-                if state is not None:
-                    total += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
-                                 if isinstance(t, torch.Tensor))
+        for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if id(t) in adapter:
+                continue
+            total += t.numel() * t.element_size()
+            state = getattr(t, "quant_state", None)
+            if state is not None:
+                total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
+                             if isinstance(v, torch.Tensor))
         scb = getattr(getattr(module, "state", None), "SCB", None)
         if isinstance(scb, torch.Tensor):
             total += scb.numel() * scb.element_size()
-        total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
     return total
 
 

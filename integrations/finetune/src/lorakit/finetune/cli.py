@@ -39,6 +39,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--seed", type=int, default=D.seed)
     g.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (0: at the end)")
     g.add_argument("--device", default=D.device, help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--quantize", choices=("nf4", "fp4", "int8"),
+                   help="train on a bitsandbytes-quantized frozen base (QLoRA; needs lorakit-bitsandbytes)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: all cores, or 1 when the load average "
                    "already exceeds the core count)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -59,6 +59,7 @@ class FinetuneConfig:
     out: str = "runs/finetune"
     device: str = "auto"
     threads: int | None = None  # None: auto_threads()
+    quantize: str | None = None  # nf4, fp4 or int8: a bitsandbytes-quantized frozen base (lorakit-bitsandbytes)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -232,6 +233,23 @@ def finetune(cfg: FinetuneConfig, *, label: str | None = None, log=print) -> dic
         torch.set_num_threads(threads)  # a process-wide setting: leave it as it was
 
 
+def _frozen_base_mb(backbone, quantize: str | None) -> dict:
+    """The backbone's frozen-base size in fp32, and after ``quantize`` (nf4/fp4/int8:
+    its linear layers replaced in place by bitsandbytes ones, as BitsAndBytesConfig
+    would load them)."""
+    fp32 = sum(p.numel() * 4 for p in backbone.parameters()) / 2**20
+    if not quantize:
+        return {"fp32": fp32}
+    try:
+        from lorakit.bitsandbytes import frozen_base_bytes
+        from lorakit.bitsandbytes import quantize as quantize_model
+    except ImportError as exc:
+        raise FinetuneError(f"--quantize {quantize} needs lorakit-bitsandbytes: pip install lorakit-bitsandbytes "
+                            f"({exc})") from None
+    quantize_model(backbone, quantize)
+    return {"fp32": fp32, "quantized": frozen_base_bytes(backbone) / 2**20}
+
+
 def _device(name: str) -> torch.device:
     from lorakit.core.cli import check_device  # the same check as every lorakit command's --device
 
@@ -252,6 +270,7 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
 
     torch.manual_seed(cfg.seed)
     backbone, tokenizer, folder = load_backbone(cfg.model)
+    base_mb = _frozen_base_mb(backbone, cfg.quantize)
     targets = cfg.targets or None
     adapter.apply(backbone, targets=targets)
     y_train, norm = _targets(data, train)
@@ -355,6 +374,7 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
         # CPU time (all threads) per step: comparable across runs even on a busy machine
         "cpu_ms_per_step": 1000 * cpu_time / steps_done if device.type == "cpu" else None,
         "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
+        "quantize": cfg.quantize, "frozen_base_mb": base_mb,
         "device": str(device), "threads": torch.get_num_threads(),
         "final_loss": ema, "losses": state["losses"],
         "checkpoint": str(ckpt), "peft_export": peft_path, "peft_export_error": peft_error,
@@ -371,5 +391,7 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     log(f"{label}: {primary}={metrics[primary]:.4f} "
         + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != primary)
         + f"  trainable={summary['trainable_parameters']['adapter']:,}+{head_params:,} head"
-        + f"  {summary['steps_per_second']:.2f} steps/s  -> {out}")
+        + f"  {summary['steps_per_second']:.2f} steps/s"
+        + (f"  frozen base {base_mb['quantized']:.1f} MB {cfg.quantize} (fp32 {base_mb['fp32']:.1f} MB)"
+           if cfg.quantize else "") + f"  -> {out}")
     return summary

@@ -436,3 +436,88 @@ def check_quantized_base(combo: Combo, quantize, case: Case = QUANTIZED_CASE, ex
         assert all(type(m) is nn.Linear for m in (merged[0], merged[2])), f"{combo}: merge_and_unload kept quantized"
         dtype = merged[0].weight.dtype  # the compute dtype (a bf16-compute 4-bit base merges to bf16)
         assert_close(merged(x.to(dtype)), y_train, dtype, f"{combo}: merge_and_unload vs adapted", scale=10)
+
+
+QUANTIZED_CASE = Case("linear", in_f=64, hidden=64, out_f=32, rank=4, dtype=torch.float32, batch=3, seed=0)
+
+
+def check_quantized_base(combo: Combo, quantize, case: Case = QUANTIZED_CASE, exact_identity: bool = True) -> None:
+    """The quantized-base properties for one combination (issue 13): ``quantize(model)``
+    turns :func:`build_model`'s float layers into quantized ones in place (e.g.
+    ``lambda m: lorakit.bitsandbytes.quantize(m, "nf4", skip=())``), deterministically.
+
+    Identity at init is exact (bit for bit) with respect to the quantized model
+    (``exact_identity=False``: to the compute dtype's resolution, for a bf16-compute
+    base whose own forward adds the bias in bf16 where a magnitude head adds it after); only
+    adapter slots get gradients; training never changes a byte of the frozen base
+    (state dict, quantization state included); an in-place merge is refused and
+    ``merge_and_unload`` gives float modules computing the adapted outputs; exported
+    factors reproduce the update; save → load onto a freshly quantized model gives
+    identical outputs.
+    """
+    from .model_ops import merge_and_unload
+    from .primitives import MergeError
+
+    def fresh():
+        model, x = build_model(case)
+        return quantize(model), x
+
+    model, x = fresh()
+    base_out = model(x)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    combo.adapter(case.rank, seed=case.seed).apply(model, targets=["0", "2"])
+    if exact_identity:
+        assert torch.equal(model(x), base_out), f"{combo}: identity at init on a quantized base is not exact"
+    else:
+        assert_close(model(x), base_out, torch.bfloat16, f"{combo}: identity at init on a quantized base")
+
+    _loss(model, x).backward()
+    for name, p in model.named_parameters():
+        if ".base." in name:
+            assert not p.requires_grad and p.grad is None, f"{combo}: base parameter {name} is trainable"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable:
+        opt = torch.optim.AdamW(trainable, lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(model, x).backward()
+            opt.step()
+    after = {k.replace(".base.", ".", 1): v for k, v in model.state_dict().items() if ".base." in k}
+    assert after.keys() == frozen.keys(), f"{combo}: the base's state dict keys changed"
+    for k, v in frozen.items():
+        assert v.dtype == after[k].dtype and torch.equal(v, after[k]), f"{combo}: training changed base {k}"
+
+    with torch.no_grad():
+        # the training-mode forward is the reference: an 8-bit layer's eval forward
+        # quantizes its input too (LLM.int8()), which a float merged model does not
+        y_train = model(x)
+        model.eval()
+        y = model(x)
+        try:
+            merge(model)
+        except MergeError:
+            pass
+        else:
+            raise AssertionError(f"{combo}: an in-place merge into a quantized weight was not refused")
+        for name, exp in export_factors(model).items():
+            layer = adapted_layers(model)[name]
+            B, A, _ = layer.factors()
+            W = layer.kind.matrix(layer.base).double()
+            assert_close(W + exp.B.double() @ exp.A.double(), W + B.double() @ A.double(), case.dtype,
+                         f"{combo}: export of {name}", scale=10)
+        with tempfile.TemporaryDirectory() as tmp:
+            save(model, tmp)
+            clone, _ = fresh()
+            load(clone, tmp)
+        if exact_identity:
+            assert torch.equal(clone.eval()(x), y), f"{combo}: outputs differ after save/load on a quantized base"
+        else:  # bitsandbytes casts a 4-bit layer's bias to the compute dtype in its first forward
+            assert_close(clone.eval()(x), y, torch.bfloat16, f"{combo}: outputs after save/load")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merged = merge_and_unload(model)
+        assert all(type(m) is nn.Linear for m in (merged[0], merged[2])), f"{combo}: merge_and_unload kept quantized"
+        dtype = merged[0].weight.dtype  # the compute dtype (a bf16-compute 4-bit base merges to bf16)
+        assert_close(merged(x.to(dtype)), y_train, dtype, f"{combo}: merge_and_unload vs adapted", scale=10)
