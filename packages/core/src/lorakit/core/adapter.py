@@ -149,50 +149,6 @@ QUANTIZATION_PACKAGES = ("bitsandbytes",)
 """Quantization libraries with a lorakit integration (``lorakit-<name>``), named in errors."""
 
 
-def _quantized_hint(name: str, module: nn.Module, dtype: torch.dtype) -> str:
-    """Why a module with a non-float weight cannot be adapted, and what to install.
-
-    A quantized linear usually subclasses ``nn.Linear``, so without its integration it
-    falls back to the plain linear kind; the package that registers its kind is named."""
-    cls = type(module)
-    package = cls.__module__.partition(".")[0]
-    supported = sorted(t.__name__ for t, k in registry.load().layers.items() if getattr(k, "quantized", False))
-    if supported and any(type(k).__module__.startswith(f"lorakit.{package}")
-                         for k in registry.layers.values() if getattr(k, "quantized", False)):
-        return (f"module {name!r} is a {package} {cls.__name__} ({dtype} weight), which no installed layer kind "
-                f"adapts; supported quantized layers: {', '.join(supported)}. Narrow the targets or convert it.")
-    install = f"pip install lorakit-{package}" if package in QUANTIZATION_PACKAGES else "register a layer kind"
-    return (f"module {name!r} is a {cls.__name__} with a {dtype} weight (quantized); lorakit adapts it through "
-            f"a layer kind: {install} (lorakit_layers hook), or dequantize the model first"
-            + (f"; quantized layers supported now: {', '.join(supported)}" if supported else ""))
-
-
-QUANTIZATION_PACKAGES = ("bitsandbytes",)
-"""Quantization libraries with a lorakit integration (``lorakit-<name>``), named in errors."""
-
-
-def _quantized_hint(name: str, module: nn.Module, dtype: torch.dtype) -> str:
-    """Why a module with a non-float weight cannot be adapted, and what to install.
-
-    A quantized linear usually subclasses ``nn.Linear``, so without its integration it
-    falls back to the plain linear kind; the package that registers its kind is named."""
-    cls = type(module)
-    package = cls.__module__.partition(".")[0]
-    supported = sorted(t.__name__ for t, k in registry.load().layers.items() if getattr(k, "quantized", False))
-    if supported and any(type(k).__module__.startswith(f"lorakit.{package}")
-                         for k in registry.layers.values() if getattr(k, "quantized", False)):
-        return (f"module {name!r} is a {package} {cls.__name__} ({dtype} weight), which no installed layer kind "
-                f"adapts; supported quantized layers: {', '.join(supported)}. Narrow the targets or convert it.")
-    install = f"pip install lorakit-{package}" if package in QUANTIZATION_PACKAGES else "register a layer kind"
-    return (f"module {name!r} is a {cls.__name__} with a {dtype} weight (quantized); lorakit adapts it through "
-            f"a layer kind: {install} (lorakit_layers hook), or dequantize the model first"
-            + (f"; quantized layers supported now: {', '.join(supported)}" if supported else ""))
-
-
-QUANTIZATION_PACKAGES = ("bitsandbytes",)
-"""Quantization libraries with a lorakit integration (``lorakit-<name>``), named in errors."""
-
-
 @dataclass
 class Adapter:
     generator: Any = field(default_factory=Direct)  # LoRA's baseline (lorakit.core.lora)
