@@ -34,6 +34,7 @@ from .checkpoint import load, load_optimizer, save
 from .model_ops import export_factors, freeze_generators, merge, unmerge
 from .plugins import registry
 from .primitives import DORA_MAGNITUDE, FACTOR_NAMES, Primitive, Role
+from .trained import trained_biases
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -45,9 +46,9 @@ class Combo:
     init: dict
     magnitude: dict | None
 
-    def adapter(self, rank: int, seed: int = 0, dropout: float = 0.0) -> Adapter:
+    def adapter(self, rank: int, seed: int = 0, dropout: float = 0.0, bias: str = "none") -> Adapter:
         return Adapter(generator=self.generator, normalizer=self.normalizer, init=self.init,
-                       magnitude=self.magnitude, rank=rank, seed=seed, dropout=dropout)
+                       magnitude=self.magnitude, rank=rank, seed=seed, dropout=dropout, bias=bias)
 
     def __str__(self) -> str:
         parts = [self.generator, self.normalizer, self.init, self.magnitude]
@@ -86,6 +87,7 @@ class Case:
     batch: int
     seed: int
     dropout: float = 0.0
+    bias: str = "none"
 
 
 @st.composite
@@ -96,7 +98,8 @@ def cases(draw, max_dim: int = 64, dtypes=(torch.float64, torch.float32, torch.b
     limit = min(in_f, hidden, out_f) if layer == "linear" else min(hidden, out_f, in_f * 9)
     rank = draw(st.integers(1, max(limit, 1)))
     return Case(layer, in_f, hidden, out_f, rank, draw(st.sampled_from(dtypes)),
-                draw(st.integers(1, 4)), draw(st.integers(0, 2**16)), draw(st.sampled_from([0.0, 0.0, 0.25])))
+                draw(st.integers(1, 4)), draw(st.integers(0, 2**16)), draw(st.sampled_from([0.0, 0.0, 0.25])),
+                draw(st.sampled_from(["none", "none", "adapted"])))
 
 
 def build_model(case: Case) -> tuple[nn.Module, torch.Tensor]:
@@ -152,16 +155,17 @@ def check_combination(combo: Combo, case: Case) -> None:
     pristine = copy.deepcopy(model)
     base_out = model(x)
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    adapter = combo.adapter(case.rank, seed=case.seed, dropout=case.dropout)
+    adapter = combo.adapter(case.rank, seed=case.seed, dropout=case.dropout, bias=case.bias)
     adapter.apply(model, targets=["0", "2"])
 
     # 1. identity at init (in training mode: with dropout too, B'A' − B0'A0' = 0 on any input)
     assert_close(model(x), base_out, case.dtype, f"{combo}: identity at init")
 
-    # 5. only trainable slots get gradients
+    # 5. only trainable slots (and the biases bias= trains) get gradients
     _loss(model, x).backward()
+    biases = trained_biases(model)
     for name, p in model.named_parameters():
-        if ".base." in name:
+        if ".base." in name and name not in biases:
             assert not p.requires_grad and p.grad is None, f"{combo}: base parameter {name} is trainable"
         elif p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{combo}: {name} has no finite gradient"
