@@ -209,3 +209,16 @@ def test_trainer_with_a_4bit_base_and_gradient_checkpointing(tmp_path):
     assert moved, "no adapter parameter trained"
     after = {k.replace(".base.", ".", 1): v for k, v in model.state_dict().items() if ".base." in k}
     assert all(torch.equal(frozen[k], v) for k, v in after.items())
+
+
+@pytest.mark.slow
+def test_bench_quantize_runs_lorakit_and_peft_on_the_same_nf4_base():
+    from lorakit.bench import BenchConfig, run_bench
+
+    config = BenchConfig(hidden=64, layers=1, intermediate=128, vocab=64, batch=1, seq=8, steps=1, repeats=1,
+                         warmup=0, recipes=("lora", "dora"), peft=("lora", "dora"), floor=False, quantize="nf4")
+    result = run_bench(config)
+    assert result["config"]["quantize"] == "nf4"
+    for label, row in result["methods"].items():
+        assert row["init_loss_minus_base"] == 0, label  # identity at init on the quantized base, both libraries
+    assert "memory: lorakit dora / PEFT LoRA" in result["ratios"]

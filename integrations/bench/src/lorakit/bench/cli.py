@@ -39,6 +39,8 @@ def configure(parser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
     parser.add_argument("--markdown", metavar="PATH", help="write both tables as Markdown")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--quantize", choices=("nf4", "fp4", "int8"),
+                        help="quantize the frozen base with bitsandbytes (QLoRA; needs lorakit-bitsandbytes)")
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -72,7 +74,7 @@ def config_from_args(args) -> BenchConfig:
                        vocab=args.vocab, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
                        repeats=args.repeats, warmup=max(args.warmup, 1 if args.compile else 0),
                        recipes=recipes, peft=peft, seed=args.seed, threads=args.threads,
-                       floor=not args.no_floor)
+                       floor=not args.no_floor, quantize=args.quantize)
 
 
 def run(args) -> int:

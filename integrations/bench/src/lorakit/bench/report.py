@@ -58,7 +58,8 @@ def print_tables(result: dict, stderr: bool = False) -> None:
     if not console.is_terminal or console.width < 120:  # two tables of 7 columns
         console = Console(stderr=stderr, width=120)
     c = result["config"]
-    title = (f"{c['device']} {c['dtype']}{' compiled' if c['compile'] else ' eager'}: Llama hidden "
+    base = f" {c['quantize']} base" if c.get("quantize") else ""
+    title = (f"{c['device']} {c['dtype']}{base}{' compiled' if c['compile'] else ' eager'}: Llama hidden "
              f"{c['hidden']} x {c['layers']} layers, batch {c['batch']}x{c['seq']}, r={c['rank']}")
     ratio_title = "ratios (lower is better); rounds: min–max over rounds"
     for (header, rows), t in zip(_tables(result), (title, ratio_title)):

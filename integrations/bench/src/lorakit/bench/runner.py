@@ -59,6 +59,7 @@ class BenchConfig:
     threads: int = 1
     lr: float = 1e-3
     floor: bool = True
+    quantize: str | None = None  # nf4, fp4 or int8: every method on the same bitsandbytes-quantized base
     targets: tuple[str, ...] = field(default=tuple(TARGETS), init=False)
 
 
@@ -122,6 +123,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int], None] | None =
     dtype = DTYPES[config.dtype]
     base = build_base(config.hidden, config.layers, config.intermediate, config.vocab, config.seq,
                       config.seed, dtype, config.device)
+    if config.quantize:  # QLoRA: the same quantized frozen base for lorakit and PEFT (lm_head stays float)
+        from lorakit.bitsandbytes import quantize
+
+        quantize(base, config.quantize, compute_dtype=dtype).requires_grad_(False)
     g = torch.Generator().manual_seed(config.seed + 1)
     ids = torch.randint(0, config.vocab, (config.batch, config.seq), generator=g).to(config.device)
     batch = {"input_ids": ids, "labels": ids}
