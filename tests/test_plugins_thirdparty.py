@@ -138,3 +138,28 @@ def test_new_plugin_bad_input(tmp_path, capsys):
         from lorakit_devtools import new_plugin
         new_plugin("twice", "normalizer", tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["lorakit-twice"]  # nothing written for the refused ones
+
+
+def test_checkpoints_record_every_primitives_distribution(tmp_path):
+    """A checkpoint names the distribution and version of each primitive it uses (a
+    third-party plugin's too), and a load without that plugin says what to install."""
+    import json
+    import subprocess
+
+    from torch import nn
+
+    from lorakit.core import Adapter, save
+
+    model = nn.Sequential(nn.Linear(6, 4))
+    Adapter(generator="lora-fa", normalizer="delora", init="pissa", magnitude="ia3", rank=2).apply(model, targets=["0"])
+    save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["primitives"] == {"generator lora-fa": "lorakit-lorafa", "normalizer delora": "lorakit-normalizers",
+                                    "initializer pissa": "lorakit-initializers", "magnitude ia3": "lorakit-ia3"}
+    assert {"lorakit-core", "lorakit-lorafa", "lorakit-ia3", "lorakit-normalizers", "lorakit-initializers"} <= set(
+        config["versions"])
+    code = ("from torch import nn; from lorakit.core import load\n"
+            f"load(nn.Sequential(nn.Linear(6, 4)), {str(tmp_path)!r})")
+    env = {**os.environ, "LORAKIT_LOAD_PLUGINS": "core,normalizers,initializers,ia3"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "it was saved with lorakit-lorafa: pip install it" in result.stderr

@@ -242,10 +242,15 @@ class Registry:
         self._claim(self.commands, name, (help, configure, run), f"command {name!r}", info)
 
     # -- lookups -------------------------------------------------------------------
+    def provider(self, kind: str, name: str) -> PluginInfo | None:
+        """The plugin that registered the primitive ``kind``/``name`` (None if none did)."""
+        label = f"{kind} {name!r}"
+        return next((info for info in self.plugins.values() if label in info.registered), None)
+
     def plugin_of(self, primitive: Any) -> str | None:
         """The name of the plugin that registered ``primitive``'s kind and name."""
-        label = f"{primitive.kind} {primitive.name!r}"
-        return next((name for name, info in self.plugins.items() if label in info.registered), None)
+        info = self.provider(primitive.kind, primitive.name)
+        return None if info is None else info.name
 
     def primitive_class(self, kind: str, name: str) -> type:
         table = self.load().primitives[kind]
