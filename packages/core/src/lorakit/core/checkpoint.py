@@ -28,6 +28,7 @@ from torch import nn
 from .adapter import Adapter, adapted_layers
 from .adapter import _check_targets as check_targets
 from .atomic import carry_over, publish, recover, staging_folder
+from .plugins import registry
 from .primitives import AdapterError
 from .validation import MAX_SEED, check_probability, check_regular_file, loads_strict, read_regular_file, safe_regex
 
@@ -44,15 +45,38 @@ class CheckpointError(AdapterError):
     """A checkpoint that cannot be loaded into this model; nothing was changed."""
 
 
-def _versions() -> dict[str, str]:
+def _versions(adapter: dict) -> dict[str, str]:
+    """torch, lorakit-core and the distribution of every primitive this adapter uses
+    (a third-party plugin's too), as ``{distribution: version}``."""
     out = {"torch": str(torch.__version__)}
-    for dist in ("lorakit-core", "lorakit-generators", "lorakit-normalizers",
-                 "lorakit-initializers", "lorakit-magnitudes"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
+    try:
+        out["lorakit-core"] = version("lorakit-core")
+    except PackageNotFoundError:
+        pass
+    for info in _providers(adapter).values():
+        if info.distribution and info.version:
+            out[info.distribution] = info.version
     return out
+
+
+def _providers(adapter: dict) -> dict[str, Any]:
+    """``{"generator mlp": PluginInfo, ...}``: the plugin that registered each primitive used."""
+    out = {}
+    for field, kind in (("generator", "generator"), ("normalizer", "normalizer"), ("init", "initializer"),
+                        ("magnitude", "magnitude")):
+        spec = adapter.get(field)
+        if spec is not None and (info := registry.provider(kind, spec["name"])) is not None:
+            out[f"{kind} {spec['name']}"] = info
+    return out
+
+
+def _install_hint(primitives: Any) -> str:
+    """Which distributions the checkpoint's primitives came from (the ones not installed)."""
+    if not isinstance(primitives, dict):
+        return ""
+    missing = sorted({str(dist) for used, dist in primitives.items()
+                      if isinstance(used, str) and " " in used and registry.provider(*used.split(" ", 1)) is None})
+    return f" (it was saved with {', '.join(missing)}: pip install it)" if missing else ""
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -100,7 +124,10 @@ def write_files(model: nn.Module, folder: Path, optimizer: torch.optim.Optimizer
         "modules": {n: {"shape": list(layer.kind.matrix(layer.base).shape), "rank": layer.rank}
                     for n, layer in layers.items()},
         "base_model": type(model).__name__,
-        "versions": _versions(),
+        "versions": _versions(getattr(model, "lorakit_config")),  # noqa: B009 (typed Module)
+        # which plugin (and distribution) provided each primitive, to name what to install
+        "primitives": {used: info.distribution or info.name
+                       for used, info in _providers(getattr(model, "lorakit_config")).items()},  # noqa: B009
     }
     save_file(adapter_state(model), str(folder / WEIGHTS), metadata={"format": "pt"})
     if optimizer is not None:
@@ -155,7 +182,7 @@ def _config_problem(config: Any) -> str | None:
         return 'not a lorakit config (no "format": "lorakit")'
     if config.get("format_version") != FORMAT_VERSION:
         return f"format_version {config.get('format_version')!r} is not {FORMAT_VERSION}; upgrade lorakit-core"
-    extra = set(config) - {"format", "format_version", "adapter", "modules", "base_model", "versions"}
+    extra = set(config) - {"format", "format_version", "adapter", "modules", "base_model", "versions", "primitives"}
     if extra:
         return f"unknown fields {sorted(extra)}; remove them"
     adapter, modules = config.get("adapter"), config.get("modules")
@@ -232,8 +259,9 @@ def load(model: nn.Module, path: str | os.PathLike,
         try:
             adapter = Adapter.from_config(config["adapter"])
             adapter.apply(model, targets="(?:" + "|".join(re.escape(n) for n in modules) + ")")
-        except Exception as exc:  # e.g. a primitive rejecting its arguments
-            raise CheckpointError(f"{path / CONFIG}: cannot build the saved adapter: {exc}") from None
+        except Exception as exc:  # e.g. a primitive rejecting its arguments, or one not installed
+            raise CheckpointError(f"{path / CONFIG}: cannot build the saved adapter: {exc}"
+                                  + _install_hint(config.get("primitives"))) from None
     try:
         _check_and_load(model, config, tensors, path, optimizer, opt_state)
     except Exception:
