@@ -26,14 +26,14 @@ def no_work(monkeypatch):
     """Each command's work fails loudly: a bad argument must be refused before it."""
     import lorakit.bench.cli
     import lorakit.finetune.train
-    import lorakit.generators.mf
+    import lorakit.studies.mf
 
     def work(*args, **kwargs):
         raise AssertionError("the work started before the arguments were checked")
 
     monkeypatch.setattr(lorakit.finetune.train, "load_data", work)
     monkeypatch.setattr(lorakit.bench.cli, "run_bench", work)
-    monkeypatch.setattr(lorakit.generators.mf, "study", work)
+    monkeypatch.setattr(lorakit.studies.mf, "study", work)
 
 
 def one_error_line(capsys, needle: str) -> str:

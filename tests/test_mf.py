@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lorakit.core.cli import main
-from lorakit.generators import mf
+from lorakit.studies import mf
 
 
 def test_reduced_study_through_the_cli(tmp_path, capsys):

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from lorakit.core import Adapter, AdapterError
-
-from .mlp import MLP
+from lorakit.generators import MLP
 
 #: learning-rate grids (log-spaced) per optimizer, each spanning from "too slow for
 #: either model in 1000 steps" to past OP-MF's and up to MF's stability limit, so both
