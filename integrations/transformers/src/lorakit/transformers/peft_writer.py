@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lorakit.core import AdapterError, adapted_layers
 from lorakit.core.atomic import atomic_write
 from lorakit.core.peft_format import DORA_KEY, TRUNCATION_TOL, TruncationWarning, lora_config, lora_tensors
+from lorakit.core.trained import PEFT_BIAS, trained_biases
 from lorakit.core.validation import check_finite_tensors
 
 PEFT_CONFIG = "adapter_config.json"
@@ -84,12 +85,24 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
                       "on a base with the same PEFT adapter merged", UserWarning, stacklevel=3)
     tensors, ranks, use_dora, rel_errors = lora_tensors(model, rank, prefix=prefix, dtype=dtype, max_rank=max_rank,
                                                         energy=energy, fold_magnitude=fold_magnitude)
+    tensors.update(_trained_base_tensors(model, prefix, dtype))
     check_finite_tensors(tensors.items(), "PEFT export refused")  # e.g. overflow when cast to fp16
-    return PeftExport(tensors, lora_config(ranks, use_dora=use_dora,
-                                           fan_in_fan_out=any(_uses_conv1d(m) for m in layers.values()),
-                                           base_model_name_or_path=base_model_name_or_path,
-                                           task_type=task_type,
-                                           dropout=max(layer.dropout for layer in layers.values())), rel_errors)
+    config = lora_config(ranks, use_dora=use_dora, fan_in_fan_out=any(_uses_conv1d(m) for m in layers.values()),
+                         base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+                         dropout=max(layer.dropout for layer in layers.values()))
+    config["bias"] = PEFT_BIAS[model.lorakit_config.get("bias", "none")]
+    return PeftExport(tensors, config, rel_errors)
+
+
+def _trained_base_tensors(model: nn.Module, prefix: str, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """The base biases the adapter trained, under PEFT's names: an adapted module's
+    bias is ``<module>.base_layer.bias`` inside PEFT's wrapper, any other keeps its name."""
+    out = {}
+    for name, p in trained_biases(model).items():
+        owner = name.removesuffix(".base.bias")
+        key = f"{owner}.base_layer.bias" if owner != name else name
+        out[prefix + key] = p.detach().to("cpu", dtype or p.dtype).contiguous()
+    return out
 
 
 def peft_state_dict(model: nn.Module, rank: int | None = None,

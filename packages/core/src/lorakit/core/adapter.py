@@ -23,6 +23,7 @@ from .layer import AdaptedLayer
 from .lora import Direct, Kaiming, Scale
 from .plugins import registry
 from .primitives import AdapterError, Generator, Initializer, Magnitude, Normalizer
+from .trained import check_bias, trained_biases
 from .validation import MAX_SEED, check_int, check_probability, safe_regex
 
 Targets = str | Iterable[str] | None
@@ -163,6 +164,7 @@ class Adapter:
     dropout: float = 0.0  # PEFT's lora_dropout: on the adapter branch's input, in training only
     exclude: Targets = None  # module names or a regex, removed from the targets
     layers: Iterable[int] | int | None = None  # block indices to adapt (PEFT's layers_to_transform)
+    bias: str = "none"  # train the base biases too: "none", "all" or "adapted" (PEFT's bias option)
 
     def __post_init__(self) -> None:
         self.generator: Generator = registry.create("generator", self.generator)
@@ -183,6 +185,7 @@ class Adapter:
         check_int(self.seed, "adapter.seed", 0, MAX_SEED)
         check_probability(self.dropout, "adapter.dropout")
         self.exclude = _check_targets(self.exclude, "adapter.exclude")
+        check_bias(self.bias)
         if self.layers is not None:  # stored as a sorted list: a range or a set round-trips through JSON
             layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
             self.layers = sorted({check_int(i, "adapter.layers[]", 0) for i in layers})
@@ -208,6 +211,7 @@ class Adapter:
             "dropout": self.dropout,
             "exclude": self.exclude,
             "layers": self.layers,
+            "bias": self.bias,
         }
 
     @classmethod
@@ -215,7 +219,7 @@ class Adapter:
         if not isinstance(config, Mapping):
             raise AdapterError(f"adapter config {config!r:.80}: give a dict like Adapter.config() returns")
         fields = ("generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "recipe",
-                  "dropout", "exclude", "layers")
+                  "dropout", "exclude", "layers", "bias")
         kwargs = {k: config[k] for k in fields if k in config}
         if config.get("dtype"):
             dtype = getattr(torch, config["dtype"], None) if isinstance(config["dtype"], str) else None
@@ -270,6 +274,8 @@ class Adapter:
                 for p in layer.slots.parameters():
                     p.requires_grad_(True)
         setattr(model, "lorakit_config", {**self.config(), "targets": sorted(new)})  # noqa: B010 (typed Module)
+        for p in trained_biases(model).values():
+            p.requires_grad_(True)
         if verbose:
             print(f"lorakit: adapted {len(new)} modules of {type(model).__name__}: {', '.join(sorted(new))}")
         return model
