@@ -222,3 +222,33 @@ def test_bench_quantize_runs_lorakit_and_peft_on_the_same_nf4_base():
     for label, row in result["methods"].items():
         assert row["init_loss_minus_base"] == 0, label  # identity at init on the quantized base, both libraries
     assert "memory: lorakit dora / PEFT LoRA" in result["ratios"]
+
+
+def test_ddp_trains_on_a_quantized_base_and_fsdp2_is_refused_clearly(tmp_path):
+    """One gloo rank (file store): DDP replicates the frozen quantized base and reduces
+    only the adapter's gradients; FSDP2's fully_shard would replace the quantized weight
+    by a DTensor, which the kinds refuse with a clear error instead of bitsandbytes'
+    AttributeError."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for mode in MODES:
+            torch.manual_seed(0)
+            model = quantize(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32)), mode, skip=())
+            frozen = {k: v.clone() for k, v in model.state_dict().items()}
+            Adapter.from_recipe("dora", rank=4).apply(model, targets=["0", "2"])
+            ddp = DistributedDataParallel(model)
+            opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
+            ddp(torch.randn(4, 64)).square().mean().backward()
+            opt.step()
+            after = {k.replace(".base.", ".", 1): v for k, v in model.state_dict().items() if ".base." in k}
+            assert all(torch.equal(frozen[k], v) for k, v in after.items())
+
+            fully_shard(model[0])
+            with pytest.raises(RuntimeError, match="FSDP2 .* not supported by lorakit-bitsandbytes"):
+                model(torch.randn(4, 64))
+    finally:
+        dist.destroy_process_group()

@@ -38,8 +38,29 @@ def _error(W_new: Tensor, W: Tensor) -> dict:
             "rel_fro_error": float(diff.norm() / W.double().norm().clamp_min(1e-300))}
 
 
+WEIGHT_TYPES = {"Linear4bit": "Params4bit", "Linear8bitLt": "Int8Params"}
+
+
+def _still_quantized(base, *_args) -> None:
+    """Raise a clear error when the quantized weight was replaced behind lorakit's back:
+    FSDP2's ``fully_shard`` swaps ``Params4bit``/``Int8Params`` for a DTensor parameter,
+    and bitsandbytes would then fail with an unrelated AttributeError."""
+    expected = next((w for cls, w in WEIGHT_TYPES.items() if isinstance(base, getattr(bnb.nn, cls))), None)
+    if expected and type(base.weight).__name__ != expected:
+        raise RuntimeError(
+            f"this {type(base).__name__}'s weight is a {type(base.weight).__name__}, no longer a bitsandbytes "
+            f"{expected}: FSDP2 (fully_shard) of a quantized base is not supported by lorakit-bitsandbytes. "
+            "Use DistributedDataParallel (the quantized base is frozen and replicated; only the adapter's "
+            "gradients are reduced), or shard only float modules.")
+
+
 class _QuantizedLinearKind(LayerKind):
     quantized = True
+
+    def prepare(self, base):
+        if not getattr(base, "_lorakit_checked", False):  # once, even if applied again after unload
+            base.register_forward_pre_hook(_still_quantized)
+            base._lorakit_checked = True
 
     def lowrank(self, base, x, B, A):
         return F.linear(F.linear(x, A), B)
@@ -71,6 +92,7 @@ class Linear4bitKind(_QuantizedLinearKind):
     """
 
     def _state(self, base):
+        _still_quantized(base)
         return base.weight.quant_state
 
     def _dtype(self, base):
@@ -83,6 +105,7 @@ class Linear4bitKind(_QuantizedLinearKind):
         return None
 
     def prepare(self, base):
+        super().prepare(base)
         state = self._state(base)
         if getattr(state, "packing_format_for_cpu", False):  # back to the canonical (saved) layout
             base.weight.data, base.weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(
@@ -126,6 +149,7 @@ class Linear8bitLtKind(_QuantizedLinearKind):
 
     @staticmethod
     def _cb_scb(base):
+        _still_quantized(base)
         state = base.state
         CB = state.CB if state.CB is not None else base.weight.data
         SCB = state.SCB if state.SCB is not None else getattr(base.weight, "SCB", None)
