@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from lorakit.core import Adapter, AdapterError, registry
+from lorakit.core.plugins import format_spec
 
 from .errors import FinetuneError
 
@@ -58,7 +59,7 @@ def build_adapter(recipe: str | None = None, *, generator: str | None = None, no
     for part, text in given.items():
         composition[part] = parse_spec(PARTS[part], text)
     if given:
-        label = "+".join(_spec_label(composition[k]) for k in PARTS if composition[k] is not None)
+        label = "+".join(format_spec(composition[k]) for k in PARTS if composition[k] is not None)
         name = None
     else:
         label = name = recipe or "lora"
@@ -69,8 +70,3 @@ def build_adapter(recipe: str | None = None, *, generator: str | None = None, no
     except (TypeError, ValueError) as exc:  # a primitive rejecting its arguments
         raise FinetuneError(f"adapter {label}: {exc}") from None
     return adapter, label
-
-
-def _spec_label(spec: dict) -> str:
-    args = ",".join(f"{k}={v}" for k, v in spec["args"].items())
-    return spec["name"] + (f":{args}" if args else "")

@@ -26,6 +26,7 @@ from .plugins import register_plugin, registry
 from .primitives import (
     DORA_MAGNITUDE,
     AdapterError,
+    Composition,
     Generator,
     Initializer,
     Magnitude,
@@ -40,7 +41,7 @@ from .primitives import (
 )
 
 __all__ = [
-    "DORA_MAGNITUDE", "Role", "SlotInfo", "SlotsModule",
+    "Composition", "DORA_MAGNITUDE", "Role", "SlotInfo", "SlotsModule",
     "Adapter", "AdaptedLayer", "AdapterError", "CheckpointError", "ExportedLayer", "Generator",
     "Initializer", "Magnitude", "MergeError", "Normalizer", "ParameterSlots", "Primitive", "Slot",
     "adapted_layers", "default_targets", "disabled", "export_factors", "freeze_generators",

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .plugins import registry
+from .plugins import format_spec, registry
 from .primitives import AdapterError
 
 # The top-level --help text (the module docstring speaks to developers, in reST).
@@ -90,16 +90,11 @@ def _recipes(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for name, row in rows.items():
-        parts = [f"{k}={_spec_str(row[k])}" for k in ("generator", "normalizer", "init", "magnitude") if row[k]]
+        parts = [f"{k}={format_spec(row[k])}" for k in ("generator", "normalizer", "init", "magnitude") if row[k]]
         print(f"{name:10s} {' '.join(parts)}")
         if row["description"]:
             print(f"{'':10s} {row['description']}")
     return 0
-
-
-def _spec_str(spec: dict) -> str:
-    args = ",".join(f"{k}={v}" for k, v in spec["args"].items())
-    return spec["name"] + (f"({args})" if args else "")
 
 
 def _plugins(args) -> int:

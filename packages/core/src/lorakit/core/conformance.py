@@ -32,7 +32,7 @@ from torch import nn
 from .adapter import Adapter, adapted_layers
 from .checkpoint import load, load_optimizer, save
 from .model_ops import export_factors, freeze_generators, merge, unmerge
-from .plugins import registry
+from .plugins import format_spec, registry
 from .primitives import DORA_MAGNITUDE, FACTOR_NAMES, Primitive, Role
 from .trained import trained_biases
 
@@ -52,7 +52,7 @@ class Combo:
 
     def __str__(self) -> str:
         parts = [self.generator, self.normalizer, self.init, self.magnitude]
-        return "+".join(p["name"] + "".join(f",{k}={v}" for k, v in p["args"].items()) for p in parts if p)
+        return "+".join(format_spec(p) for p in parts if p)
 
 
 def _key(spec):

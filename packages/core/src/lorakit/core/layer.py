@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import functional, outputs
 from .layer_kinds import FrozenWeight, LayerKind, LinearKind
-from .primitives import FACTOR_NAMES, Generator, Initializer, Magnitude, MergeError, Normalizer, Role, Slot
+from .primitives import FACTOR_NAMES, Composition, MergeError, Role, Slot
 
 
 class AdaptedLayer(nn.Module):
@@ -32,10 +32,11 @@ class AdaptedLayer(nn.Module):
     base: Any
     slots: nn.Module
 
-    def __init__(self, base: nn.Module, kind: LayerKind, rank: int, generator: Generator,
-                 normalizer: Normalizer, init: Initializer, magnitude: Magnitude | None,
-                 rng: torch.Generator, dtype: torch.dtype | None = None, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, kind: LayerKind, rank: int, composition: Composition,
+                 rng: torch.Generator, *, dtype: torch.dtype | None = None, dropout: float = 0.0):
         super().__init__()
+        generator, normalizer, init, magnitude = (composition.generator, composition.normalizer,
+                                                  composition.init, composition.magnitude)
         self.base = base
         self.dropout = dropout  # PEFT's lora_dropout: on the adapter branch's input, in training only
         self.kind = kind

@@ -75,6 +75,15 @@ def as_spec(value: Any) -> dict | None:
     raise AdapterError(f"cannot read a primitive from {value!r}; give a name or a primitive")
 
 
+def format_spec(spec: Any) -> str:
+    """A primitive spec (anything :func:`as_spec` reads) as text: ``name`` or
+    ``name:key=value,...`` — the form ``lorakit finetune --generator`` & co. accept.
+    The one formatter for specs: CLI listings, conformance ids, run labels."""
+    spec = as_spec(spec)
+    args = ",".join(f"{k}={v}" for k, v in spec["args"].items())
+    return spec["name"] + (f":{args}" if args else "")
+
+
 class Registry:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("lorakit")

@@ -140,6 +140,16 @@ class Generator(Primitive):
 
 
 @dataclass(frozen=True)
+class Composition:
+    """The primitives of one adapter, which every adapted layer is built from."""
+
+    generator: Generator
+    normalizer: Normalizer
+    init: Initializer
+    magnitude: Magnitude | None = None
+
+
+@dataclass(frozen=True)
 class SlotInfo:
     """A slot's declaration without its value (what a built module remembers)."""
 
