@@ -2,10 +2,12 @@
 
 For every registered recipe: a tiny Llama (MiniLM's fast WordPiece tokenizer saved
 beside it) gets the adapter with every trainable tensor perturbed, is exported with
-``export_peft(max_rank=16)`` — DoRA recipes with ``fold_magnitude=True``, since vLLM
-has no DoRA — and served by vLLM's CPU engine with ``enable_lora=True``
-(``max_lora_rank=16``, its default). vLLM's greedy tokens and their logprobs must
-equal lorakit's own (tokens equal, |Δ logprob| ≤ 1e-4, fp32 both sides).
+``export_peft(max_rank=16)`` (vLLM's default ``max_lora_rank``; every non-DoRA
+update here has rank ≤ 2r = 8, so the cap is exact) — DoRA recipes with
+``fold_magnitude=True`` at full rank, since vLLM has no DoRA and the folded update
+``(g−1)⊙W̄ + g⊙BA`` has rank min(out, in) = 128 — and served by vLLM's CPU engine
+with ``enable_lora=True, max_lora_rank=128``. vLLM's greedy tokens and their
+logprobs must equal lorakit's own (tokens equal, |Δ logprob| ≤ 1e-4, fp32 both sides).
 
     python scripts/vllm_check.py [--out DIR] [--tokens N]
 
@@ -23,7 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-MAX_LORA_RANK = 16  # vLLM's default max_lora_rank
+MAX_LORA_RANK = 16  # vLLM's default max_lora_rank: the cap of every non-DoRA export
+HIDDEN = 128
+SERVED_RANK = HIDDEN  # a folded DoRA is full rank: min(out, in) of the tiny Llama
 TOL = 1e-4
 PROMPTS = [[101, 7592, 2088, 1010, 2023, 2003], [101, 1996, 4248, 2829, 4419, 14523, 2058]]
 
@@ -40,7 +44,7 @@ def build_base(folder: Path):
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                          bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
                          pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
@@ -87,8 +91,12 @@ def adapters(base, out: Path) -> dict[str, tuple[Path, dict]]:
                     p.add_(0.1 * torch.randn(p.shape, generator=gen) * (p.abs().mean() + 0.05))
         model.eval()
         dora = registry.load().recipes[recipe].magnitude is not None
-        path = export_peft(model, out / recipe, max_rank=MAX_LORA_RANK, fold_magnitude=dora,
+        # DoRA folded exactly (full rank); the rest capped at vLLM's default, exactly
+        path = export_peft(model, out / recipe, max_rank=None if dora else MAX_LORA_RANK, fold_magnitude=dora,
                            task_type="CAUSAL_LM")
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert not config["use_dora"] and max([config["r"], *config["rank_pattern"].values()]) <= (
+            SERVED_RANK if dora else MAX_LORA_RANK), recipe
         made[recipe] = (path, model)
     return made
 
@@ -113,7 +121,7 @@ def main() -> int:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(model=str(out / "base"), dtype="float32", enable_lora=True, max_lora_rank=MAX_LORA_RANK,
+    llm = LLM(model=str(out / "base"), dtype="float32", enable_lora=True, max_lora_rank=SERVED_RANK,
               max_loras=1, max_model_len=128, seed=0, enforce_eager=True)
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, logprobs=0, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in PROMPTS]
