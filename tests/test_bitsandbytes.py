@@ -8,7 +8,6 @@ base with outputs equal to lorakit's (1e-5, fp32 compute)."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
+
+import bitsandbytes as bnb
 
 from .kinds import Linear4bitKind, Linear8bitLtKind
 

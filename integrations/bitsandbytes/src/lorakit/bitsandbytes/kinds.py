@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import copy
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
 from lorakit.core import MergeError
 from lorakit.core.layer_kinds import LayerKind
-from torch import Tensor, nn
 
 BLOCK_ELEMENTS = 1 << 22  # 8-bit W̄ Mᵀ in row blocks of at most ~4M weights (16 MiB in fp32)
 
