@@ -10,12 +10,11 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from test_peft_export import run, tiny_gpt2, tiny_llama
+from test_targeting import tiny_model
 
 from lorakit.core import Adapter, AdapterError, adapted_layers, load, registry, save
 from lorakit.transformers import export_peft
-
-from test_peft_export import run, tiny_gpt2, tiny_llama
-from test_targeting import tiny_model
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
 
@@ -52,7 +51,8 @@ def test_bias_modes_select_peft_sets():
 def test_bias_checkpoint_round_trip(tmp_path, mode, recipe):
     base = tiny_gpt2()
     model = train(Adapter.from_recipe(recipe, rank=2, bias=mode).apply(copy.deepcopy(base)))
-    biases = {n.replace(".base.", "."): p for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad}
+    biases = {n.replace(".base.", "."): p for n, p in model.named_parameters()
+              if n.endswith("bias") and p.requires_grad}
     assert any(not torch.equal(p, base.get_parameter(n)) for n, p in biases.items()), "no bias trained"
     save(model, tmp_path / "ck")
     clone = load(copy.deepcopy(base), tmp_path / "ck").eval()

@@ -11,12 +11,11 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from test_peft_export import run, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lorakit.core import Adapter, AdapterError, adapted_layers, load, merge, registry, save, unmerge
 from lorakit.transformers import export_peft
-
-from test_peft_export import run, tiny_gpt2, tiny_llama
 
 RECIPES = sorted(registry.load().recipes)
 P = 0.3

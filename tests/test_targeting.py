@@ -12,13 +12,11 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from torch import nn
-from transformers import AutoConfig, AutoModel, BertConfig, BertForSequenceClassification, CONFIG_MAPPING
+from test_peft_export import tiny_gpt2, tiny_llama
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, BertConfig, BertForSequenceClassification
 
 from lorakit.core import Adapter, AdapterError, adapted_layers, load, save
 from lorakit.transformers import DEFAULT_TARGETS, export_peft
-
-from test_peft_export import tiny_gpt2, tiny_llama
 
 _DEC = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=64, head_dim=8, pad_token_id=0)

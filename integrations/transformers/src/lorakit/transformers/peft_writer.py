@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lorakit.core import AdapterError, adapted_layers
 from lorakit.core.atomic import atomic_write
 from lorakit.core.peft_format import DORA_KEY, TRUNCATION_TOL, TruncationWarning, lora_config, lora_tensors
-from lorakit.core.trained import PEFT_BIAS, trained_biases
+from lorakit.core.trained import PEFT_BIAS, saved_modules, trained_biases
 from lorakit.core.validation import check_finite_tensors
 
 PEFT_CONFIG = "adapter_config.json"
@@ -91,18 +91,21 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
                          base_model_name_or_path=base_model_name_or_path, task_type=task_type,
                          dropout=max(layer.dropout for layer in layers.values()))
     config["bias"] = PEFT_BIAS[model.lorakit_config.get("bias", "none")]
+    config["modules_to_save"] = sorted(saved_modules(model)) or None
     return PeftExport(tensors, config, rel_errors)
 
 
 def _trained_base_tensors(model: nn.Module, prefix: str, dtype: torch.dtype | None) -> dict[str, Tensor]:
-    """The base biases the adapter trained, under PEFT's names: an adapted module's
-    bias is ``<module>.base_layer.bias`` inside PEFT's wrapper, any other keeps its name."""
-    out = {}
+    """The base tensors the adapter trained, under PEFT's names: an adapted module's
+    bias is ``<module>.base_layer.bias`` inside PEFT's wrapper, any other keeps its name;
+    a module to save is stored under its own name (PEFT drops ``modules_to_save.<adapter>``)."""
+    named = {}
     for name, p in trained_biases(model).items():
         owner = name.removesuffix(".base.bias")
-        key = f"{owner}.base_layer.bias" if owner != name else name
-        out[prefix + key] = p.detach().to("cpu", dtype or p.dtype).contiguous()
-    return out
+        named[f"{owner}.base_layer.bias" if owner != name else name] = p
+    for name, module in saved_modules(model).items():
+        named.update({f"{name}.{k}": v for k, v in module.trained.state_dict().items()})
+    return {prefix + k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in named.items()}
 
 
 def peft_state_dict(model: nn.Module, rank: int | None = None,

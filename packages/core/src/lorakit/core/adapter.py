@@ -23,7 +23,7 @@ from .layer import AdaptedLayer
 from .lora import Direct, Kaiming, Scale
 from .plugins import registry
 from .primitives import AdapterError, Generator, Initializer, Magnitude, Normalizer
-from .trained import check_bias, trained_biases
+from .trained import check_bias, check_module_names, trained_biases, wrap_saved
 from .validation import MAX_SEED, check_int, check_probability, safe_regex
 
 Targets = str | Iterable[str] | None
@@ -165,6 +165,7 @@ class Adapter:
     exclude: Targets = None  # module names or a regex, removed from the targets
     layers: Iterable[int] | int | None = None  # block indices to adapt (PEFT's layers_to_transform)
     bias: str = "none"  # train the base biases too: "none", "all" or "adapted" (PEFT's bias option)
+    modules_to_save: Iterable[str] | None = None  # modules trained whole (heads, norms), as PEFT's option
 
     def __post_init__(self) -> None:
         self.generator: Generator = registry.create("generator", self.generator)
@@ -186,6 +187,7 @@ class Adapter:
         check_probability(self.dropout, "adapter.dropout")
         self.exclude = _check_targets(self.exclude, "adapter.exclude")
         check_bias(self.bias)
+        self.modules_to_save = check_module_names(self.modules_to_save)
         if self.layers is not None:  # stored as a sorted list: a range or a set round-trips through JSON
             layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
             self.layers = sorted({check_int(i, "adapter.layers[]", 0) for i in layers})
@@ -212,6 +214,7 @@ class Adapter:
             "exclude": self.exclude,
             "layers": self.layers,
             "bias": self.bias,
+            "modules_to_save": self.modules_to_save,
         }
 
     @classmethod
@@ -219,7 +222,7 @@ class Adapter:
         if not isinstance(config, Mapping):
             raise AdapterError(f"adapter config {config!r:.80}: give a dict like Adapter.config() returns")
         fields = ("generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "recipe",
-                  "dropout", "exclude", "layers", "bias")
+                  "dropout", "exclude", "layers", "bias", "modules_to_save")
         kwargs = {k: config[k] for k in fields if k in config}
         if config.get("dtype"):
             dtype = getattr(torch, config["dtype"], None) if isinstance(config["dtype"], str) else None
@@ -255,6 +258,9 @@ class Adapter:
             targets = _all_linear(model)
         targets = default_targets(model) if targets is None else targets
         chosen = self._narrow({n: m for n, m in model.named_modules() if n and _matches(n, targets)}, model)
+        saved = self._saved_names(model)
+        # a module trained whole needs no low-rank update inside it (a default "dense" in a head)
+        chosen = {n: m for n, m in chosen.items() if not any(n == s or n.startswith(s + ".") for s in saved)}
         if not chosen:
             raise AdapterError(f"targets {targets!r} match no module of {type(model).__name__}; "
                                + _target_hint(model))
@@ -276,6 +282,8 @@ class Adapter:
         setattr(model, "lorakit_config", {**self.config(), "targets": sorted(new)})  # noqa: B010 (typed Module)
         for p in trained_biases(model).values():
             p.requires_grad_(True)
+        for module in wrap_saved(model, saved, _matches).values():
+            module.trained.requires_grad_(True)
         if verbose:
             print(f"lorakit: adapted {len(new)} modules of {type(model).__name__}: {', '.join(sorted(new))}")
         return model
@@ -292,6 +300,16 @@ class Adapter:
         if self.layers is not None:
             chosen = {n: m for n, m in chosen.items() if _layer_index(n) in self.layers}
         return chosen
+
+    def _saved_names(self, model: nn.Module) -> list[str]:
+        """Full names of the modules to save; a name matching nothing is an error."""
+        if not self.modules_to_save:
+            return []
+        names = [n for n, _ in model.named_modules() if n and _matches(n, self.modules_to_save)]
+        unknown = [s for s in self.modules_to_save if not any(_matches(n, [s]) for n in names)]
+        if unknown:
+            raise AdapterError(f"modules_to_save={unknown} match no module of {type(model).__name__}")
+        return names
 
     def _wrap(self, name: str, module: nn.Module) -> AdaptedLayer:
         kind = registry.layer_kind(module)

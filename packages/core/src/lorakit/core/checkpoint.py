@@ -30,7 +30,7 @@ from .adapter import _check_targets as check_targets
 from .atomic import carry_over, publish, recover, staging_folder
 from .plugins import registry
 from .primitives import AdapterError
-from .trained import check_bias, trained_biases
+from .trained import check_bias, check_module_names, load_trained_base_state, trained_base_state
 from .validation import MAX_SEED, check_probability, check_regular_file, loads_strict, read_regular_file, safe_regex
 
 CONFIG = "adapter_config.json"
@@ -82,8 +82,8 @@ def _install_hint(primitives: Any) -> str:
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter tensor (slots, generator, frozen residual), base weights excluded,
-    and the base biases it trains (``bias=``) under their full parameter names."""
-    state = {name: p.detach().contiguous().clone() for name, p in trained_biases(model).items()}
+    and the base tensors it trains (biases, modules to save: ``trained.trained_base_state``)."""
+    state = trained_base_state(model)
     for name, layer in adapted_layers(model).items():
         for key, value in layer.state_dict().items():
             if not key.startswith("base."):
@@ -164,7 +164,8 @@ def _check_layers(value: Any, field: str) -> None:
 
 # adapter fields a checkpoint may omit: (validator, the value a file without it means)
 _OPTIONAL_FIELDS = {"dropout": (check_probability, 0.0), "exclude": (check_targets, None),
-                    "layers": (_check_layers, None), "bias": (check_bias, "none")}
+                    "layers": (_check_layers, None), "bias": (check_bias, "none"),
+                    "modules_to_save": (check_module_names, None)}
 
 
 def _is_int(v: Any, low: int = 0, high: int | None = None) -> bool:
@@ -358,9 +359,7 @@ def _check_and_load(model, config, tensors, path, optimizer=None, opt_state=None
         own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")
                and k[len(name) + 1:] in dict(layer.state_dict())}
         layer.load_state_dict(own, strict=False)
-    with torch.no_grad():
-        for name, p in trained_biases(model).items():
-            p.copy_(tensors[name])
+    load_trained_base_state(model, tensors)
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

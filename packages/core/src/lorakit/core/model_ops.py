@@ -12,6 +12,7 @@ from .adapter import adapted_layers
 from .functional import reduce_dense, reduce_lowrank
 from .lora import Direct
 from .primitives import DORA_MAGNITUDE, AdapterError, MergeError, ParameterSlots, Role, Slot
+from .trained import saved_modules, unwrap_saved
 from .validation import check_finite_tensors
 
 
@@ -67,6 +68,7 @@ def unload(model: nn.Module) -> nn.Module:
         layer.unmerge()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.base)
+    unwrap_saved(model, keep="original")
     model.__dict__.pop("lorakit_config", None)
     return model
 
@@ -98,6 +100,7 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module
                 report[name] = {"merged_into": f"{type(module).__name__}({W_eff.dtype})"}
             del W_eff
         setattr(model.get_submodule(parent), child, module)
+    unwrap_saved(model, keep="trained")
     model.__dict__.pop("lorakit_config", None)
     if quantized:
         import warnings
@@ -110,19 +113,19 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
-    for layer in _layers(model).values():
+    for layer in [*_layers(model).values(), *saved_modules(model).values()]:
         layer.disabled = not enabled
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """``with disabled(model):`` runs the base model."""
-    states = {n: layer.disabled for n, layer in _layers(model).items()}
+    states = {n: layer.disabled for n, layer in {**_layers(model), **saved_modules(model)}.items()}
     set_enabled(model, False)
     try:
         yield model
     finally:
-        for name, layer in adapted_layers(model).items():
+        for name, layer in {**adapted_layers(model), **saved_modules(model)}.items():
             layer.disabled = states[name]
 
 
