@@ -168,7 +168,8 @@ def test_cli_recipes_and_plugins_json(capsys):
     names = {p["name"]: p for p in listing["plugins"]}
     for builtin in ("core", "generators", "normalizers", "initializers", "magnitudes"):
         assert builtin in names
-    assert "generator 'direct'" in names["generators"]["registered"]
+    assert "generator 'direct'" in names["core"]["registered"]  # LoRA's baseline ships with core
+    assert "generator 'mlp'" in names["generators"]["registered"]
     assert names["normalizers"]["distribution"] == "lorakit-normalizers"
 
 
