@@ -1,4 +1,4 @@
-"""torch.compile (DESIGN §6, §7.7): every recipe and combination of registered
+"""torch.compile (docs/design.md, "Work and memory per forward"): every recipe and combination of registered
 primitives compiles with ``fullgraph=True`` (zero graph breaks), over training steps
 and eval forwards, with no recompile after the first compile of each mode, and the
 compiled model computes what the eager model computes (outputs and gradients).

@@ -1,4 +1,5 @@
-"""DESIGN §7 properties over every registered combination of primitives.
+"""The conformance kit (docs/design.md, "The primitive contract") over every registered
+combination of primitives.
 
 CI draws a few shapes/dtypes per combination; ``LORAKIT_SLOW=1`` (nox -s slow) runs
 the same properties with many more examples.

@@ -1,4 +1,4 @@
-"""DeLoRA normalizer (papers/delora.txt Eq. 5–9, 15): the norm bound, zero-norm
+"""DeLoRA normalizer (DeLoRA, arXiv:2503.18225, Eq. 5–9, 15): the norm bound, zero-norm
 factors, PEFT's ``delora`` as reference, and the official code's pitfalls."""
 
 import copy

@@ -79,7 +79,7 @@ def test_mlp_output_at_step0_is_the_initializers_values_exactly(init, normalizer
 
 
 def test_mlp_paper_init():
-    """op-lora.txt supp. §2.1: W2 rows producing B (and DoRA's m) zero, biases zero."""
+    """OP-LoRA (arXiv:2412.10362) supp. §2.1: W2 rows producing B (and DoRA's m) zero, biases zero."""
     model, _ = adapt(MLP(width=8, embed_dim=6), magnitude="dora")
     s = adapted_layers(model)["2"].slots
     assert s.generated == ("A", "B", "m")
@@ -123,7 +123,7 @@ def test_parameter_count_formula(magnitude):
         P = r * in_f + out_f * r + (out_f if magnitude else 0)  # generated A, B (, m)
         expected += embed + width * (embed + 1) + (width + 1) * P
     assert parameter_report(model)["trainable"] == expected
-    # op-lora.txt §4: "an MLP of hidden dimension 32 scales the trainable parameters by ~32"
+    # OP-LoRA §4: "an MLP of hidden dimension 32 scales the trainable parameters by ~32"
     model, _ = model_and_input(out_f=256, in_f=256)
     Adapter.from_recipe("op-lora", rank=8).apply(model, targets=["0"])
     lora = 8 * (256 + 32)

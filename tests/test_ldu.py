@@ -1,4 +1,4 @@
-"""LDU initializer and learnable Scale (LoLDU, papers/loldu.txt §III): the
+"""LDU initializer and learnable Scale (LoLDU, arXiv:2410.13618, §III): the
 decomposition, the six init options, zero pivots, and the paper's parameter count."""
 
 import copy

@@ -1,4 +1,4 @@
-"""Work and memory per forward (DESIGN §6).
+"""Work and memory per forward (docs/design.md, "Work and memory per forward").
 
 1. Nothing of size out × in is allocated in forward or backward, for every
    combination of registered primitives, on a rectangular 512 × 384 layer: every

@@ -1,4 +1,4 @@
-"""Every hook has a doc and a test (DESIGN §5): each hookspec in
+"""Every hook has a doc and a test (docs/design.md, "Registry and checkpoints"): each hookspec in
 ``lorakit.core.hookspecs`` has a ``## lorakit_<hook>`` section in docs/plugins.md that
 shows its ``register(...)`` call, and is exercised by at least one test."""
 

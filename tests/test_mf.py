@@ -1,4 +1,4 @@
-"""``lorakit mf``: the OP-LoRA matrix-factorization study (op-lora.txt §4.1), reduced.
+"""``lorakit mf``: the OP-LoRA matrix-factorization study (OP-LoRA, arXiv:2412.10362, §4.1), reduced.
 
 The full study (100×100, 1000 steps, three optimizers) is a command whose results
 are in docs/papers/op-lora-mf.md; here a small matrix and few steps go through the

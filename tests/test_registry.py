@@ -1,4 +1,4 @@
-"""The plugin registry (DESIGN §5), each behaviour on a fresh ``Registry()``:
+"""The plugin registry (docs/design.md, "Registry and checkpoints"), each behaviour on a fresh ``Registry()``:
 lazy idempotent loading, the environment switches, failures reported not fatal,
 name clashes, unknown hooks rejected; and the ``plugins``/``recipes`` commands."""
 

@@ -1,4 +1,5 @@
-"""Export an adapted diffusers model to diffusers' LoRA format (DESIGN §3, Export).
+"""Export an adapted diffusers model to diffusers' LoRA format (docs/design.md,
+"Merge, unmerge, export").
 
 One file, ``pytorch_lora_weights.safetensors``, that ``model.load_lora_adapter(...)``
 and ``pipeline.load_lora_weights(...)`` load unchanged:

@@ -1,4 +1,4 @@
-"""``lorakit mf``: OP-LoRA's matrix-factorization case study (papers/op-lora.txt §4.1).
+"""``lorakit mf``: OP-LoRA's matrix-factorization case study (OP-LoRA, arXiv:2412.10362, §4.1).
 
 Fit a target ``M ∈ R^{100×100}`` (entries U[0, 1]) by ``BA`` of rank 8, minimizing
 the MSE, once with free factors (MF: ``A`` random, ``B = 0``) and once with the
@@ -37,7 +37,7 @@ TOLERANCE = 0.01  # "reaches the SVD error": final MSE <= (1 + 1%) · SVD optimu
 
 
 def target_matrix(rows: int, cols: int, seed: int, dtype=torch.float32) -> torch.Tensor:
-    """``M`` with entries U[0, 1) (op-lora.txt §4.1), from a seeded generator."""
+    """``M`` with entries U[0, 1) (OP-LoRA §4.1), from a seeded generator."""
     g = torch.Generator().manual_seed(seed)
     return torch.rand(rows, cols, generator=g, dtype=torch.float64).to(dtype)
 
@@ -168,7 +168,7 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str | Path) -> None:
-    """Loss curves like op-lora.txt Fig. 2 (MF in oranges, OP-MF in blues, darker =
+    """Loss curves like OP-LoRA's Fig. 2 (MF in oranges, OP-MF in blues, darker =
     larger learning rate, SVD optimum in red), and beside them the gap to the SVD
     optimum, ``MSE / SVD − 1``, on a log scale with the 1% line."""
     try:

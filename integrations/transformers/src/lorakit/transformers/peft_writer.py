@@ -1,4 +1,5 @@
-"""Export any lorakit adapter as a standard PEFT LoRA/DoRA adapter (DESIGN §3, Export).
+"""Export any lorakit adapter as a standard PEFT LoRA/DoRA adapter (docs/design.md,
+"Merge, unmerge, export").
 
 The file pair PEFT writes, ``adapter_config.json`` + ``adapter_model.safetensors``,
 loads unchanged with ``peft.PeftModel.from_pretrained`` and transformers'

@@ -27,7 +27,7 @@ def dense_times_t(W: Tensor, M: Tensor) -> Tensor:
 def row_sq_norms_of_sum(W: Tensor | WeightOperator, W_row_sq: Tensor, B: Tensor, A: Tensor) -> Tensor:
     """``‖(W + B A)_i‖²`` for every row i without forming the out × in sum.
 
-    ``‖W_i + B_i A‖² = ‖W_i‖² + 2 (W Aᵀ)_i · B_i + B_i (A Aᵀ) B_iᵀ`` (DESIGN §4, DoRA).
+    ``‖W_i + B_i A‖² = ‖W_i‖² + 2 (W Aᵀ)_i · B_i + B_i (A Aᵀ) B_iᵀ`` (DoRA; docs/design.md, "Residualization").
     Cost O(out·in·R) and memory O((out + in)·R). Clamped at 0 against cancellation.
     ``W`` is a dense tensor (:func:`dense_times_t`) or an operator whose ``times_t``
     applies it (a quantized layer's own kernel on A's rows).

@@ -6,7 +6,7 @@
 Methods want different step sizes for different slots:
 
 - DeLoRA trains its boundary ``λ`` (slot ``lambda_``) with its own learning rate
-  (papers/delora.txt App. D ablates the λ and B/A learning rates separately);
+  (DeLoRA, arXiv:2503.18225, App. D ablates the λ and B/A learning rates separately);
   ``lambda_lr`` applies to every scalar slot (``lambda_``, a learnable scale
   ``sigma``, a plugin's scalar);
 - LoRA+ (Hayou et al., 2024) sets ``lr_B = ratio · lr_A`` (``loraplus_ratio``);

@@ -1,4 +1,4 @@
-"""Plugin manager and registry (DESIGN §5).
+"""Plugin manager and registry (docs/design.md, "Registry and checkpoints"; docs/plugins.md).
 
 Plugins are found through the entry-point group ``lorakit``; built-ins are plugins
 like any other. Loading is lazy (first lookup) and idempotent. Environment:

@@ -1,4 +1,4 @@
-"""``Diagonal``: LoLDU's parameterization (papers/loldu.txt §III).
+"""``Diagonal``: LoLDU's parameterization (LoLDU, arXiv:2410.13618, §III).
 
 ``ΔW = s · B diag(d) A`` with the factors ``A, B`` frozen (kept as buffers from the
 initializer; with ``LDU`` they are the pivoted lower/upper triangular parts of

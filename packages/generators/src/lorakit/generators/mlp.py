@@ -1,16 +1,17 @@
-"""``MLP``: OP-LoRA's over-parameterized generator (papers/op-lora.txt §4, supp. §2.1).
+"""``MLP``: OP-LoRA's over-parameterized generator (Teterwak et al., *OP-LoRA: The Blessing
+of Dimensionality*, arXiv:2412.10362, §4, supp. §2.1).
 
 One small MLP and one learned embedding ``z ∈ R^embed_dim`` per adapted layer
 generate the trainable factor slots (``A``, ``B``; DoRA's magnitude ``m`` too, which
-makes OP-DoRA, op-lora.txt §5)::
+makes OP-DoRA, OP-LoRA §5)::
 
     h    = ReLU(W1 z + b1)                      W1: width × embed_dim
     flat = W2 h + b2_eff                        W2: P × width,  P = Σ numel(slot)
     (A, B, m) = split(flat)
 
 Paper init (supp. §2.1): ``W1, W2`` Kaiming-uniform, the rows of ``W2`` producing
-``B`` (and ``m``) zero, biases zero. So that any initializer composes (DESIGN §3
-item 2), the effective output bias is ``b2_eff = b2 + (F0 − W2 h(z0))`` with the
+``B`` (and ``m``) zero, biases zero. So that any initializer composes (docs/design.md,
+"The slot model"), the effective output bias is ``b2_eff = b2 + (F0 − W2 h(z0))`` with the
 learned ``b2`` zero-initialized as in the paper and ``F0`` the initializer's values:
 at step 0 the output is ``F0``. The constant is kept as two frozen buffers and
 applied as ``((W2 h − W2 h(z0)) + b2) + F0`` — the first difference is exactly 0 at
@@ -19,7 +20,7 @@ layer was built on). Gradients of the MLP are those of the paper's MLP (a consta
 bias offset changes none of them).
 
 Trainable parameters: ``embed_dim + width·(embed_dim + 1) + (width + 1)·P``,
-about ``width × (numel A + numel B)`` (op-lora.txt §4). Slots the MLP does not
+about ``width × (numel A + numel B)`` (OP-LoRA §4). Slots the MLP does not
 generate (frozen ones, a normalizer's ``lambda_``/``sigma``) stay plain tensors.
 """
 
@@ -51,7 +52,7 @@ class MLP(Generator):
 
     ``z_std`` is the std of the initial embedding, ``z0 ~ N(0, z_std²)``. The default
     0.01 is the authors' and the value that reproduces the matrix-factorization study
-    (op-lora.txt §4.1; docs/papers/op-lora-mf.md): with ``z_std=1`` the pre-activations
+    (OP-LoRA §4.1; docs/papers/op-lora-mf.md): with ``z_std=1`` the pre-activations
     are large, the MLP's effective step in the ~width directions it spans is huge and
     OP-MF stalls at 1.09–1.25× the SVD error at every SGD learning rate where it
     converges.

@@ -1,5 +1,5 @@
 """``LDU``: LoLDU's Lower-Diag-Upper initialization (Shi et al., 2024;
-papers/loldu.txt §III-A/B, Eq. 1 and 3–5; the equations were lost in extraction,
+arXiv:2410.13618, §III-A/B, Eq. 1 and 3–5; the equations were lost in extraction,
 so here they are).
 
     W̄ = P L D U      (LU with partial pivoting, then D = diag(U), U ← D⁻¹ U)
@@ -18,7 +18,7 @@ ablation, Table V); with ``μ, σ_D`` the mean and (population) standard deviati
 
 - ``constant``: every entry ``μ``;
 - ``uniform``:  ``U(−|μ|/2, +|μ|/2)`` (the extracted paper lost the bounds; this is
-  DESIGN §4's reading);
+  lorakit's reading, docs/design.md "Where lorakit reads a paper");
 - ``normal``:   ``N(μ, σ_D²)``;
 
 each also divided by ``s``; ``ones`` and ``zeros`` are literal. Random draws use the

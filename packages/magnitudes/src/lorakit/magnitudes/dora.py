@@ -1,4 +1,5 @@
-"""``DoRA``: weight-decomposed low-rank adaptation (Liu et al., 2024, §4.1 Eq. 5, §4.3).
+"""``DoRA``: weight-decomposed low-rank adaptation (Liu et al., 2024, arXiv:2402.09353,
+§4.1 Eq. 5, §4.3).
 
     W_eff = diag(m / sg(n)) · V,   V = W̄ + B'A',   n_i = ‖V_i‖   (per output row)
 
@@ -6,7 +7,7 @@
 ``W_eff = W̄`` at step 0; ``sg`` is the stop-gradient of §4.3 (the norm is treated
 as a constant in backward, as PEFT does), so ``n`` is computed under ``no_grad``.
 
-The norm never forms the out × in matrix ``V`` (DESIGN §4):
+The norm never forms the out × in matrix ``V`` (docs/design.md, "Residualization"):
 
     n_i² = ‖W̄_i‖² + 2 (W̄ A'ᵀ)_i · B'_i + B'_i (A'A'ᵀ) B'_iᵀ
 

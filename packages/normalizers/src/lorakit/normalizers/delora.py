@@ -1,5 +1,5 @@
-"""``DeLoRA``: decoupled low-rank adaptation (Bini et al., 2025; papers/delora.txt
-§2, Eq. 5–9 and 15).
+"""``DeLoRA``: decoupled low-rank adaptation (Bini et al., *Decoupling Angles and
+Strength in Low-rank Adaptation*, ICLR 2025, arXiv:2503.18225, §2, Eq. 5–9 and 15).
 
     ΔW = (λ/r) · B diag(d ⊙ ξ) A diag(w),   ξ_i = 1 / (max(‖b_i‖, eps) · max(‖a_i‖, eps))
 
