@@ -49,3 +49,22 @@ def test_dilated_conv_is_a_clear_error():
     Adapter(rank=2).apply(model, targets=["0"])
     with pytest.raises(ValueError, match="module '0': a Conv2d with dilation"):
         lora_tensors(model)
+
+
+def test_exporters_ask_the_layer_kind_what_it_can_be_written_as():
+    """A layer kind declares its export layouts (``LayerKind.exports``); PEFT, diffusers
+    and kohya exporters refuse a module whose kind does not list theirs, naming it."""
+    import pytest
+    from torch import nn
+
+    from lorakit.core import Adapter, AdapterError, adapted_layers
+    from lorakit.core.peft_format import check_exportable
+
+    model = nn.Sequential(nn.Linear(6, 4))
+    Adapter(rank=2).apply(model, targets=["0"])
+    check_exportable(model, "diffusers", "diffusers")  # nn.Linear: peft, diffusers, kohya
+    layer = adapted_layers(model)["0"]
+    layer.kind = type("PeftOnly", (type(layer.kind),), {"exports": frozenset({"peft"})})()
+    with pytest.raises(AdapterError, match="module '0' is a Linear, which the kohya format cannot hold"):
+        check_exportable(model, "kohya", "kohya")
+    check_exportable(model, "peft", "PEFT")

@@ -36,9 +36,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lorakit.core import AdapterError, adapted_layers
+from lorakit.core import AdapterError
 from lorakit.core.atomic import atomic_write
-from lorakit.core.peft_format import lora_config, lora_tensors
+from lorakit.core.peft_format import check_exportable, lora_config, lora_tensors
 from lorakit.core.validation import check_finite_tensors
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -67,7 +67,8 @@ def default_prefix(model: nn.Module) -> str:
 
 
 def diffusers_state_dict(model: nn.Module, prefix: str | None = None, rank: int | None = None,
-                         dtype: torch.dtype | None = None, **options) -> tuple[dict[str, Tensor], dict, dict[str, float]]:
+                         dtype: torch.dtype | None = None,
+                         **options) -> tuple[dict[str, Tensor], dict, dict[str, float]]:
     """``(tensors, lora_config, rel_error)``: the file's tensors (PEFT's layout,
     ``lorakit.core.peft_format``, under ``{prefix}.``), the ``LoraConfig`` arguments
     diffusers reads, and each module's relative truncation error. ``options``:
@@ -75,12 +76,7 @@ def diffusers_state_dict(model: nn.Module, prefix: str | None = None, rank: int 
     prefix = default_prefix(model) if prefix is None else prefix
     if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
         raise AdapterError(f"prefix {prefix!r}: give the pipeline component's name, e.g. 'unet' or 'transformer'")
-    for name, layer in adapted_layers(model).items():
-        if not isinstance(layer.base, (nn.Linear, nn.Conv2d)):
-            raise AdapterError(
-                f"module {name!r} is a {type(layer.base).__name__}; the diffusers LoRA format holds "
-                "nn.Linear and nn.Conv2d layers only. Leave it out of the targets."
-            )
+    check_exportable(model, "diffusers", "diffusers")
     tensors, ranks, use_dora, rel_error = lora_tensors(model, rank, prefix=f"{prefix}.", dtype=dtype, **options)
     check_finite_tensors(tensors.items(), "diffusers export refused")  # e.g. overflow when cast to fp16
     return tensors, lora_config(ranks, use_dora=use_dora), rel_error

@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lorakit.core import AdapterError, adapted_layers
+from lorakit.core import AdapterError
 from lorakit.core.atomic import atomic_write
-from lorakit.core.peft_format import lora_tensors
+from lorakit.core.peft_format import check_exportable, lora_tensors
 from lorakit.core.validation import check_finite_tensors
 
 KOHYA_NAME = "lora.safetensors"  # the file written when ``path`` is a folder
@@ -52,10 +52,7 @@ def component_prefix(model: nn.Module, second_encoder: bool = False) -> str:
 
 def kohya_tensors(model: nn.Module, prefix: str, **options) -> tuple[dict[str, Tensor], dict[str, float]]:
     """``(tensors, rel_errors)`` of one component under ``prefix`` (``lora_unet``, …)."""
-    for name, layer in adapted_layers(model).items():
-        if not isinstance(layer.base, (nn.Linear, nn.Conv2d)):
-            raise AdapterError(f"module {name!r} is a {type(layer.base).__name__}; the kohya format holds "
-                               "nn.Linear and nn.Conv2d layers only")
+    check_exportable(model, "kohya", "kohya")
     peft, ranks, _, rel_errors = lora_tensors(model, fold_magnitude=True, **options)
     # diffusers keys a text encoder's attention alphas by the attention block, not the
     # projection (``…self_attn.alpha``): with ranks differing inside a block it scales

@@ -16,6 +16,7 @@ from lorakit.core.layer_kinds import LayerKind
 
 class Conv1DKind(LayerKind):
     all_linear = True  # a linear layer for targets="all-linear", as in PEFT
+    fan_in_fan_out = True  # PEFT reads its factors with fan_in_fan_out (weight stored in × out)
 
     def matrix(self, base: nn.Module) -> Tensor:
         return base.weight.T  # a view: no copy of the in × out storage

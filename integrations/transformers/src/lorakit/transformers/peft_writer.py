@@ -54,9 +54,6 @@ class PeftExport:
         return path
 
 
-def _uses_conv1d(layer: nn.Module) -> bool:
-    # transformers' Conv1D stores its weight in × out: PEFT reads it with fan_in_fan_out.
-    return type(layer.base).__name__ == "Conv1D"
 
 
 def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT_PREFIX,
@@ -88,7 +85,7 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
                                                         energy=energy, fold_magnitude=fold_magnitude)
     tensors.update(_trained_base_tensors(model, prefix, dtype))
     check_finite_tensors(tensors.items(), "PEFT export refused")  # e.g. overflow when cast to fp16
-    config = lora_config(ranks, use_dora=use_dora, fan_in_fan_out=any(_uses_conv1d(m) for m in layers.values()),
+    config = lora_config(ranks, use_dora=use_dora, fan_in_fan_out=any(m.kind.fan_in_fan_out for m in layers.values()),
                          base_model_name_or_path=base_model_name_or_path, task_type=task_type,
                          dropout=max(layer.dropout for layer in layers.values()))
     config["bias"] = PEFT_BIAS[model.lorakit_config.get("bias", "none")]

@@ -20,6 +20,16 @@ class LayerKind:
     """Matrix view of one base module type. Methods never allocate out × in tensors
     except :meth:`matrix` callers that merge."""
 
+    exports: frozenset[str] = frozenset({"peft"})
+    """The standard LoRA layouts this kind's factors can be written in: ``"peft"`` (PEFT's
+    layout for the module type, :meth:`peft_factors`), ``"diffusers"`` and ``"kohya"``
+    (files holding ``nn.Linear``/``nn.Conv2d`` layers). Exporters ask this, never the
+    module's class."""
+
+    fan_in_fan_out = False
+    """True when the base stores its weight in × out (transformers' ``Conv1D``): PEFT's
+    ``fan_in_fan_out`` option."""
+
     quantized = False
     """True when ``matrix`` dequantizes: the weight cannot take ``W_eff`` in place, and
     per-step code must go through :meth:`weight_times_t`, never :meth:`matrix`."""
@@ -80,6 +90,8 @@ class LayerKind:
 
 
 class LinearKind(LayerKind):
+    exports = frozenset({"peft", "diffusers", "kohya"})
+
     def matrix(self, base):
         return base.weight
 
@@ -96,6 +108,8 @@ class LinearKind(LayerKind):
 class Conv2dKind(LayerKind):
     """``W̄`` is the kernel flattened to out × (in·kh·kw); ``A`` is a conv with the
     base's geometry producing r channels, ``B`` a 1×1 conv (as PEFT and diffusers)."""
+
+    exports = frozenset({"peft", "diffusers", "kohya"})
 
     def matrix(self, base):
         return base.weight.flatten(1)

@@ -38,6 +38,16 @@ class TruncationWarning(UserWarning):
     """An export at a rank lower than the update's rank lost part of the update."""
 
 
+def check_exportable(model: nn.Module, layout: str, what: str) -> None:
+    """Every adapted layer's kind declares ``layout`` among its :attr:`LayerKind.exports`;
+    otherwise one error naming the module and its layer type."""
+    for name, layer in adapted_layers(model).items():
+        if layout not in layer.kind.exports:
+            raise AdapterError(f"module {name!r} is a {type(layer.base).__name__}, which the {what} format cannot "
+                               f"hold (its layer kind exports {sorted(layer.kind.exports) or 'nothing'}); "
+                               "leave it out of the targets")
+
+
 def lora_tensors(model: nn.Module, rank: int | None = None, *, prefix: str = "",
                  dtype: torch.dtype | None = None, max_rank: int | str | None = None, energy: float = 0.999,
                  fold_magnitude: bool = False) -> tuple[dict[str, Tensor], dict[str, int], bool, dict[str, float]]:
@@ -52,6 +62,7 @@ def lora_tensors(model: nn.Module, rank: int | None = None, *, prefix: str = "",
     """
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise AdapterError(f"export rank={rank!r}: give an integer >= 1, or None to export exactly")
+    check_exportable(model, "peft", "PEFT")
     layers = adapted_layers(model)
     # raises if there is no adapter, or it is merged/disabled, or max_rank/energy are invalid
     factors = export_factors(model, rank, max_rank=max_rank, energy=energy, fold_magnitude=fold_magnitude)
