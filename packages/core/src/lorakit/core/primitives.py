@@ -1,4 +1,4 @@
-"""The four kinds of primitive an adapter is composed of (docs/design.md, "Primitives").
+"""The four kinds of primitive an adapter is composed of (docs/design.md, "The slot model" and "The primitive contract").
 
 A target layer has a frozen weight ``W̄`` (out × in). Its adapter owns named
 tensors, *slots*. Each :class:`Slot` declares its :class:`Role`; core, generators and
