@@ -239,7 +239,7 @@ class Adapter:
 
     # -- apply -------------------------------------------------------------------------
     def apply(self, model: nn.Module, targets: Targets = None, *, freeze_base: bool = True,
-              verbose: bool = False) -> nn.Module:
+              verbose: bool = False, restore: Mapping[str, bool] | None = None) -> nn.Module:
         """Wrap every target module of ``model`` in place and return ``model``.
 
         ``targets``: module names (a name matches itself and any ``*.name``), a regex
@@ -269,7 +269,9 @@ class Adapter:
             if unmatched:
                 raise AdapterError(f"targets {unmatched} match no module of {type(model).__name__} (the others "
                                    f"matched {len(chosen)} modules); fix or remove them; " + _target_hint(model))
-        new = {name: self._wrap(name, module) for name, module in chosen.items()}
+        # restore (lorakit.core.load): module -> has residual buffers; no initializer runs
+        new = {name: self._wrap(name, module, None if restore is None else restore.get(name, False))
+               for name, module in chosen.items()}
         for name, layer in new.items():
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
@@ -311,7 +313,7 @@ class Adapter:
             raise AdapterError(f"modules_to_save={unknown} match no module of {type(model).__name__}")
         return names
 
-    def _wrap(self, name: str, module: nn.Module) -> AdaptedLayer:
+    def _wrap(self, name: str, module: nn.Module, restore_residual: bool | None = None) -> AdaptedLayer:
         kind = registry.layer_kind(module)
         if kind is None:
             types = ", ".join(sorted(t.__name__ for t in registry.layers))
@@ -341,7 +343,7 @@ class Adapter:
         rng = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)
         try:
             layer = AdaptedLayer(module, kind, rank, self.generator, self.normalizer, self.init,
-                                 self.magnitude, rng, self.dtype, self.dropout)
+                                 self.magnitude, rng, self.dtype, self.dropout, restore_residual=restore_residual)
         except AdapterError as exc:
             raise AdapterError(f"module {name!r}: {exc}") from None
         return layer.to(device)

@@ -261,7 +261,10 @@ def load(model: nn.Module, path: str | os.PathLike,
     if applied_here:
         try:
             adapter = Adapter.from_config(config["adapter"])
-            adapter.apply(model, targets="(?:" + "|".join(re.escape(n) for n in modules) + ")")
+            # the checkpoint holds every slot and residual buffer: build without running the
+            # initializers (a PiSSA/LoLDU SVD or LU per layer), then copy them in
+            adapter.apply(model, targets="(?:" + "|".join(re.escape(n) for n in modules) + ")",
+                          restore={n: f"{n}.residual_B" in tensors for n in modules})
         except Exception as exc:  # e.g. a primitive rejecting its arguments, or one not installed
             raise CheckpointError(f"{path / CONFIG}: cannot build the saved adapter: {exc}"
                                   + _install_hint(config.get("primitives"))) from None

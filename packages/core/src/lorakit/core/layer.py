@@ -33,7 +33,12 @@ class AdaptedLayer(nn.Module):
     slots: nn.Module
 
     def __init__(self, base: nn.Module, kind: LayerKind, rank: int, composition: Composition,
-                 rng: torch.Generator, *, dtype: torch.dtype | None = None, dropout: float = 0.0):
+                 rng: torch.Generator, *, dtype: torch.dtype | None = None, dropout: float = 0.0,
+                 restore_residual: bool | None = None):
+        """``restore_residual`` (not None) builds the layer for a checkpoint load
+        (``lorakit.core.load``): the initializer is not run — an SVD or LU per layer —
+        and the slots get placeholder values that the load overwrites together with
+        the residual buffers, which exist as the checkpoint says."""
         super().__init__()
         generator, normalizer, init, magnitude = (composition.generator, composition.normalizer,
                                                   composition.init, composition.magnitude)
@@ -56,7 +61,10 @@ class AdaptedLayer(nn.Module):
         out_f, in_f = self.shape = tuple(W.shape)
         # every primitive's output is checked as it comes (outputs.expect): a plugin's
         # NaN or wrong shape is an error at apply naming it, not a wrong model later
-        initial = init.factors(W, rank, normalizer.initial_scale(rank), rng)
+        initial = init.factors(W, rank, normalizer.initial_scale(rank), rng) if restore_residual is None else (
+            # small random factors: every normalizer and generator computes finite values from them
+            torch.randn(out_f, rank, generator=rng, dtype=dtype) / rank, torch.ones(rank, dtype=dtype),
+            torch.randn(rank, in_f, generator=rng, dtype=dtype) / in_f ** 0.5)
         B0, d0, A0 = outputs.expect_tuple(init, "factors()", initial, 3)
         shapes = {Role.A: (rank, in_f), Role.B: (out_f, rank), Role.D: (rank,)}
         slots = {name: Slot(outputs.expect(init, f"{name}0", value, shapes[role]).to(dtype),
@@ -74,7 +82,8 @@ class AdaptedLayer(nn.Module):
             outputs.expect(normalizer, "B'", B0n, (out_f, R))
             outputs.expect(normalizer, "A'", A0n, (R, in_f))
         # Residualize only when the initial update is non-zero (a static decision).
-        self.residual = bool(B0n.abs().amax() > 0 and A0n.abs().amax() > 0)
+        self.residual = bool(B0n.abs().amax() > 0 and A0n.abs().amax() > 0) if restore_residual is None \
+            else restore_residual
         if self.residual:
             self.register_buffer("residual_B", B0n.detach().clone())
             self.register_buffer("residual_A", A0n.detach().clone())

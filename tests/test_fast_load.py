@@ -1,0 +1,74 @@
+"""Fast load (issue 14, item 6): ``load`` restores frozen slots and residual buffers
+from the checkpoint instead of re-running the initializers (PiSSA's SVD per layer)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.core import Adapter, adapted_layers, load, registry, save
+
+
+def wide(layers=12, width=768):
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+
+
+def best_of(n, fn):
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@pytest.mark.parametrize("recipe", sorted(registry.load().recipes))
+def test_load_runs_no_initializer(tmp_path, recipe, monkeypatch):
+    """Every recipe: load builds the layers without calling the initializer, and the
+    restored model (residual buffers included) computes what the saved one does."""
+    base = wide(layers=2, width=16)
+    model = Adapter.from_recipe(recipe, rank=4).apply(copy.deepcopy(base), targets=r"\d+")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    save(model, tmp_path / "ck")
+    init = type(Adapter.from_recipe(recipe).init)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"load ran {init.__name__}.factors")
+
+    monkeypatch.setattr(init, "factors", refuse)
+    clone = load(copy.deepcopy(base), tmp_path / "ck")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))
+    assert {n: layer.residual for n, layer in adapted_layers(clone).items()} == \
+        {n: layer.residual for n, layer in adapted_layers(model).items()}
+
+
+@pytest.mark.slow
+def test_load_skips_the_initializers(tmp_path):
+    """The issue's measure: 12 layers 768 wide with PiSSA, load ≤ 0.1 × apply."""
+    base = wide()
+    adapter = Adapter.from_recipe("pissa", rank=8)
+    model = adapter.apply(copy.deepcopy(base), targets=r"\d+")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    save(model, tmp_path / "ck")
+    t_apply = best_of(1, lambda: Adapter.from_recipe("pissa", rank=8).apply(copy.deepcopy(base), targets=r"\d+"))
+    clones = []
+    t_load = best_of(2, lambda: clones.append(load(copy.deepcopy(base), tmp_path / "ck")))
+    t_copy = best_of(2, lambda: copy.deepcopy(base))  # both timings include one deepcopy
+    assert t_load - t_copy <= 0.1 * (t_apply - t_copy) + 0.05, (t_apply, t_load, t_copy)
+    x = torch.randn(3, 768)
+    with torch.no_grad():
+        assert torch.equal(clones[-1](x), model(x))
+    assert all(layer.residual for layer in adapted_layers(clones[-1]).values())
