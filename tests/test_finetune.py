@@ -275,6 +275,15 @@ def test_compare_two_recipes(tiny, tmp_path, capsys):
     assert (out / "compare.png").read_bytes()[:8] == PNG
     assert f"table: {out / 'compare.md'}" in printed and f"plot:  {out / 'compare.png'}" in printed
     assert (out / "lora" / "summary.json").is_file() and (out / "dora" / "peft").is_dir()
+    # one thread count for the whole table (not chosen per recipe from the load average)
+    assert len({r["threads"] for r in result["runs"]}) == 1 and "| threads |" in table
+    # memory measured per step as lorakit bench does: independent of what ran before
+    assert {r["peak_memory_kind"] for r in result["runs"]} == {"one training step, measured as lorakit bench does"}
+    again = tmp_path / "cmp-reversed"
+    assert main(["compare", "--recipes", "dora,lora", *_args(tiny, again, steps=4)[1:]]) == 0
+    reversed_runs = {r["label"]: r for r in json.loads((again / "compare.json").read_text())["runs"]}
+    for r in result["runs"]:
+        assert reversed_runs[r["label"]]["peak_memory_mb"] == pytest.approx(r["peak_memory_mb"], rel=1e-6)
 
 
 def test_default_recipes_are_those_installed():

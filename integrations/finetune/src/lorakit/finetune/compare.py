@@ -10,7 +10,7 @@ from pathlib import Path
 from lorakit.core import registry
 
 from .errors import FinetuneError
-from .train import PRIMARY, FinetuneConfig, check_writable, finetune
+from .train import PRIMARY, FinetuneConfig, auto_threads, check_writable, finetune
 
 DEFAULT_RECIPES = ("lora", "dora", "op-lora", "delora", "loldu", "pissa")
 
@@ -46,12 +46,12 @@ def table(runs: list[dict]) -> str:
     task = runs[0]["task"]
     cols = ["pearson ↑", "RMSE ↓"] if task == "regression" else ["accuracy ↑", "macro-F1 ↑"]
     keys = ["pearson", "rmse"] if task == "regression" else ["accuracy", "macro_f1"]
-    head = ["recipe", *cols, "trainable (adapter)", "steps/s", "CPU ms/step", "train s", "peak MB",
+    head = ["recipe", *cols, "trainable (adapter)", "threads", "steps/s", "CPU ms/step", "train s", "peak MB",
             "frozen base MB (fp32)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in runs:
         cells = [r["label"], *(f"{r['metrics'][k]:.4f}" for k in keys), f"{r['trainable_parameters']['adapter']:,}",
-                 f"{r['steps_per_second']:.2f}", _ms(r.get("cpu_ms_per_step")), f"{r['train_seconds']:.0f}",
+                 str(r["threads"]), f"{r['steps_per_second']:.2f}", _ms(r.get("cpu_ms_per_step")), f"{r['train_seconds']:.0f}",
                  f"{r['peak_memory_mb']:.0f}", _base_mb(r.get("frozen_base_mb") or {}, r.get("quantize"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -60,10 +60,14 @@ def table(runs: list[dict]) -> str:
 def compare(recipes: list[str], cfg: FinetuneConfig, log=print) -> dict:
     out = Path(cfg.out)
     check_writable(out)
+    # One thread count for the whole comparison, chosen once: auto_threads() per recipe
+    # followed the load average, so recipes of one table ran on different counts.
+    threads = cfg.threads or auto_threads()
     runs = []
     for i, name in enumerate(recipes, 1):
         log(f"[{i}/{len(recipes)}] {name}")
-        runs.append(finetune(replace(cfg, recipe=name, out=str(out / name), resume=None), log=log))
+        runs.append(finetune(replace(cfg, recipe=name, out=str(out / name), resume=None, threads=threads),
+                             log=log))
     first = runs[0]
     metric = PRIMARY[first["task"]]
     md = table(runs)
