@@ -56,6 +56,25 @@ def test_init_options_values():
         LDU(init="random")
 
 
+def test_reference_code_variants():
+    """The reference code's ``normal`` (Bessel-corrected σ_D) and its standard
+    ``s_uniform`` U(−1, 1) / ``s_normal`` N(0, 1), literal (not divided by s)."""
+    W = torch.randn(20, 16, generator=torch.Generator().manual_seed(0), dtype=F64)
+    r, s = 8, 2.0
+    D = LDU().factors(W, r, 1.0, torch.Generator())[1]
+    draw = lambda init, **kw: LDU(init=init, **kw).factors(W, r, s, torch.Generator().manual_seed(3))[1]
+    z = torch.randn(r, generator=torch.Generator().manual_seed(3), dtype=F64)
+    torch.testing.assert_close(draw("normal"), (D.mean() + z * D.std(correction=0)) / s)
+    torch.testing.assert_close(draw("normal", unbiased_std=True), (D.mean() + z * D.std(correction=1)) / s)
+    torch.testing.assert_close(draw("s_normal"), z)
+    u = torch.rand(r, generator=torch.Generator().manual_seed(3), dtype=F64)
+    torch.testing.assert_close(draw("s_uniform"), 2 * u - 1)
+    big = LDU(init="s_uniform").factors(torch.randn(300, 300, dtype=F64), 300, 1.0, torch.Generator())[1]
+    assert big.abs().max() <= 1 and big.min() < -0.9 and big.max() > 0.9
+    with pytest.raises(AdapterError, match="unbiased_std"):
+        LDU(unbiased_std="yes")
+
+
 def loldu_adapter(init="lu", rank=4, **kw):
     return Adapter(generator="diagonal", normalizer=Scale(learnable=True), init=LDU(init=init), rank=rank, **kw)
 

@@ -22,7 +22,18 @@ ablation, Table V); with ``μ, σ_D`` the mean and (population) standard deviati
 - ``normal``:   ``N(μ, σ_D²)``;
 
 each also divided by ``s``; ``ones`` and ``zeros`` are literal. Random draws use the
-layer's generator. Whatever the option, core's residualization subtracts the
+layer's generator.
+
+Reference-code variants (github.com/SKDDJ/LoLDU, ``minloldu/loldu.py``):
+
+- ``unbiased_std=True``: ``normal`` draws with the Bessel-corrected ``σ_D``
+  (``torch.std``'s default, which the reference code calls); the default keeps the
+  population ``σ_D`` of the text. The two differ by ``sqrt(r/(r−1))`` (1.07 at r = 8);
+  at ``r = 1`` the unbiased estimate is undefined and ``σ_D = 0`` is used.
+- ``s_uniform``: ``U(−1, 1)`` and ``s_normal``: ``N(0, 1)``, the code's
+  "standard" inits (the ablation's Table V rows without a statistic of ``D_r``;
+  the extracted table lost which symbol is which). Literal, like ``ones``: not
+  divided by ``s``, because they are not derived from ``D``. Whatever the option, core's residualization subtracts the
 initial update, so the adapted layer equals the pretrained one at step 0 (the
 reference code breaks the pretrained function for ``ones``/``zeros``).
 
@@ -39,7 +50,7 @@ import torch
 
 from lorakit.core import AdapterError, Initializer
 
-INITS = ("lu", "constant", "uniform", "normal", "ones", "zeros")
+INITS = ("lu", "constant", "uniform", "normal", "ones", "zeros", "s_uniform", "s_normal")
 
 
 def permutation_from_pivots(pivots: torch.Tensor, rows: int) -> torch.Tensor:
@@ -53,12 +64,15 @@ def permutation_from_pivots(pivots: torch.Tensor, rows: int) -> torch.Tensor:
 @dataclass
 class LDU(Initializer):
     init: str = "lu"
+    unbiased_std: bool = False  # normal: the reference code's Bessel-corrected σ_D
 
     name = "ldu"
 
     def __post_init__(self):
         if self.init not in INITS:
             raise AdapterError(f"LDU(init={self.init!r}): use one of {INITS}")
+        if not isinstance(self.unbiased_std, bool):
+            raise AdapterError(f"LDU(unbiased_std={self.unbiased_std!r}): must be true or false")
 
     def decompose(self, weight: torch.Tensor, rank: int):
         """``(P L[:, :r], D[:r], U[:r])`` with unit-triangular L and U."""
@@ -85,6 +99,10 @@ class LDU(Initializer):
             return torch.ones_like(D)
         if self.init == "zeros":
             return torch.zeros_like(D)
+        if self.init in ("s_uniform", "s_normal"):  # the code's standard draws, literal like ones
+            draw = torch.rand if self.init == "s_uniform" else torch.randn
+            u = draw(D.shape, generator=rng, dtype=torch.float64).to(D)
+            return 2 * u - 1 if self.init == "s_uniform" else u
         if scale == 0:
             raise AdapterError(
                 f"LDU(init={self.init!r}) divides the diagonal by the normalizer's initial scale, "
@@ -100,7 +118,8 @@ class LDU(Initializer):
             d = (u - 0.5) * mean.abs()  # half-width |μ|/2
         else:  # normal
             z = torch.randn(D.shape, generator=rng, dtype=torch.float64).to(D)
-            d = mean + z * D.std(correction=0)
+            unbiased = self.unbiased_std and D.numel() > 1
+            d = mean + z * D.std(correction=1 if unbiased else 0)
         return d / scale
 
     def factors(self, weight, rank, scale, rng):
