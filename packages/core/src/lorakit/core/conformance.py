@@ -79,7 +79,7 @@ def combinations(include: Sequence[Primitive] = ()) -> list[Combo]:
 
 @dataclass
 class Case:
-    layer: str  # "linear" or "conv2d"
+    layer: str  # "linear", "conv1d", "conv2d" or "conv3d"
     in_f: int
     hidden: int
     out_f: int
@@ -93,14 +93,17 @@ class Case:
 
 @st.composite
 def cases(draw, max_dim: int = 64, dtypes=(torch.float64, torch.float32, torch.bfloat16)) -> Case:
-    layer = draw(st.sampled_from(["linear", "linear", "linear", "conv2d"]))
+    layer = draw(st.sampled_from(["linear", "linear", "linear", "linear", "conv1d", "conv2d", "conv2d", "conv3d"]))
     top = max_dim if layer == "linear" else 8
     in_f, hidden, out_f = (draw(st.integers(1, top)) for _ in range(3))
-    limit = min(in_f, hidden, out_f) if layer == "linear" else min(hidden, out_f, in_f * 9)
+    limit = min(in_f, hidden, out_f) if layer == "linear" else min(hidden, out_f, in_f * 3 ** _CONV_DIMS[layer])
     rank = draw(st.integers(1, max(limit, 1)))
     return Case(layer, in_f, hidden, out_f, rank, draw(st.sampled_from(dtypes)),
                 draw(st.integers(1, 4)), draw(st.integers(0, 2**16)), draw(st.sampled_from([0.0, 0.0, 0.25])),
                 draw(st.sampled_from(["none", "none", "adapted"])))
+
+
+_CONV_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
 
 
 def build_model(case: Case) -> tuple[nn.Module, torch.Tensor]:
@@ -109,10 +112,11 @@ def build_model(case: Case) -> tuple[nn.Module, torch.Tensor]:
     if case.layer == "linear":
         model = nn.Sequential(nn.Linear(case.in_f, case.hidden), nn.Tanh(), nn.Linear(case.hidden, case.out_f))
         x = torch.randn(case.batch, case.in_f, generator=g)
-    else:
-        model = nn.Sequential(nn.Conv2d(case.in_f, case.hidden, 3, padding=1), nn.Tanh(),
-                              nn.Conv2d(case.hidden, case.out_f, 1))
-        x = torch.randn(case.batch, case.in_f, 5, 5, generator=g)
+    else:  # a 3-wide kernel then a 1-wide one, of the case's dimension
+        dims = _CONV_DIMS[case.layer]
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        model = nn.Sequential(conv(case.in_f, case.hidden, 3, padding=1), nn.Tanh(), conv(case.hidden, case.out_f, 1))
+        x = torch.randn(case.batch, case.in_f, *(5,) * dims, generator=g)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 if p.dim() > 1 else

@@ -105,11 +105,18 @@ class LinearKind(LayerKind):
         return F.linear(F.linear(x, A), B)
 
 
-class Conv2dKind(LayerKind):
-    """``W̄`` is the kernel flattened to out × (in·kh·kw); ``A`` is a conv with the
-    base's geometry producing r channels, ``B`` a 1×1 conv (as PEFT and diffusers)."""
+class ConvKind(LayerKind):
+    """An N-d convolution: ``W̄`` is the kernel flattened to out × (in·k1·…·kN); ``A``
+    is a conv with the base's geometry producing r channels, ``B`` a 1×…×1 conv (as
+    PEFT and diffusers). Subclasses set ``dims``."""
 
     exports = frozenset({"peft", "diffusers", "kohya"})
+    dims = 2
+    _convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+    def _channels(self, t: Tensor) -> Tensor:
+        """``t`` (out,) or (out, r) shaped to broadcast over the spatial dimensions."""
+        return t.reshape(*t.shape, *(1,) * self.dims)
 
     def matrix(self, base):
         return base.weight.flatten(1)
@@ -118,27 +125,27 @@ class Conv2dKind(LayerKind):
         base.weight.data.copy_(W.view_as(base.weight))
 
     def _conv(self, base, x, weight):
-        return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation)
+        return self._convs[self.dims](x, weight, None, base.stride, base.padding, base.dilation)
 
     def linear(self, base, x):
         return self._conv(base, x, base.weight)
 
     def lowrank(self, base, x, B, A):
         h = self._conv(base, x, A.view(A.shape[0], *base.weight.shape[1:]))
-        return F.conv2d(h, B[:, :, None, None])
+        return self._convs[self.dims](h, self._channels(B))
 
     def scale_rows(self, y, g):
-        return y * g.to(y.dtype)[:, None, None]
+        return y * self._channels(g.to(y.dtype))
 
     def add_bias(self, base, y):
-        return y if base.bias is None else y + base.bias[:, None, None]
+        return y if base.bias is None else y + self._channels(base.bias)
 
     def peft_factors(self, base, B, A, m):
-        if tuple(base.dilation) != (1, 1):  # PEFT builds lora_A without the base's dilation
-            raise AdapterError(f"a Conv2d with dilation {tuple(base.dilation)} has no PEFT/diffusers LoRA "
-                               "equivalent; leave it out of the targets")
-        m = None if m is None else m.reshape(1, -1, 1, 1)
-        return B[:, :, None, None], A.reshape(A.shape[0], *base.weight.shape[1:]), m
+        if any(d != 1 for d in base.dilation):  # PEFT builds lora_A without the base's dilation
+            raise AdapterError(f"a {type(base).__name__} with dilation {tuple(base.dilation)} has no PEFT/diffusers "
+                               "LoRA equivalent; leave it out of the targets")
+        m = None if m is None else self._channels(m.reshape(1, -1))
+        return self._channels(B), A.reshape(A.shape[0], *base.weight.shape[1:]), m
 
     def check(self, base):
         if base.groups != 1:
@@ -146,6 +153,18 @@ class Conv2dKind(LayerKind):
         if base.padding_mode != "zeros":
             return f"padding_mode={base.padding_mode!r} is not supported; use 'zeros'"
         return None
+
+
+class Conv1dKind(ConvKind):
+    dims = 1
+
+
+class Conv2dKind(ConvKind):
+    dims = 2
+
+
+class Conv3dKind(ConvKind):
+    dims = 3
 
 
 @dataclass(frozen=True)
@@ -170,4 +189,5 @@ class FrozenWeight:
         return self.kind.matrix(self.base)
 
 
-BUILTIN_KINDS: dict[type, LayerKind] = {nn.Linear: LinearKind(), nn.Conv2d: Conv2dKind()}
+BUILTIN_KINDS: dict[type, LayerKind] = {nn.Linear: LinearKind(), nn.Conv1d: Conv1dKind(), nn.Conv2d: Conv2dKind(),
+                                        nn.Conv3d: Conv3dKind()}
