@@ -34,6 +34,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--lr", type=float, default=D.lr)
     g.add_argument("--lambda-lr", type=float, help="learning rate of scalar slots (DeLoRA λ, LoLDU σ)")
     g.add_argument("--weight-decay", type=float, default=D.weight_decay)
+    g.add_argument("--dropout", type=float, default=D.dropout,
+                   help="adapter dropout on the adapted layers' inputs (PEFT's lora_dropout; default 0)")
     g.add_argument("--warmup", type=float, default=D.warmup, help="warm-up share of the steps (then linear decay)")
     g.add_argument("--batch-size", type=int, default=D.batch_size)
     g.add_argument("--seed", type=int, default=D.seed)
@@ -62,6 +64,51 @@ def configure_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", help="comma-separated recipe names "
                    "(default: lora,dora,op-lora,delora,loldu,pissa, those installed)")
     _common(p, "runs/compare")
+
+
+def configure_sweep(p: argparse.ArgumentParser) -> None:
+    from .sweep import DEFAULT_ENTRIES, DEFAULT_LRS, DEFAULT_SEEDS
+
+    p.description = ("recipes x learning rates x seeds, one fine-tune each: held-out metric against learning "
+                     "rate (median and range over seeds), loss curves at each recipe's best rate, a Markdown "
+                     "table; resumable (rerun the same command). The default grid (DeLoRA vs LoRA, 6 rates "
+                     "over 3 decades, 3 seeds, 100 steps) takes about 20 minutes on an idle 2-core CPU.")
+    p.add_argument("--recipes", nargs="+", default=None, metavar="ENTRY",
+                   help="recipes, optionally with parts replaced: op-lora+generator=mlp:gain=2 "
+                   f"(default: {' '.join(DEFAULT_ENTRIES)}); one comma-separated argument works too")
+    p.add_argument("--lrs", default=",".join(f"{v:g}" for v in DEFAULT_LRS),
+                   help="comma-separated learning rates (replace --lr)")
+    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds (replace --seed)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint and PEFT export")
+    _common(p, "runs/sweep")
+
+
+def _numbers(text: str, kind, option: str) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise FinetuneError(f"{option} {text!r}: give comma-separated numbers") from None
+
+
+def run_sweep(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .sweep import DEFAULT_ENTRIES, sweep
+
+    entries = args.recipes or list(DEFAULT_ENTRIES)
+    if len(entries) == 1 and "," in entries[0]:
+        entries = [e for e in entries[0].split(",") if e.strip()]
+    lrs, seeds = _numbers(args.lrs, float, "--lrs"), _numbers(args.seeds, int, "--seeds")
+    for seed in seeds:
+        from lorakit.core.cli import check_seed
+
+        check_seed(seed, "--seeds")
+    _check_args(args)
+    try:
+        sweep(entries, lrs, seeds, _config(args), keep_checkpoints=args.keep_checkpoints)
+    except Interrupted:
+        print("\nlorakit: interrupted; rerun the same command to continue the sweep", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _config(args, **extra) -> FinetuneConfig:

@@ -51,7 +51,7 @@ def parse_spec(kind: str, text: str) -> dict | None:
 
 def build_adapter(recipe: str | None = None, *, generator: str | None = None, normalizer: str | None = None,
                   init: str | None = None, magnitude: str | None = None, rank: int = 8,
-                  seed: int = 0) -> tuple[Adapter, str]:
+                  seed: int = 0, dropout: float = 0.0) -> tuple[Adapter, str]:
     """``(adapter, label)``: the recipe (default ``lora``) with any part replaced."""
     parts = {"generator": generator, "normalizer": normalizer, "init": init, "magnitude": magnitude}
     composition = dict(registry.recipe(recipe or "lora").composition())
@@ -64,7 +64,7 @@ def build_adapter(recipe: str | None = None, *, generator: str | None = None, no
     else:
         label = name = recipe or "lora"
     try:
-        adapter = Adapter(**composition, rank=rank, seed=seed, recipe=name)
+        adapter = Adapter(**composition, rank=rank, seed=seed, recipe=name, dropout=dropout)
     except AdapterError:
         raise
     except (TypeError, ValueError) as exc:  # a primitive rejecting its arguments

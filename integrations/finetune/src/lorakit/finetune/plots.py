@@ -6,6 +6,7 @@ state, no display needed.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -58,5 +59,52 @@ def compare_plot(runs: list[dict], path: Path, metric: str, ylabel: str) -> Path
     right.set(ylabel=f"held-out {metric}", title=f"held-out {metric} (higher is better)")
     right.tick_params(axis="x", labelrotation=30)
     right.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+    return path
+
+
+def sweep_lr_plot(rows: list[dict], path: Path, metric: str) -> Path:
+    """Held-out metric against learning rate (log x): median over seeds, min–max band,
+    a cross where some seed diverged."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    for i, row in enumerate(rows):
+        color = f"C{i}"
+        pts = [(r["lr"], r["metric"]) for r in row["per_lr"] if r["metric"] is not None]
+        if pts:
+            xs = [x for x, _ in pts]
+            ax.plot(xs, [s["median"] for _, s in pts], "o-", color=color, label=row["label"])
+            ax.fill_between(xs, [s["min"] for _, s in pts], [s["max"] for _, s in pts], color=color, alpha=0.2)
+        lost = [r["lr"] for r in row["per_lr"] if r["diverged"]]
+        if lost:
+            bottom = min([s["min"] for _, s in pts] + [0.0])
+            ax.plot(lost, [bottom] * len(lost), "x", color=color, markersize=9, label=f"{row['label']}: diverged")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel=f"held-out {metric}",
+           title=f"held-out {metric} vs learning rate (median, min–max over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    _save(fig, path)
+    return path
+
+
+def sweep_loss_plot(rows: list[dict], cells: list[dict], path: Path, ylabel: str) -> Path:
+    """Training-loss curves at each entry's best learning rate: the median over seeds of
+    the moving average, and its min–max band."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    for i, row in enumerate(rows):
+        curves = [smooth(c["losses"]) for c in cells if c["entry"]["label"] == row["label"]
+                  and c["lr"] == row["best_lr"] and not c["diverged"]]
+        if not curves:
+            continue
+        steps = range(1, min(len(c) for c in curves) + 1)
+        cols = list(zip(*(c[:len(steps)] for c in curves)))
+        med = [statistics.median(col) for col in cols]
+        ax.plot(steps, med, color=f"C{i}", label=f"{row['label']} (lr {row['best_lr']:g})")
+        ax.fill_between(steps, [min(c) for c in cols], [max(c) for c in cols], color=f"C{i}", alpha=0.2)
+    ax.set(xlabel="step", ylabel=ylabel + " (moving average)", title="training loss at each entry's best lr")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     _save(fig, path)
     return path

@@ -47,6 +47,7 @@ class FinetuneConfig:
     steps: int = 100
     lr: float = 2e-3
     lambda_lr: float | None = None
+    dropout: float = 0.0  # Adapter(dropout=p): PEFT's lora_dropout on the adapter input
     weight_decay: float = 0.0
     warmup: float = 0.1
     batch_size: int = 32
@@ -292,7 +293,8 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     out = Path(cfg.out)
     check_writable(out)
     adapter, name = build_adapter(cfg.recipe, generator=cfg.generator, normalizer=cfg.normalizer,
-                                  init=cfg.init, magnitude=cfg.magnitude, rank=cfg.rank, seed=cfg.seed)
+                                  init=cfg.init, magnitude=cfg.magnitude, rank=cfg.rank, seed=cfg.seed,
+                                  dropout=cfg.dropout)
     label = label or name
     data = load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
     train, test = split(data, cfg.test_fraction, cfg.split_seed)
