@@ -38,6 +38,78 @@ def row_sq_norms_of_sum(W: Tensor | WeightOperator, W_row_sq: Tensor, B: Tensor,
     return (W_row_sq + 2 * cross + quad).clamp_min(0)
 
 
+#: What the fused DoRA linear keeps for the magnitude's gradient (docs/design.md,
+#: "Work and memory per forward"): ``"output"`` keeps the layer's output ``z`` (often
+#: kept by the next op anyway, then free) and recovers ``y = (z − b) / g`` in
+#: backward; ``"pre-scale"`` keeps ``y`` itself (tokens × out per layer; the form
+#: before issue 16, for models that edit a layer's output in place). Under
+#: ``torch.compile`` the traced autograd form is used and AOTAutograd's partitioner
+#: chooses what to keep.
+DORA_SAVES = "output"
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``z = g ⊙ y + b``, ``y = W x + B h``, ``h = A x_low`` (``g = 1`` when None), one
+    autograd node with a hand-written backward. With ``go = ∂L/∂z``, ``gy = go ⊙ g``:
+
+        ∂L/∂x     = gy W (+ (gy B) A when x_low is x, accumulated in place)
+        ∂L/∂x_low = (gy B) A      ∂L/∂B = gyᵀ h      ∂L/∂A = (gy B)ᵀ x_low
+        ∂L/∂b     = Σ_t go_t      ∂L/∂W = gyᵀ x (only if W is trained)
+        ∂L/∂g_i   = Σ_t go_ti · y_ti,   y_ti = (z_ti − b_i) / g_i
+
+    Against autograd's trace of the same ops: one node instead of five, and the two
+    input gradients are accumulated into one tensor (no extra tokens × in sum).
+    DoRA keeps the output ``z`` instead of ``y``; ``z`` is usually kept by the next op
+    as its input (SiLU, the gate product, attention's values), so this costs nothing
+    there. Rows where ``z`` does not determine ``y`` (``g_i = 0``, or so small that
+    ``g·y`` may underflow) get ``y_i = W_i x + B_i h`` recomputed for those rows only.
+    ``h`` (tokens × R) is kept: small, and it spares a GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, xl2: Tensor | None, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
+                g: Tensor | None) -> Tensor:
+        h = (x2 if xl2 is None else xl2) @ A.T
+        if g is None:
+            z = torch.nn.functional.linear(x2, W, bias).addmm_(h, B.T)
+            ctx.save_for_backward(x2, xl2, W, bias, B, A, h)
+            return z
+        y = torch.nn.functional.linear(x2, W).addmm_(h, B.T)
+        z = y.mul_(g) if bias is None else torch.addcmul(bias, y, g)  # y is not kept (freed here)
+        ctx.save_for_backward(x2, xl2, W, bias, B, A, h, g, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, go: Tensor):
+        x2, xl2, W, bias, B, A, h, *gz = ctx.saved_tensors
+        need_x, need_xl, need_W, need_b, need_B, need_A, need_g = ctx.needs_input_grad
+        g, z = gz if gz else (None, None)
+        gy = go if g is None else go * g
+        gyB = gy @ B if need_x or need_xl or need_A else None
+        grad_x = gy @ W if need_x else None
+        grad_xl = None
+        if xl2 is None and need_x:
+            grad_x.addmm_(gyB, A)
+        elif need_xl:
+            grad_xl = gyB @ A
+        grad_W = gy.T @ x2 if need_W else None
+        grad_b = go.sum(0) if need_b and bias is not None else None
+        grad_B = gy.T @ h if need_B else None
+        grad_A = gyB.T @ (x2 if xl2 is None else xl2) if need_A else None
+        grad_g = None
+        if g is not None and need_g:
+            unknown = g.abs() < torch.finfo(g.dtype).tiny ** 0.5
+            safe = torch.where(unknown, torch.ones_like(g), g)
+            # Σ_t go_ti (z_ti − b_i) / g_i, without forming y = (z − b) / g
+            zgo = (go * z).sum(0)
+            grad_g = (zgo if bias is None else zgo - bias * go.sum(0)) / safe
+            rows = unknown.nonzero().flatten()
+            if len(rows):
+                y_rows = torch.nn.functional.linear(x2, W[rows]).addmm_(h, B[rows].T)
+                grad_g[rows] = (go[:, rows] * y_rows).sum(0)
+        return grad_x, grad_xl, grad_W, grad_b, grad_B, grad_A, grad_g
+
+
 def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
                    g: Tensor | None = None, x_low: Tensor | None = None) -> Tensor:
     """``g ⊙ (W x + B (A x_low)) + b`` for a linear layer (``g = 1`` when None;
@@ -45,10 +117,17 @@ def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tens
 
     ``B (A x)`` is accumulated into the output of the base GEMM (``addmm_``) instead
     of being formed and added separately: one out × tokens tensor and one pass over
-    it fewer, in forward and in backward.
+    it fewer, in forward and in backward. In eager training the whole layer is one
+    autograd node (:class:`_LowRankLinear`); with ``g`` (DoRA) it keeps the output
+    rather than ``y`` (:data:`DORA_SAVES`).
     """
     x2 = x.reshape(-1, x.shape[-1])
-    h = (x2 if x_low is None else x_low.reshape(-1, x.shape[-1])) @ A.T  # tokens × R
+    xl2 = None if x_low is None or x_low is x else x_low.reshape(-1, x.shape[-1])
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (g is None or (xl2 is None and DORA_SAVES == "output"))):
+        z = _LowRankLinear.apply(x2, xl2, W, bias, B, A, g)
+        return z.view(*x.shape[:-1], z.shape[-1])
+    h = (x2 if xl2 is None else xl2) @ A.T  # tokens × R
     if g is None:
         y = torch.nn.functional.linear(x2, W, bias).addmm_(h, B.T)
     else:
