@@ -22,7 +22,7 @@ from torch import nn
 from .layer import AdaptedLayer
 from .lora import Direct, Kaiming, Scale
 from .plugins import registry
-from .primitives import AdapterError, Generator, Initializer, Magnitude, Normalizer
+from .primitives import AdapterError, Composition, Generator, Initializer, Magnitude, Normalizer
 from .trained import check_bias, check_module_names, trained_biases, wrap_saved
 from .validation import MAX_SEED, check_int, check_probability, safe_regex
 
@@ -192,6 +192,10 @@ class Adapter:
             layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
             self.layers = sorted({check_int(i, "adapter.layers[]", 0) for i in layers})
 
+    @property
+    def composition(self) -> Composition:
+        return Composition(self.generator, self.normalizer, self.init, self.magnitude)
+
     @classmethod
     def from_recipe(cls, name: str, **overrides: Any) -> Adapter:
         recipe = registry.recipe(name)
@@ -342,8 +346,8 @@ class Adapter:
         # modulo 2**64, the range manual_seed takes (a no-op for seeds below ~1.8e13)
         rng = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)
         try:
-            layer = AdaptedLayer(module, kind, rank, self.generator, self.normalizer, self.init,
-                                 self.magnitude, rng, self.dtype, self.dropout, restore_residual=restore_residual)
+            layer = AdaptedLayer(module, kind, rank, self.composition, rng, dtype=self.dtype, dropout=self.dropout,
+                                 restore_residual=restore_residual)
         except AdapterError as exc:
             raise AdapterError(f"module {name!r}: {exc}") from None
         return layer.to(device)
