@@ -304,3 +304,52 @@ def test_scale_split_changes_nothing_in_fp32(c):
             bound = abs(s["lambda_"].item()) * s["w_norm"].max().item() + (
                 layer.residual_B.double() @ layer.residual_A.double()).norm().item()
             assert (B.double() @ A.double()).norm().item() <= bound * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("generator", ["direct", "mlp"])
+def test_live_lambda_residual_is_the_official_codes(tmp_path, generator):
+    """``residual_lambda="live"``: ``ΔW = λ(N − N0)`` (the official code) instead of
+    Eq. 9's ``λN − λ0N0``; identity at init, the formula and its bound after training
+    (λ, B, A moved), a checkpoint round trip, and no change to the default."""
+    from lorakit.core import load, save
+
+    x = torch.randn(4, 16, dtype=F64)
+    models = {}
+    for variant in ("initial", "live"):
+        model = tiny_model()
+        y0 = model(x)
+        Adapter(generator=generator, normalizer=DeLoRA(lambda0=3.0, residual_lambda=variant),
+                init=Kaiming(zero_b=False), rank=4, seed=1).apply(model, targets=["0", "2"])
+        torch.testing.assert_close(model(x), y0, rtol=0, atol=1e-12)
+        models[variant] = model
+    live = models["live"]
+    layer = live[0]
+    n0B, n0A = layer.slots()["n0_B"].clone(), layer.slots()["n0_A"].clone()  # N0 = n0B·n0A / r
+    assert n0B.abs().sum() > 0 and n0A.abs().sum() > 0
+    for model in models.values():
+        train(model, x, steps=4, lr=0.3)
+        with torch.no_grad():  # at init ∂ΔW/∂λ = N − N0 = 0 under "live": move λ by hand too
+            for name, p in model.named_parameters():
+                if name.endswith("lambda_"):
+                    p.add_(1.5)
+    s = layer.slots()
+    lam = s["lambda_"]
+    assert torch.equal(s["n0_B"], n0B) and torch.equal(s["n0_A"], n0A)  # frozen after the first call
+    W = layer.base.weight
+    with torch.no_grad():
+        N = dense_reference(s["B"], s["d"], s["A"], 1.0, s["w_norm"], 1e-4)
+        torch.testing.assert_close(layer.effective_weight() - W, lam * (N - n0B @ n0A / 4), rtol=1e-10, atol=1e-12)
+        bound = lam.abs() * s["w_norm"].max() * 2  # d = d0 = 1 under direct
+        assert (layer.effective_weight() - W).norm() <= bound * (1 + 1e-9)
+        paper = models["initial"][0]
+        sp = paper.slots()
+        Np = dense_reference(sp["B"], sp["d"], sp["A"], 1.0, sp["w_norm"], 1e-4)
+        # Eq. 9: λN − λ0N0 (N0 from core's frozen residual, = λ0 N0)
+        torch.testing.assert_close(paper.effective_weight() - paper.base.weight,
+                                   sp["lambda_"] * Np - paper.residual_B @ paper.residual_A, rtol=1e-10, atol=1e-12)
+    save(live, tmp_path / "ck")
+    fresh = load(tiny_model(), tmp_path / "ck")
+    torch.testing.assert_close(fresh(x), live(x), rtol=0, atol=1e-12)
+    assert torch.equal(fresh[0].slots()["n0_B"], n0B)
+    with pytest.raises(AdapterError, match="residual_lambda"):
+        DeLoRA(residual_lambda="code")

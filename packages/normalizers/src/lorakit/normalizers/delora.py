@@ -27,6 +27,26 @@ and core keeps a *clone* of the initial factors (the official code aliased the
 frozen copy with the live parameter) and unmerges exactly. PEFT's variant
 (``B0 = 0``, no residual) is ``init=Kaiming()``.
 
+**The official code's residual** (``residual_lambda="live"``). Eq. 9 subtracts the
+initial update *frozen*, ``ΔW = λN − λ0N0`` (``N`` the normalized product above
+without ``λ``, ``N0`` its value at init): core's residualization, the default
+``"initial"``. The authors' code scales the frozen copy by the *live* λ,
+``ΔW = λ(N − N0)``: the update is zero whenever the directions are back at
+their initial values, whatever λ is, and ``‖ΔW‖_F ≤ |λ|·max_j w_j·(max_i |d_i| +
+max_i |d0_i|)``. Core subtracts ``B0'A0' = λ0N0`` and is not changed; the normalizer
+returns 2r components instead of r,
+
+    B' = [ (λ/r)·d_i·b_i/‖b_i‖ ,  −((λ − λ0)/r)·d0_i·b0_i/‖b0_i‖ ],   A' = [ A'_i ; A0'_i ]
+
+so that ``B'A' − B0'A0' = λN − (λ − λ0)N0 − λ0N0 = λ(N − N0)``. The initial
+directions ``d0_i·b0_i/‖b0_i‖`` and ``A0'_i`` are frozen slots (``n0_B``, ``n0_A``)
+filled on the first call of ``factors`` — which core makes at construction, with the
+initial values — and marked filled by the slot ``n0_set``; a checkpoint load
+overwrites all three with the saved values. Their second-half columns are zero at
+init (``λ = λ0``), so identity at init is exact. It costs one host read of
+``n0_set`` per forward (``"initial"`` has none) and requires the generator to return
+frozen slots as stored, as every built-in one does (``ParameterSlots``).
+
 Only factors are returned, each with unit directions so that neither depends on
 how training splits the scale between ``B`` and ``A`` (DeLoRA is invariant to it,
 and ``‖a_i‖`` drifts by 1e2–1e8 under training):
@@ -48,6 +68,8 @@ import torch
 from lorakit.core import AdapterError, Normalizer, Role, Slot
 
 WEIGHT_NORMS = ("column", "frobenius")
+#: what scales the subtracted initial update: λ0 (Eq. 9, default) or the live λ (official code)
+RESIDUAL_LAMBDAS = ("initial", "live")
 
 
 @dataclass
@@ -55,6 +77,7 @@ class DeLoRA(Normalizer):
     lambda0: float = 15.0
     weight_norm: str = "column"
     eps: float = 1e-4
+    residual_lambda: str = "initial"  # "live": the official code's λ(N − N0)
 
     name = "delora"
 
@@ -66,18 +89,37 @@ class DeLoRA(Normalizer):
             raise AdapterError(f"DeLoRA(weight_norm={self.weight_norm!r}): use one of {WEIGHT_NORMS}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
             raise AdapterError(f"DeLoRA(eps={self.eps!r}): eps must be a finite number > 0")
+        if self.residual_lambda not in RESIDUAL_LAMBDAS:
+            raise AdapterError(f"DeLoRA(residual_lambda={self.residual_lambda!r}): use one of {RESIDUAL_LAMBDAS}")
 
     def slots(self, weight, rank):
         sq = weight.square()
         w = sq.sum(dim=0).sqrt() if self.weight_norm == "column" else sq.sum().sqrt()
-        return {
+        slots = {
             "lambda_": Slot(torch.tensor(float(self.lambda0), dtype=weight.dtype), trainable=True, role=Role.SCALAR),
             "w_norm": Slot(w, trainable=False, role=Role.STATISTIC),
         }
+        if self.residual_lambda == "live":  # N0's factors, filled by the first factors() call
+            out_f, in_f = weight.shape
+            slots["n0_B"] = Slot(weight.new_zeros(out_f, rank), trainable=False, role=Role.STATISTIC)
+            slots["n0_A"] = Slot(weight.new_zeros(rank, in_f), trainable=False, role=Role.STATISTIC)
+            slots["n0_set"] = Slot(weight.new_zeros(()), trainable=False, role=Role.STATISTIC)
+        return slots
 
     def factors(self, s, rank):
         B, A = s["B"], s["A"]
         eps2 = self.eps * self.eps
         b_norm = B.square().sum(dim=0).clamp_min(eps2).sqrt()  # ‖b_i‖, columns of B
         a_norm = A.square().sum(dim=1, keepdim=True).clamp_min(eps2).sqrt()  # ‖a_i‖, rows of A
-        return B * ((s["lambda_"] / rank) * s["d"] / b_norm), (A / a_norm) * s["w_norm"]
+        B_dir, A_dir = B * (s["d"] / b_norm), (A / a_norm) * s["w_norm"]
+        lam = s["lambda_"]
+        if self.residual_lambda == "initial":
+            return B_dir * (lam / rank), A_dir
+        B0_dir, A0_dir, filled = s["n0_B"], s["n0_A"], s["n0_set"]
+        if not torch.compiler.is_compiling() and not bool(filled):
+            with torch.no_grad():  # the first call: core's construction, with the initial values
+                B0_dir.copy_(B_dir)
+                A0_dir.copy_(A_dir)
+                filled.fill_(1)
+        return (torch.cat([B_dir * (lam / rank), B0_dir * ((self.lambda0 - lam) / rank)], dim=1),
+                torch.cat([A_dir, A0_dir], dim=0))
