@@ -65,6 +65,7 @@ def test_bench_compiled_has_no_graph_break(tmp_path):
     (["--hidden", "100"], "multiple of 64"),
     (["--device", "tpu"], "use cpu or cuda"),
     (["--steps", "0"], "must be >= 1"),
+    (["--sweep", "hidden=100"], "use NAME=V1,V2"),
 ])
 def test_bad_input_is_one_clear_line(args, message, capsys):
     assert main(["bench", *TINY, *args]) == 2
@@ -108,3 +109,20 @@ def test_methods_share_the_base_weights():
     n_base = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
     assert resident_bytes(lk, opt) > n_base  # base (once) + adapter
     assert resident_bytes(floor, None) == n_base
+
+
+def test_sweep_writes_one_table_and_one_plot(tmp_path):
+    """Two sizes, LoRA against PEFT and the floor: every ratio per size, load and merge times."""
+    md, png, out = tmp_path / "sweep.md", tmp_path / "sweep.png", tmp_path / "sweep.json"
+    args = [*TINY, "--recipes", "lora", "--peft", "lora", "--sweep", "hidden=64,128"]
+    assert main(["bench", *args, "--markdown", str(md), "--plot", str(png), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["value"] for r in result["runs"]] == [64, 128]
+    small, large = (r["result"]["config"] for r in result["runs"])
+    assert large["intermediate"] == 352 and large["layers"] == 2 and small["layers"] == 4  # 1 layer at hidden 256
+    table = md.read_text()
+    for name in ("time: lorakit lora / PEFT LoRA", "time: lorakit lora / floor", "load: lorakit lora / PEFT LoRA",
+                 "merge_and_unload: lorakit lora / PEFT LoRA"):
+        assert f"| {name} |" in table
+    assert all(r["result"]["methods"]["PEFT LoRA"]["load_ms"] > 0 for r in result["runs"])
+    assert png.read_bytes()[:4] == b"\x89PNG"

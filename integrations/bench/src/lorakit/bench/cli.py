@@ -34,6 +34,11 @@ def configure(parser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the reference row: the frozen model's forward+backward with no adapter")
+    parser.add_argument("--sweep", metavar="NAME=V1,V2,...",
+                        help="run at several sizes (e.g. hidden=256,512,1024,2048: layers and batch scaled "
+                             "down with hidden); --plot and --markdown then show every ratio against the size")
+    parser.add_argument("--no-load-merge", action="store_true",
+                        help="skip timing load and merge_and_unload of each trained adapter")
     parser.add_argument("--json", metavar="PATH", nargs="?", const="-",
                         help="write the full result as JSON to PATH (no PATH or '-': stdout)")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
@@ -60,6 +65,10 @@ def config_from_args(args) -> BenchConfig:
     check_device(args.device, auto=False)
     check_threads(args.threads, zero="torch's default")
     check_seed(args.seed)
+    if args.sweep:
+        from .sweep import parse
+
+        parse(args.sweep)  # a bad --sweep is an error before anything runs
     for option in ("json", "markdown", "plot"):  # before the benchmark runs, not after
         check_output_file(getattr(args, option), f"--{option}")
     recipes = _names(args.recipes)
@@ -74,11 +83,13 @@ def config_from_args(args) -> BenchConfig:
                        vocab=args.vocab, batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps,
                        repeats=args.repeats, warmup=max(args.warmup, 1 if args.compile else 0),
                        recipes=recipes, peft=peft, seed=args.seed, threads=args.threads,
-                       floor=not args.no_floor, quantize=args.quantize)
+                       floor=not args.no_floor, quantize=args.quantize, lifecycle=not args.no_load_merge)
 
 
 def run(args) -> int:
     config = config_from_args(args)
+    if args.sweep:
+        return _run_sweep(args, config)
     if args.no_progress:
         result = run_bench(config)
     else:  # on stderr, so that --json to stdout stays clean
@@ -112,4 +123,28 @@ def run(args) -> int:
 
         plot(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
+    return 0
+
+
+def _run_sweep(args, config: BenchConfig) -> int:
+    from . import sweep
+    from .report import print_tables
+
+    name, values = sweep.parse(args.sweep)
+    result = sweep.run_sweep(config, name, values)
+    for run in result["runs"]:
+        print_tables(run["result"], stderr=args.json == "-")
+    table = sweep.markdown(result)
+    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        if args.json == "-":
+            json.dump(result, sys.stdout, indent=2)
+        else:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    if args.plot:
+        sweep.plot(result, args.plot)
     return 0

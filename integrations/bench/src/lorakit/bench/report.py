@@ -7,11 +7,13 @@ def method_rows(result: dict) -> list[list[str]]:
     rows = []
     for label, m in result["methods"].items():
         rows.append([label, f"{m['median_ms']:.1f}", f"{m['q1_ms']:.1f}–{m['q3_ms']:.1f}",
-                     f"{m['median_cpu_ms']:.1f}", f"{m['peak_mem_mb']:.1f}", f"{m['trainable_params']:,}"])
+                     f"{m['median_cpu_ms']:.1f}", f"{m['peak_mem_mb']:.1f}", f"{m['trainable_params']:,}",
+                     *(f"{m[k]:.1f}" if k in m else "" for k in ("load_ms", "merge_ms"))])
     return rows
 
 
-METHOD_HEADER = ["method", "ms/step wall", "wall IQR", "ms/step CPU", "peak MiB", "trainable"]
+METHOD_HEADER = ["method", "ms/step wall", "wall IQR", "ms/step CPU", "peak MiB", "trainable", "load ms",
+                 "merge ms"]
 # The project's own performance targets stay in the JSON ("target", "met") and in
 # docs/benchmarks.md: a user's table shows the measurements only.
 RATIO_HEADER = ["ratio (of medians)", "wall", "rounds", "CPU", "rounds"]

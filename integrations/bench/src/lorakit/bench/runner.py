@@ -59,6 +59,7 @@ class BenchConfig:
     threads: int = 1
     lr: float = 1e-3
     floor: bool = True
+    lifecycle: bool = True  # also time load and merge_and_unload (lorakit against PEFT)
     quantize: str | None = None  # nf4, fp4 or int8: every method on the same bitsandbytes-quantized base
     targets: tuple[str, ...] = field(default=tuple(TARGETS), init=False)
 
@@ -70,7 +71,9 @@ RATIOS = [
     ("time: floor / PEFT DoRA", ("reference", "floor"), (PF, "dora"), "ms", None),
     ("memory: lorakit dora / PEFT LoRA", (LK, "dora"), (PF, "lora"), "mem", 1.05),
     ("time: lorakit lora / PEFT LoRA", (LK, "lora"), (PF, "lora"), "ms", 1.0),
-    ("time: lorakit op-lora / lorakit lora", (LK, "op-lora"), (LK, "lora"), "ms", 1.25),
+    ("time: lorakit lora / floor", (LK, "lora"), ("reference", "floor"), "ms", 1.10),
+    ("time excess over floor: lorakit dora / PEFT DoRA", (LK, "dora"), (PF, "dora"), "excess", None),
+    ("time: lorakit op-lora / lorakit lora", (LK, "op-lora"), (LK, "lora"), "ms", 1.15),
     ("time: lorakit delora / PEFT DeLoRA", (LK, "delora"), (PF, "delora"), "ms", None),
     ("time: PEFT DoRA / PEFT LoRA", (PF, "dora"), (PF, "lora"), "ms", None),
     ("time: lorakit dora / lorakit lora", (LK, "dora"), (LK, "lora"), "ms", None),
@@ -80,6 +83,9 @@ RATIOS = [
     ("memory: lorakit lora / PEFT LoRA", (LK, "lora"), (PF, "lora"), "mem", None),
     ("memory: lorakit delora / PEFT DeLoRA", (LK, "delora"), (PF, "delora"), "mem", None),
     ("memory: lorakit op-lora / lorakit lora", (LK, "op-lora"), (LK, "lora"), "mem", None),
+    *((f"{what}: lorakit {name} / PEFT {label}", (LK, name), (PF, name), "load_ms" if what == "load" else "merge_ms", None)
+      for name, label in (("lora", "LoRA"), ("dora", "DoRA"), ("delora", "DeLoRA"))
+      for what in ("load", "merge_and_unload")),
 ]
 
 
@@ -179,6 +185,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int], None] | None =
     for r in runners:
         results[r.method.label].update(_summary(r.wall, "ms"), **_summary(r.cpu, "cpu_ms"),
                                        final_loss=r.eager_loss())
+    if config.lifecycle and not config.quantize:  # a bitsandbytes base is not deep-copied
+        from .lifecycle import load_and_merge_ms
+
+        for r in runners:
+            progress(f"load/merge {r.method.label}", 0)
+            results[r.method.label].update(load_and_merge_ms(r.method, r.model, base, config.device) or {})
     return {
         "config": {**asdict(config), "recipes": list(config.recipes), "peft": list(config.peft),
                    "targets": list(config.targets)},
@@ -200,17 +212,26 @@ def ratios(results: dict) -> dict:
     """Each ratio of RATIOS whose two methods ran. Time ratios are given on wall
     time (``value``) and on CPU time (``cpu_value``), with the per-round range."""
     by_key = {(v["library"], v["method"]): v for v in results.values()}
+    floor = by_key.get(("reference", "floor"))
     out = {}
     for name, num, den, metric, target in RATIOS:
-        if num not in by_key or den not in by_key:
+        if num not in by_key or den not in by_key or (metric == "excess" and floor is None):
             continue
         a, b = by_key[num], by_key[den]
+        if metric.endswith("_ms") and not (metric in a and metric in b):  # load/merge not measured
+            continue
         row = {"metric": metric, "target": target}
-        if metric == "ms":
+        if metric in ("ms", "excess"):
             for unit, key in (("ms", "value"), ("cpu_ms", "cpu_value")):
-                row[key] = a[f"median_{unit}"] / b[f"median_{unit}"]
-                per_round = [x / y for x, y in zip(a[f"round_medians_{unit}"], b[f"round_medians_{unit}"])]
+                # "excess": (a − floor) / (b − floor), what each step costs above the frozen model
+                f = [0.0] * len(a[f"round_medians_{unit}"]) if metric == "ms" else floor[f"round_medians_{unit}"]
+                f_med = 0.0 if metric == "ms" else floor[f"median_{unit}"]
+                row[key] = (a[f"median_{unit}"] - f_med) / (b[f"median_{unit}"] - f_med)
+                per_round = [(x - z) / (y - z) for x, y, z in zip(a[f"round_medians_{unit}"],
+                                                                  b[f"round_medians_{unit}"], f)]
                 row[f"{key}_round_min_max"] = [min(per_round), max(per_round)]
+        elif metric.endswith("_ms"):
+            row["value"] = a[metric] / b[metric]
         else:
             row["value"] = a["peak_mem_mb"] / b["peak_mem_mb"]
         row["met"] = None if target is None else bool(row["value"] <= target)
