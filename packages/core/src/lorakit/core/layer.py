@@ -67,7 +67,10 @@ class AdaptedLayer(nn.Module):
             torch.randn(rank, in_f, generator=rng, dtype=dtype) / in_f ** 0.5)
         B0, d0, A0 = outputs.expect_tuple(init, "factors()", initial, 3)
         shapes = {Role.A: (rank, in_f), Role.B: (out_f, rank), Role.D: (rank,)}
-        slots = {name: Slot(outputs.expect(init, f"{name}0", value, shapes[role]).to(dtype),
+        # standard strides (an initializer may return a transposed view): a checkpoint load
+        # builds from placeholders, and equal values must compute bit-identically
+        slots = {name: Slot(outputs.expect(init, f"{name}0", value, shapes[role]).to(dtype)
+                            .clone(memory_format=torch.contiguous_format),
                             generator.trainable_factors.get(name, False), role)
                  for (role, name), value in zip(FACTOR_NAMES.items(), (A0, B0, d0))}
         slots.update(outputs.expect_slots(normalizer, normalizer.slots(W, rank)))
@@ -85,8 +88,8 @@ class AdaptedLayer(nn.Module):
         self.residual = bool(B0n.abs().amax() > 0 and A0n.abs().amax() > 0) if restore_residual is None \
             else restore_residual
         if self.residual:
-            self.register_buffer("residual_B", B0n.detach().clone())
-            self.register_buffer("residual_A", A0n.detach().clone())
+            self.register_buffer("residual_B", B0n.detach().clone(memory_format=torch.contiguous_format))
+            self.register_buffer("residual_A", A0n.detach().clone(memory_format=torch.contiguous_format))
         if magnitude is not None:
             with torch.no_grad():
                 outputs.expect(magnitude, "row_scale()", self.factors()[2], (out_f,))
