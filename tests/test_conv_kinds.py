@@ -23,9 +23,8 @@ DIMS = {"conv1d": 1, "conv3d": 3}
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_kit_on_conv1d_and_conv3d(recipe, layer):
     combo = Combo(**registry.recipe(recipe).composition())
-    for dtype, dropout in ((torch.float64, 0.0), (torch.float32, 0.25)):
-        check_combination(combo, Case(layer, in_f=3, hidden=6, out_f=4, rank=2, dtype=dtype, batch=2, seed=1,
-                                      dropout=dropout))
+    check_combination(combo, Case(layer, in_f=3, hidden=6, out_f=4, rank=2, dtype=torch.float64, batch=2, seed=1,
+                                  dropout=0.25))
 
 
 class Net(nn.Module):
