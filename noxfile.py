@@ -201,6 +201,14 @@ def bench(session: nox.Session) -> None:
     session.run("lorakit", "bench", "--json", str(ROOT / ".nox" / "bench.json"), *args)
 
 
+@nox.session(python="3.11", venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """The CUDA run of docs/benchmarks.md, "GPU": the bench (compiled, bf16, hidden 2048 x 8),
+    the compile tests and the conformance kit on CUDA (scripts/gpu_check.sh), in the
+    current environment, whose torch must be a CUDA build; results in docs/gpu/."""
+    session.run("bash", str(ROOT / "scripts" / "gpu_check.sh"), *session.posargs, external=True)
+
+
 @nox.session(python="3.11")
 def slow(session: nox.Session) -> None:
     """The heavy checks (``@pytest.mark.slow``), skipped by the default test command."""

@@ -17,6 +17,7 @@ registered primitive, plus one small ``inductor`` run; all combinations are
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from lorakit.core import adapted_layers, merge, registry, set_enabled, unmerge
 from lorakit.core.conformance import Combo, combinations
 
 STEPS = 10
+DEVICE = os.environ.get("LORAKIT_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh compiles on cuda
 
 
 def recipe_combos() -> dict[str, Combo]:
@@ -83,15 +85,15 @@ def check_compiles(combos: list[Combo], backend: str = "aot_eager", steps: int =
     With ``dropout``, each training step of both copies starts from the same RNG
     state: ``aot_eager`` draws the masks from the global generator as eager does."""
     dynamo.reset()
-    model = build(combos, dtype, dropout)
+    model = build(combos, dtype, dropout).to(DEVICE)
     eager = copy.deepcopy(model)
     counter = CountingBackend(backend)
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     opts = {id(m): torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
             for m in (model, eager)}
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 12, generator=g, dtype=dtype)
-    target = torch.randn(6, 12, generator=g, dtype=dtype)
+    x = torch.randn(6, 12, generator=g, dtype=dtype).to(DEVICE)
+    target = torch.randn(6, 12, generator=g, dtype=dtype).to(DEVICE)
     label = lambda name: f"{name} ({combos[int(name.split('.')[0])]})"
 
     def train_step(module, fn):

@@ -177,3 +177,23 @@ def test_cli_demo_runs_every_recipe(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "lora " in out and "rslora" in out
+
+
+def test_train_only_adapter_and_its_former_name():
+    import warnings
+
+    import pytest
+    from torch import nn
+
+    from lorakit.core import Adapter
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    Adapter(rank=1).apply(model, targets=["0"], train_only_adapter=False)
+    assert model[1].weight.requires_grad  # left as it was
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.warns(DeprecationWarning, match="train_only_adapter"):
+        Adapter(rank=1).apply(model, targets=["0"], freeze_base=True)
+    assert not model[1].weight.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Adapter(rank=1).apply(nn.Sequential(nn.Linear(4, 3)), targets=["0"])

@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from functools import partial
 
 from torch import nn
 
@@ -48,12 +49,12 @@ def load_and_merge_ms(method: Method, model: nn.Module, base: nn.Module, device:
         for _ in range(repeats):
             fresh = copy.deepcopy(base)
             if method.library == "lorakit":
-                loaded, ms = _timed_ms(lambda: load(fresh, folder), device)
-                _, merge = _timed_ms(lambda: merge_and_unload(loaded), device)
+                loaded, ms = _timed_ms(partial(load, fresh, folder), device)
+                _, merge = _timed_ms(partial(merge_and_unload, loaded), device)
             else:
                 from peft import PeftModel
 
-                loaded, ms = _timed_ms(lambda: PeftModel.from_pretrained(fresh, folder), device)
+                loaded, ms = _timed_ms(partial(PeftModel.from_pretrained, fresh, folder), device)
                 _, merge = _timed_ms(loaded.merge_and_unload, device)
             loads.append(ms)
             merges.append(merge)

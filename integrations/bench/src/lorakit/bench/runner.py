@@ -83,7 +83,8 @@ RATIOS = [
     ("memory: lorakit lora / PEFT LoRA", (LK, "lora"), (PF, "lora"), "mem", None),
     ("memory: lorakit delora / PEFT DeLoRA", (LK, "delora"), (PF, "delora"), "mem", None),
     ("memory: lorakit op-lora / lorakit lora", (LK, "op-lora"), (LK, "lora"), "mem", None),
-    *((f"{what}: lorakit {name} / PEFT {label}", (LK, name), (PF, name), "load_ms" if what == "load" else "merge_ms", None)
+    *((f"{what}: lorakit {name} / PEFT {label}", (LK, name), (PF, name),
+       "load_ms" if what == "load" else "merge_ms", None)
       for name, label in (("lora", "LoRA"), ("dora", "DoRA"), ("delora", "DeLoRA"))
       for what in ("load", "merge_and_unload")),
 ]

@@ -46,12 +46,13 @@ def table(runs: list[dict]) -> str:
     task = runs[0]["task"]
     cols = ["pearson ↑", "RMSE ↓"] if task == "regression" else ["accuracy ↑", "macro-F1 ↑"]
     keys = ["pearson", "rmse"] if task == "regression" else ["accuracy", "macro_f1"]
-    head = ["recipe", *cols, "trainable (adapter)", "threads", "steps/s", "CPU ms/step", "train s", "peak MB",
-            "frozen base MB (fp32)"]
+    head = ["recipe", *cols, "trainable (adapter)", "threads", "steps/s", "CPU ms/step", "train s",
+            "peak MB", "frozen base MB (fp32)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in runs:
         cells = [r["label"], *(f"{r['metrics'][k]:.4f}" for k in keys), f"{r['trainable_parameters']['adapter']:,}",
-                 str(r["threads"]), f"{r['steps_per_second']:.2f}", _ms(r.get("cpu_ms_per_step")), f"{r['train_seconds']:.0f}",
+                 str(r["threads"]), f"{r['steps_per_second']:.2f}", _ms(r.get("cpu_ms_per_step")),
+                 f"{r['train_seconds']:.0f}",
                  f"{r['peak_memory_mb']:.0f}", _base_mb(r.get("frozen_base_mb") or {}, r.get("quantize"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ takes a registered recipe.
 from __future__ import annotations
 
 import re
+import warnings
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -242,8 +243,9 @@ class Adapter:
         return self.rank
 
     # -- apply -------------------------------------------------------------------------
-    def apply(self, model: nn.Module, targets: Targets = None, *, freeze_base: bool = True,
-              verbose: bool = False, restore: Mapping[str, bool] | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, targets: Targets = None, *, train_only_adapter: bool = True,
+              verbose: bool = False, restore: Mapping[str, bool] | None = None,
+              freeze_base: bool | None = None) -> nn.Module:
         """Wrap every target module of ``model`` in place and return ``model``.
 
         ``targets``: module names (a name matches itself and any ``*.name``), a regex
@@ -251,7 +253,16 @@ class Adapter:
         head, as PEFT), or None for the model family's registered defaults. The
         adapter's ``exclude`` and ``layers`` then narrow that set.
         All checks run before anything is replaced: on error the model is unchanged.
+
+        ``train_only_adapter`` (default): every parameter of ``model`` is frozen except
+        the adapter's, the biases ``bias=`` trains and the ``modules_to_save`` copies;
+        False leaves the other parameters' ``requires_grad`` as they were.
+        ``freeze_base`` is its former name.
         """
+        if freeze_base is not None:
+            warnings.warn("apply(freeze_base=...) is now apply(train_only_adapter=...)", DeprecationWarning,
+                          stacklevel=2)
+            train_only_adapter = freeze_base
         if adapted_layers(model):
             raise AdapterError(
                 f"{type(model).__name__} already has a lorakit adapter; call "
@@ -279,7 +290,7 @@ class Adapter:
         for name, layer in new.items():
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
-        if freeze_base:
+        if train_only_adapter:
             for p in model.parameters():
                 p.requires_grad_(False)
             for layer in new.values():

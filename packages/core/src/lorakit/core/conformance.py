@@ -106,8 +106,9 @@ def cases(draw, max_dim: int = 64, dtypes=(torch.float64, torch.float32, torch.b
 _CONV_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
 
 
-def build_model(case: Case) -> tuple[nn.Module, torch.Tensor]:
-    """Two target layers with a non-linearity between them, and an input batch."""
+def build_model(case: Case, device: str = "cpu") -> tuple[nn.Module, torch.Tensor]:
+    """Two target layers with a non-linearity between them, and an input batch, drawn
+    on the CPU (the same values on any device) and moved to ``device``."""
     g = torch.Generator().manual_seed(case.seed)
     if case.layer == "linear":
         model = nn.Sequential(nn.Linear(case.in_f, case.hidden), nn.Tanh(), nn.Linear(case.hidden, case.out_f))
@@ -121,7 +122,7 @@ def build_model(case: Case) -> tuple[nn.Module, torch.Tensor]:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 if p.dim() > 1 else
                     torch.randn(p.shape, generator=g) * 0.1)
-    return model.to(case.dtype), x.to(case.dtype)
+    return model.to(device, case.dtype), x.to(device, case.dtype)
 
 
 def assert_close(actual, expected, dtype, what: str, scale: float = 1.0) -> None:
@@ -138,7 +139,7 @@ def perturb(model: nn.Module, seed: int, size: float = 0.3) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
                 p.add_(noise * size * (p.detach().abs().mean() + 0.1))
 
 
@@ -154,10 +155,10 @@ def _seeded(forward, seed: int):
         return forward()
 
 
-def check_combination(combo: Combo, case: Case) -> None:
+def check_combination(combo: Combo, case: Case, device: str = "cpu") -> None:
     """All properties of docs/design.md, "The primitive contract", that need no external
-    client, for one case."""
-    model, x = build_model(case)
+    client, for one case (on ``device``: ``LORAKIT_TEST_DEVICE=cuda``, scripts/gpu_check.sh)."""
+    model, x = build_model(case, device)
     pristine = copy.deepcopy(model)
     base_out = model(x)
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
