@@ -186,7 +186,8 @@ def test_mlp_forward_compiles_without_graph_breaks():
 
 # -- MLP: bad input, recipes ------------------------------------------------------------------
 @pytest.mark.parametrize("args", [{"width": 0}, {"embed_dim": 0}, {"width": -3}, {"width": 2.5},
-                                  {"embed_dim": True}, {"z_std": -1.0}, {"z_std": float("nan")}])
+                                  {"embed_dim": True}, {"z_std": -1.0}, {"z_std": float("nan")},
+                                  {"start": "paper"}, {"gain": 1.0}, {"gain": float("inf")}, {"gain": True}])
 def test_bad_mlp_arguments_are_clear_errors(args):
     with pytest.raises(AdapterError, match="MLP\\(") as err:
         MLP(**args)
@@ -244,3 +245,55 @@ def test_cli_rejects_bad_mlp_width(capsys):
     assert main(["mf", "--width", "0", "--steps", "2", "--warmup", "0", "--size", "4", "--rank", "1",
                  "--lrs", "1", "--no-progress"]) == 2
     assert "width" in capsys.readouterr().err
+
+
+# -- MLP: the authors' start and the stable head (issue 17) -------------------------------------
+@pytest.mark.parametrize("init,normalizer,magnitude", [("kaiming", "scale", None), ("pissa", "scale", "dora"),
+                                                       ("ldu", "delora", None), ("kaiming", "delora", "dora")])
+def test_mlp_start_from_its_own_output(init, normalizer, magnitude):
+    """``start="mlp"``: ``A0 = W2_A h(z0)`` (not the initializer's), ``B0 = 0``, a magnitude
+    keeps the initializer's value; the adapted model still equals the base at step 0."""
+    model, x = model_and_input(torch.float64)
+    y0 = model(x)
+    Adapter(generator=MLP(start="mlp"), normalizer=normalizer, init=init, magnitude=magnitude, rank=4,
+            seed=3).apply(model, targets=["0", "2"])
+    torch.testing.assert_close(model(x), y0, rtol=0, atol=1e-12)
+    slots = model[0].slots
+    values = slots()
+    head = slots._head().detach()
+    torch.testing.assert_close(values["A"].reshape(-1), head[:values["A"].numel()], rtol=0, atol=0)
+    assert values["A"].abs().max() > 0 and torch.equal(values["B"], torch.zeros_like(values["B"]))
+    if magnitude:  # m0 = ‖W̄_i‖ (DoRA), not the zero head rows
+        torch.testing.assert_close(values["m"], model[0].base.weight.norm(dim=1), rtol=1e-12, atol=0)
+    train_steps(model, x)
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in slots.parameters())
+    assert not torch.equal(model(x), y0)
+
+
+def test_mlp_gain_sets_the_jacobian_gram_max_at_init(tmp_path):
+    """``gain=g``: ``λ_max(J Jᵀ) = g`` at init (J: generated factors × MLP parameters,
+    by autograd), ≈ 16 for the paper's head; the scale survives save/load."""
+    from torch.func import functional_call, jacrev
+
+    from lorakit.core import load, save
+
+    def gram_max(slots):
+        params = {k: v.detach() for k, v in slots.named_parameters()}
+        flat = lambda p: torch.cat([functional_call(slots, p, ())[k].reshape(-1) for k in slots.generated])  # noqa: E731
+        K = sum(j.reshape(j.shape[0], -1) @ j.reshape(j.shape[0], -1).T for j in jacrev(flat)(params).values())
+        return torch.linalg.eigvalsh(K)[-1].item()
+
+    from lorakit.generators.mlp import jacobian_gram_max
+
+    paper = adapt(MLP(), dtype=torch.float64)[0][0].slots
+    assert "head_scale" not in dict(paper.named_buffers())  # the paper's head: checkpoints unchanged
+    h_sq, mu = jacobian_gram_max(paper.W1, paper.b1, paper.W2, paper.z)
+    assert gram_max(paper) == pytest.approx(1 + h_sq + mu, rel=1e-6)  # the closed form, α = 1
+    for gain in (1.5, 4.0):
+        model, x = adapt(MLP(gain=gain), dtype=torch.float64)
+        assert gram_max(model[0].slots) == pytest.approx(gain, rel=1e-6)
+        train_steps(model, x)
+        save(model, tmp_path / str(gain))
+        fresh = load(model_and_input(torch.float64)[0], tmp_path / str(gain))
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-12)
+        assert torch.equal(fresh[0].slots.head_scale, model[0].slots.head_scale)

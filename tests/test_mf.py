@@ -28,7 +28,7 @@ def test_reduced_study_through_the_cli(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["config"] == {"optimizer": "adam", "lrs": [0.003, 0.03], "steps": 80, "warmup": 5,
                                 "size": 16, "rank": 2, "width": 8, "embed_dim": 16, "z_std": 0.01,
-                                "seed": 0, "dtype": "float32", "tolerance": 0.01}
+                                "stable_gain": None, "seed": 0, "dtype": "float32", "tolerance": 0.01}
     M = mf.target_matrix(16, 16, 0)
     assert result["svd_mse"] == pytest.approx(mf.svd_optimum(M, 2), rel=1e-12)
     assert result["initial_mse"] == pytest.approx(M.square().mean().item(), rel=1e-6)  # B0 = 0
@@ -47,6 +47,24 @@ def test_reduced_study_through_the_cli(tmp_path, capsys):
         assert result["reached_svd"][key] == sum(
             r[key]["final"] <= 1.01 * result["svd_mse"] for r in result["runs"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stable_op_mf_is_recorded_per_learning_rate(tmp_path, capsys):
+    """``--stable-gain G`` adds OP-MF with ``MLP(gain=G)``: per learning rate each model's
+    final error and divergence, and the counts, so the stable-OP-LoRA claim can be checked."""
+    out = tmp_path / "mf.json"
+    argv = ["mf", "--size", "12", "--rank", "2", "--steps", "60", "--warmup", "5", "--lrs", "1,1e4",
+            "--width", "8", "--embed-dim", "16", "--stable-gain", "4", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert "OP-MF-stable" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["models"] == ["mf", "op_mf", "op_mf_stable"] and result["config"]["stable_gain"] == 4
+    for r in result["runs"]:
+        for key in result["models"]:
+            assert {"final", "diverged"} <= set(r[key]) and r[key]["diverged"] == (r[key]["final"] is None)
+    assert result["runs"][1]["op_mf_stable"]["diverged"]  # lr 1e4: everything diverges
+    assert result["diverged"] == {k: sum(r[k]["diverged"] for r in result["runs"]) for k in result["models"]}
+    assert main(argv[:-5] + ["--stable-gain", "1", "--no-progress"]) == 2  # gain must be > 1
 
 
 def test_divergence_is_reported_not_raised():

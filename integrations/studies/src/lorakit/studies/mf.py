@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -104,8 +105,12 @@ def train(M: torch.Tensor, rank: int, generator, optimizer: str, lr: float, step
 
 def study(optimizer: str = "sgd", lrs=None, steps: int = 1000, warmup: int = 50, size: int = 100,
           rank: int = 8, width: int = 32, embed_dim: int = 128, z_std: float | None = None,
-          seed: int = 0, dtype=torch.float32, progress: bool = True) -> dict:
-    """MF and OP-MF for every learning rate; the result is JSON-ready."""
+          seed: int = 0, dtype=torch.float32, progress: bool = True, stable_gain: float | None = None) -> dict:
+    """MF and OP-MF for every learning rate; the result is JSON-ready.
+
+    ``stable_gain``: also run the stable OP-MF, ``MLP(gain=stable_gain)`` (its head
+    scaled so that ``λ_max(J Jᵀ) = stable_gain`` at init), under the key ``op_mf_stable``.
+    Every run records its final error and whether it diverged."""
     lrs = list(DEFAULT_LRS[optimizer] if lrs is None else lrs)
     if steps < 1 or not 0 <= warmup < steps:
         raise AdapterError(f"lorakit mf: need steps >= 1 and 0 <= warmup < steps (got {steps}, {warmup})")
@@ -114,6 +119,9 @@ def study(optimizer: str = "sgd", lrs=None, steps: int = 1000, warmup: int = 50,
     if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
         raise AdapterError(f"lorakit mf: learning rates must be positive numbers (got {lrs})")
     mlp = MLP(width, embed_dim) if z_std is None else MLP(width, embed_dim, z_std)
+    models = [("mf", "direct"), ("op_mf", mlp)]
+    if stable_gain is not None:
+        models.append(("op_mf_stable", replace(mlp, gain=stable_gain)))  # MLP checks the gain
     M = target_matrix(size, size, seed, dtype)
     optimum = svd_optimum(M, rank)
     from tqdm.auto import tqdm
@@ -122,10 +130,11 @@ def study(optimizer: str = "sgd", lrs=None, steps: int = 1000, warmup: int = 50,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 100×100 problems: one thread is fastest, more only contend
     try:
-        with tqdm(total=2 * len(lrs), desc=f"mf {optimizer}", disable=not progress, file=sys.stderr) as bar:
+        with tqdm(total=len(models) * len(lrs), desc=f"mf {optimizer}", disable=not progress,
+                  file=sys.stderr) as bar:
             for lr in lrs:
                 row = {"lr": lr}
-                for key, generator in (("mf", "direct"), ("op_mf", mlp)):
+                for key, generator in models:
                     row[key] = train(M, rank, generator, optimizer, lr, steps, warmup, seed)
                     bar.set_postfix_str(f"lr={lr:g} {key}={_fmt(row[key]['final'])}")
                     bar.update()
@@ -138,13 +147,19 @@ def study(optimizer: str = "sgd", lrs=None, steps: int = 1000, warmup: int = 50,
 
     return {
         "config": {"optimizer": optimizer, "lrs": lrs, "steps": steps, "warmup": warmup, "size": size,
-                   "rank": rank, "width": width, "embed_dim": embed_dim, "z_std": mlp.z_std, "seed": seed,
+                   "rank": rank, "width": width, "embed_dim": embed_dim, "z_std": mlp.z_std,
+                   "stable_gain": stable_gain, "seed": seed,
                    "dtype": str(dtype).removeprefix("torch."), "tolerance": TOLERANCE},
         "svd_mse": optimum,
         "initial_mse": runs[0]["mf"]["losses"][0],
         "runs": runs,
-        "reached_svd": {"mf": reached("mf"), "op_mf": reached("op_mf")},
+        "models": [key for key, _ in models],
+        "reached_svd": {key: reached(key) for key, _ in models},
+        "diverged": {key: sum(r[key]["diverged"] for r in runs) for key, _ in models},
     }
+
+
+NAMES = {"mf": "MF", "op_mf": "OP-MF", "op_mf_stable": "OP-MF-stable"}
 
 
 def _fmt(value: float | None) -> str:
@@ -154,16 +169,20 @@ def _fmt(value: float | None) -> str:
 def table(result: dict) -> str:
     """Plain-text table: per learning rate the final MSE of MF and OP-MF."""
     opt, svd = result["config"]["optimizer"], result["svd_mse"]
+    keys = result.get("models", ["mf", "op_mf"])
+    names = [NAMES[k] for k in keys]
     lines = [f"optimizer={opt}  steps={result['config']['steps']}  SVD optimum (rank "
              f"{result['config']['rank']}) MSE={svd:.6f}  initial MSE={result['initial_mse']:.6f}",
-             f"{'lr':>10}  {'MF':>10}  {'OP-MF':>10}  {'MF/SVD':>7}  {'OP/SVD':>7}"]
+             f"{'lr':>10}  " + "  ".join(f"{n:>10}" for n in names) + "  "
+             + "  ".join(f"{n + '/SVD':>12}" for n in names)]
+    ratio = lambda v: "-" if v is None else f"{v / svd:.3f}"  # noqa: E731
     for r in result["runs"]:
-        mf, op = r["mf"]["final"], r["op_mf"]["final"]
-        ratio = lambda v: "-" if v is None else f"{v / svd:.3f}"  # noqa: E731
-        lines.append(f"{r['lr']:>10g}  {_fmt(mf):>10}  {_fmt(op):>10}  {ratio(mf):>7}  {ratio(op):>7}")
+        finals = [r[k]["final"] for k in keys]
+        lines.append(f"{r['lr']:>10g}  " + "  ".join(f"{_fmt(v):>10}" for v in finals) + "  "
+                     + "  ".join(f"{ratio(v):>12}" for v in finals))
     n = len(result["runs"])
-    lines.append(f"within {TOLERANCE:.0%} of the SVD error: MF {result['reached_svd']['mf']}/{n}, "
-                 f"OP-MF {result['reached_svd']['op_mf']}/{n}")
+    lines.append(f"within {TOLERANCE:.0%} of the SVD error: "
+                 + ", ".join(f"{NAMES[k]} {result['reached_svd'][k]}/{n}" for k in keys))
     return "\n".join(lines)
 
 
@@ -182,7 +201,10 @@ def plot(result: dict, path: str | Path) -> None:
     fig, (ax, gap) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
     shades = [0.35 + 0.6 * i / max(1, len(runs) - 1) for i in range(len(runs))]
     for r, shade in zip(runs, shades):
-        for key, cmap, label in (("mf", plt.cm.Oranges, "MF"), ("op_mf", plt.cm.Blues, "OP-MF")):
+        for key, cmap, label in (("mf", plt.cm.Oranges, "MF"), ("op_mf", plt.cm.Blues, "OP-MF"),
+                                 ("op_mf_stable", plt.cm.Greens, "OP-MF-stable")):
+            if key not in r:
+                continue
             ys = [float("nan") if v is None else v for v in r[key]["losses"]]
             tag = f"{label} lr={r['lr']:g}" + (" (diverged)" if r[key]["diverged"] else "")
             ax.plot(range(len(ys)), ys, color=cmap(shade), lw=1.1, label=tag)
@@ -220,6 +242,9 @@ def configure(parser) -> None:
     parser.add_argument("--width", type=int, default=32, help="MLP hidden width")
     parser.add_argument("--embed-dim", type=int, default=128, help="dimension of z")
     parser.add_argument("--z-std", type=float, default=None, help="std of the initial z (default: MLP's)")
+    parser.add_argument("--stable-gain", type=float, default=None, metavar="G",
+                        help="also run the stable OP-MF, MLP(gain=G): head scaled so that the Jacobian Gram "
+                        "matrix's largest eigenvalue at init is G (the paper's MLP: about 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--json", metavar="PATH", help="write the full result (curves included)")
@@ -234,7 +259,8 @@ def run(args) -> int:
     for option in ("json", "plot"):  # before the study runs, not after
         check_output_file(getattr(args, option), f"--{option}")
     result = study(args.optimizer, args.lrs, args.steps, args.warmup, args.size, args.rank, args.width,
-                   args.embed_dim, args.z_std, args.seed, getattr(torch, args.dtype), not args.no_progress)
+                   args.embed_dim, args.z_std, args.seed, getattr(torch, args.dtype), not args.no_progress,
+                   args.stable_gain)
     print(table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

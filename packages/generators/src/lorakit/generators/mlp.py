@@ -19,6 +19,33 @@ step 0 in floating point, so the output equals ``F0`` bit for bit (on the device
 layer was built on). Gradients of the MLP are those of the paper's MLP (a constant
 bias offset changes none of them).
 
+**Where it starts** (``start``). ``"init"`` (default) is the rule above. ``"mlp"`` is
+the authors' code: the factors start from the MLP's own output, ``A0 = W2_A h(z0)``
+(no offset), with the ``B`` head zero (``B0 = 0``); other generated slots (a
+magnitude) keep the initializer's value as offset, since DoRA's ``m`` must start at
+``‖W̄_i‖``. This breaks the generator rule "outputs = the initializer's values at step
+0" on purpose, but not identity at init of the *layer*: ``B0 = 0`` makes the initial
+update ``B0'A0'`` zero under every built-in normalizer, and core residualizes any
+non-zero initial update anyway (``ΔW(θ) − ΔW(θ0)``, docs/design.md
+"Residualization"). The initializer's ``A0`` (and ``B0``: PiSSA's, LDU's) is ignored.
+
+**A stable OP-LoRA** (``gain``). With ``K = J Jᵀ`` the Gram matrix of the MLP's
+Jacobian (outputs × its parameters), SGD on the MLP moves the generated factors by
+``−lr·K·∇``, where free factors move by ``−lr·∇``: ``K``'s eigenvalues are the
+per-direction step multipliers. At init, in closed form (ReLU mask ``D``,
+``C = (1 + ‖z‖²) I + W1 W1ᵀ`` from ``b1``, ``W1`` and ``z``)::
+
+    K = (1 + α²‖h‖²) I + α² W2 D C D W2ᵀ          (b2, W2; then b1, W1, z)
+
+with ``α`` a constant scale on the head, ``flat = α W2 h + b2``. The paper's MLP
+(``α = 1``) has ``λ_max(K) ≈ 16`` in the ~width directions ``W2`` spans, so plain SGD
+diverges from a ~16× smaller learning rate than free factors (docs/papers/op-lora-mf.md).
+``gain=g`` sets ``α² = (g − 1) / (‖h(z0)‖² + λ_max(C^½ D W2ᵀ W2 D C^½))`` so that
+``λ_max(K) = g`` at init: the over-parameterization still accelerates in the MLP's
+directions (by up to ``g``), but the stability limit drops by at most ``g``, not ~16.
+``None`` (default) keeps the paper's unscaled head. The scale is a frozen buffer
+(``head_scale``), so save/load restores it exactly.
+
 Trainable parameters: ``embed_dim + width·(embed_dim + 1) + (width + 1)·P``,
 about ``width × (numel A + numel B)`` (OP-LoRA §4). Slots the MLP does not
 generate (frozen ones, a normalizer's ``lambda_``/``sigma``) stay plain tensors.
@@ -44,6 +71,26 @@ MAX_WIDTH = 2**16
 MAX_W2_ELEMENTS = 2**31
 #: roles whose W2 rows start at zero (B: LoRA's "no change at init"; a magnitude: OP-DoRA's Δm)
 ZERO_ROW_ROLES = (Role.B, Role.MAGNITUDE)
+#: where the generated factors start: the initializer's values, or the MLP's own output
+STARTS = ("init", "mlp")
+#: roles that start from the MLP's own output under start="mlp" (B's head is zero, so B0 = 0)
+OWN_START_ROLES = (Role.A, Role.B)
+
+
+def jacobian_gram_max(W1: Tensor, b1: Tensor, W2: Tensor, z: Tensor) -> tuple[float, float]:
+    """``(‖h‖², λ_max(C^½ D W2ᵀ W2 D C^½))`` at the current parameters: the two parts of
+    ``λ_max(J Jᵀ) = 1 + α²(‖h‖² + μ)`` (module docstring), from a width × width
+    eigenproblem instead of the P × P Gram matrix."""
+    W1, b1, W2, z = (t.detach() for t in (W1, b1, W2, z))
+    pre = F.linear(z, W1, b1)
+    h = torch.relu(pre)
+    mask = (pre > 0).to(W2.dtype)
+    C = (1 + z.square().sum()) * torch.eye(W1.shape[0], dtype=W1.dtype, device=W1.device) + W1 @ W1.T
+    evals, evecs = torch.linalg.eigh(C.double())
+    C_half = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    G = W2.double() * mask.double()  # W2 D
+    inner = C_half @ (G.T @ G) @ C_half
+    return float(h.double().square().sum()), float(torch.linalg.eigvalsh(inner)[-1])
 
 
 @dataclass
@@ -61,6 +108,8 @@ class MLP(Generator):
     width: int = 32
     embed_dim: int = 128
     z_std: float = 0.01
+    start: str = "init"  # "mlp": the authors' code, A0 = W2·h(z0) and B0 = 0
+    gain: float | None = None  # λ_max(J Jᵀ) at init; None: the paper's unscaled head (≈ 16)
 
     name = "mlp"
 
@@ -75,6 +124,13 @@ class MLP(Generator):
         z = self.z_std
         if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z < 0:
             raise AdapterError(f"MLP(z_std={self.z_std!r}): z_std must be a finite number >= 0")
+        if self.start not in STARTS:
+            raise AdapterError(f"MLP(start={self.start!r}): use one of {STARTS}")
+        g = self.gain
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
+                              or g <= 1):
+            raise AdapterError(f"MLP(gain={self.gain!r}): gain must be a finite number > 1 (the b2 path alone "
+                               "gives 1), or null for the paper's unscaled head")
 
     def build(self, slots, rng):
         # W2 is (numel of the generated slots) x width: refuse before allocating, not with an OOM
@@ -83,13 +139,15 @@ class MLP(Generator):
             raise AdapterError(
                 f"MLP(width={self.width}): the layer's generator would hold {generated * self.width:.3g} "
                 f"weights (over {MAX_W2_ELEMENTS:.3g}); lower the width or the rank")
-        return MLPSlots(slots, self.width, self.embed_dim, float(self.z_std), rng)
+        return MLPSlots(slots, self.width, self.embed_dim, float(self.z_std), rng, self.start,
+                        None if self.gain is None else float(self.gain))
 
 
 class MLPSlots(SlotsModule):
     """The per-layer MLP. ``forward()`` evaluates it once and returns every slot."""
 
-    def __init__(self, slots, width: int, embed_dim: int, z_std: float, rng: torch.Generator):
+    def __init__(self, slots, width: int, embed_dim: int, z_std: float, rng: torch.Generator,
+                 start: str = "init", gain: float | None = None):
         super().__init__(slots)
         gen = [n for n, s in slots.items() if s.role in GENERATED_ROLES and s.trainable]
         self.generated = tuple(gen)
@@ -103,19 +161,31 @@ class MLPSlots(SlotsModule):
         self.W1 = nn.Parameter(kaiming_uniform((width, embed_dim), math.sqrt(5), rng, dtype))  # nn.Linear's
         self.b1 = nn.Parameter(torch.zeros(width, dtype=dtype))
         W2 = kaiming_uniform((P, width), math.sqrt(5), rng, dtype)
-        start = 0
+        offset = 0
         for n, size in zip(gen, self.sizes):
             if slots[n].role in ZERO_ROW_ROLES:
-                W2[start:start + size] = 0
-            start += size
+                W2[offset:offset + size] = 0
+            offset += size
         self.W2 = nn.Parameter(W2)
         self.b2 = nn.Parameter(torch.zeros(P, dtype=dtype))
-        self.register_buffer("init_values", F0.clone())  # F0
+        alpha = None  # the paper's head: no buffer, so its checkpoints are unchanged
+        if gain is not None:  # α: λ_max(J Jᵀ) = gain at init (module docstring)
+            h_sq, mu = jacobian_gram_max(self.W1, self.b1, W2, self.z)
+            alpha = torch.tensor(math.sqrt((gain - 1) / (h_sq + mu)) if h_sq + mu > 0 else 1.0, dtype=dtype)
+        self.register_buffer("head_scale", alpha)
+        own = torch.zeros(P, dtype=torch.bool)  # start="mlp": these outputs get no offset
+        offset = 0
+        for n, size in zip(gen, self.sizes):
+            own[offset:offset + size] = start == "mlp" and slots[n].role in OWN_START_ROLES
+            offset += size
+        self.register_buffer("init_values", torch.where(own, torch.zeros_like(F0), F0))  # F0 (0 where own)
         with torch.no_grad():
-            self.register_buffer("init_output", self._head())  # W2 h(z0), same op as forward
+            # W2 h(z0), same op as forward; 0 where the MLP's own output is the start
+            self.register_buffer("init_output", torch.where(own, torch.zeros_like(F0), self._head()))
 
     def _head(self) -> Tensor:
-        return F.linear(torch.relu(F.linear(self.z, self.W1, self.b1)), self.W2)
+        out = F.linear(torch.relu(F.linear(self.z, self.W1, self.b1)), self.W2)
+        return out if self.head_scale is None else out * self.head_scale
 
     def forward(self) -> dict[str, Tensor]:
         flat = ((self._head() - self.init_output) + self.b2) + self.init_values
