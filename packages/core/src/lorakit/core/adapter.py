@@ -23,7 +23,7 @@ from torch import nn
 from .layer import AdaptedLayer
 from .lora import Direct, Kaiming, Scale
 from .plugins import registry
-from .primitives import AdapterError, Composition, Generator, Initializer, Magnitude, Normalizer
+from .primitives import COMPOSITION_KINDS, AdapterError, Composition, Generator, Initializer, Magnitude, Normalizer
 from .trained import check_bias, check_module_names, trained_biases, wrap_saved
 from .validation import MAX_SEED, check_int, check_probability, safe_regex
 
@@ -169,10 +169,12 @@ class Adapter:
     modules_to_save: Iterable[str] | None = None  # modules trained whole (heads, norms), as PEFT's option
 
     def __post_init__(self) -> None:
-        self.generator: Generator = registry.create("generator", self.generator)
-        self.normalizer: Normalizer = registry.create("normalizer", self.normalizer)
-        self.init: Initializer = registry.create("initializer", self.init)
-        self.magnitude: Magnitude | None = registry.create("magnitude", self.magnitude)
+        for field_name, kind in COMPOSITION_KINDS.items():  # names, specs or instances -> instances
+            setattr(self, field_name, registry.create(kind, getattr(self, field_name)))
+        self.generator: Generator
+        self.normalizer: Normalizer
+        self.init: Initializer
+        self.magnitude: Magnitude | None
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise AdapterError(f"dtype={self.dtype!r}: the adapter dtype must be a floating torch dtype "
                                "(torch.float32 is the default for fp16/bf16/fp32 models)")

@@ -29,7 +29,7 @@ from .adapter import Adapter, adapted_layers
 from .adapter import _check_targets as check_targets
 from .atomic import carry_over, publish, recover, staging_folder
 from .plugins import registry
-from .primitives import AdapterError
+from .primitives import COMPOSITION_KINDS, AdapterError
 from .trained import check_bias, check_module_names, load_trained_base_state, trained_base_state
 from .validation import MAX_SEED, check_probability, check_regular_file, loads_strict, read_regular_file, safe_regex
 
@@ -63,8 +63,7 @@ def _versions(adapter: dict) -> dict[str, str]:
 def _providers(adapter: dict) -> dict[str, Any]:
     """``{"generator mlp": PluginInfo, ...}``: the plugin that registered each primitive used."""
     out = {}
-    for field, kind in (("generator", "generator"), ("normalizer", "normalizer"), ("init", "initializer"),
-                        ("magnitude", "magnitude")):
+    for field, kind in COMPOSITION_KINDS.items():
         spec = adapter.get(field)
         if spec is not None and (info := registry.provider(kind, spec["name"])) is not None:
             out[f"{kind} {spec['name']}"] = info

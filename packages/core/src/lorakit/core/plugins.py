@@ -27,7 +27,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .primitives import KINDS, AdapterError, Primitive
+from .primitives import COMPOSITION_KINDS, KINDS, AdapterError, Primitive
 
 HOOKS = tuple(name for name in vars(hookspecs) if name.startswith("lorakit_"))
 #: the ``lorakit`` CLI's own subcommands, which no plugin may take
@@ -199,10 +199,9 @@ class Registry:
         """Withdraw each recipe that names a primitive no loaded plugin registers, and
         list it as failed: ``lorakit demo`` and lookups then see only usable recipes."""
         for name, recipe in list(self.recipes.items()):
-            missing = [f"{kind} {spec['name']!r}" for kind, spec in zip(
-                ("generator", "normalizer", "initializer", "magnitude"),
-                (recipe.generator, recipe.normalizer, recipe.init, recipe.magnitude))
-                if spec is not None and spec["name"] not in self.primitives[kind]]
+            specs = {kind: getattr(recipe, field_name) for field_name, kind in COMPOSITION_KINDS.items()}
+            missing = [f"{kind} {spec['name']!r}" for kind, spec in specs.items()
+                       if spec is not None and spec["name"] not in self.primitives[kind]]
             if missing:
                 del self.recipes[name]
                 if (info := self.plugins.get(recipe.plugin)) is not None:

@@ -1,4 +1,6 @@
-"""The four kinds of primitive an adapter is composed of (docs/design.md, "The slot model" and "The primitive contract").
+"""The four kinds of primitive an adapter is composed of.
+
+(docs/design.md, "The slot model" and "The primitive contract")
 
 A target layer has a frozen weight ``W̄`` (out × in). Its adapter owns named
 tensors, *slots*. Each :class:`Slot` declares its :class:`Role`; core, generators and
@@ -30,6 +32,10 @@ import torch
 from torch import Tensor, nn
 
 KINDS = ("generator", "normalizer", "initializer", "magnitude")
+#: a composition's fields and the kind of primitive each holds: the one place where the
+#: field ``init`` (``Adapter(init=...)``, recipes, checkpoints) meets the kind ``initializer``
+COMPOSITION_KINDS = {"generator": "generator", "normalizer": "normalizer", "init": "initializer",
+                     "magnitude": "magnitude"}
 
 
 class Role(enum.Enum):
