@@ -251,3 +251,37 @@ def test_ddp_trains_on_a_quantized_base_and_fsdp2_is_refused_clearly(tmp_path):
                 model(torch.randn(4, 64))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_model_loaded_with_bitsandbytesconfig(tmp_path, mode):
+    """What users do: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``.
+    lorakit adapts the loaded bitsandbytes layers (default targets), is the quantized model
+    exactly at step 0, trains without touching the base, and exports a PEFT adapter."""
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    from lorakit.core import adapted_layers
+    from lorakit.transformers import export_peft
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "base")
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+              if mode == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, device_map="cpu").train()
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    Adapter.from_recipe("dora", rank=4).apply(model)
+    layers = adapted_layers(model)
+    assert layers and all("bitsandbytes" in type(layer.base).__module__ for layer in layers.values())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids=ids).logits.square().mean().backward()
+    opt.step()
+    after = {k.replace(".base.", ".", 1): v for k, v in model.state_dict().items() if ".base." in k}
+    assert after and all(torch.equal(frozen[k], v) for k, v in after.items())
+    export_peft(model, tmp_path / "peft")
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
