@@ -285,3 +285,29 @@ def test_a_model_loaded_with_bitsandbytesconfig(tmp_path, mode):
     assert after and all(torch.equal(frozen[k], v) for k, v in after.items())
     export_peft(model, tmp_path / "peft")
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_a_tensor_subclass_weight_is_one_clear_error():
+    """torchao's weight-only types keep ``nn.Linear`` and put the quantization in a tensor
+    subclass; without a layer kind for it, apply says so in one line (it used to raise
+    torchao's own NotImplementedError from inside the initializer)."""
+
+    class Wrapped(torch.Tensor):  # the smallest __torch_dispatch__ subclass
+        @staticmethod
+        def __new__(cls, data):
+            return torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=data.dtype)
+
+        def __init__(self, data):
+            self.data_ = data
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.detach.default:
+                return args[0]
+            raise NotImplementedError(f"{func} on Wrapped")
+
+    model = nn.Sequential(nn.Linear(6, 4))
+    model[0].weight = nn.Parameter(Wrapped(torch.randn(4, 6)), requires_grad=False)
+    with pytest.raises(AdapterError, match="holds its weight as a Wrapped .a tensor subclass"):
+        Adapter(rank=2).apply(model, targets=["0"])
+    assert isinstance(model[0], nn.Linear)

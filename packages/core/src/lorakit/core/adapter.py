@@ -147,6 +147,12 @@ def _quantized_hint(name: str, module: nn.Module, dtype: torch.dtype) -> str:
             + (f"; quantized layers supported now: {', '.join(supported)}" if supported else ""))
 
 
+def _is_tensor_subclass(t: torch.Tensor) -> bool:
+    """A tensor whose operations a subclass dispatches (torchao's quantized weights): not a
+    plain tensor or parameter, whose values a layer kind can read and write directly."""
+    return type(t).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__
+
+
 QUANTIZATION_PACKAGES = ("bitsandbytes",)
 """Quantization libraries with a lorakit integration (``lorakit-<name>``), named in errors."""
 
@@ -346,6 +352,10 @@ class Adapter:
                                "weights first (model.to_empty(device=...) and load them), then apply")
         if not weight.dtype.is_floating_point:
             raise AdapterError(_quantized_hint(name, module, weight.dtype))
+        if not kind.quantized and _is_tensor_subclass(weight):  # e.g. torchao's Int8Tensor in an nn.Linear
+            raise AdapterError(f"module {name!r} holds its weight as a {type(weight).__name__} (a tensor subclass, "
+                               "e.g. torchao's quantized weights), which its layer kind cannot read or merge; "
+                               "dequantize the model first, or register a layer kind for it (lorakit_layers hook)")
         out_f, in_f = weight.shape
         device = weight.device
         del weight  # a quantized kind's matrix is a transient dequantized copy: keep none
