@@ -243,8 +243,8 @@ def _delora_combos():
 
     combos = [c for c in combinations() if c.normalizer["name"] == "delora" and c.magnitude is None]
     recipe = next(c for c in combos if c.init["args"].get("zero_b") is False)
-    combos += [replace(recipe, generator={"name": g, "args": {}}) for g in sorted(registry.load().primitives["generator"])
-               if g != recipe.generator["name"]]
+    generators = sorted(registry.load().primitives["generator"])
+    combos += [replace(recipe, generator={"name": g, "args": {}}) for g in generators if g != recipe.generator["name"]]
     return combos
 
 

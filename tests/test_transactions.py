@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_finetune import _args, tiny  # noqa: F401 (the tiny BERT fixture, by name)
 from torch import nn
 
 from lorakit.core import (
@@ -39,8 +40,6 @@ from lorakit.core import (
     unload,
     unmerge,
 )
-
-from test_finetune import _args, tiny  # noqa: F401 (the tiny BERT fixture, by name)
 
 DOC = Path(__file__).parents[1] / "docs" / "bad-inputs.md"
 FOREIGN = "trainer_notes.txt"  # a file of another tool in the checkpoint folder: it must survive
@@ -343,7 +342,7 @@ def test_unmerge_restores_the_base_within_the_documented_rounding(recipe, dtype)
 
 
 # -- finetune ------------------------------------------------------------------
-def test_a_failing_finetune_keeps_the_finished_runs_checkpoints(tiny, tmp_path, monkeypatch):
+def test_a_failing_finetune_keeps_the_finished_runs_checkpoints(tiny, tmp_path, monkeypatch):  # noqa: F811
     import lorakit.finetune.train as train
     from lorakit.core.cli import main
 
