@@ -90,6 +90,18 @@ class _LowRankLinear(torch.autograd.Function):
         x2, xl2, W, bias, B, A, h, *gz = ctx.saved_tensors
         need_x, need_xl, need_W, need_b, need_B, need_A, need_g = ctx.needs_input_grad
         g, z = gz if gz else (None, None)
+        grad_g = None
+        if g is not None and need_g:  # first: its tokens × out temporary is freed before gy exists
+            unknown = g.abs() < torch.finfo(g.dtype).tiny ** 0.5
+            safe = torch.where(unknown, torch.ones_like(g), g)
+            # Σ_t go_ti (z_ti − b_i) / g_i, without forming y = (z − b) / g
+            zgo = (go * z).sum(0)
+            grad_g = (zgo if bias is None else zgo - bias * go.sum(0)) / safe
+            rows = unknown.nonzero().flatten()
+            if len(rows):
+                y_rows = torch.nn.functional.linear(x2, W[rows]).addmm_(h, B[rows].T)
+                grad_g[rows] = (go[:, rows] * y_rows).sum(0)
+        grad_b = go.sum(0) if need_b and bias is not None else None
         gy = go if g is None else go * g
         gyB_t = B.T @ gy.T if need_x or need_xl or need_A else None  # (gy B)ᵀ, R × tokens
         gyB = gyB_t.T.contiguous() if need_x or need_xl else None  # tokens × R: small
@@ -100,20 +112,8 @@ class _LowRankLinear(torch.autograd.Function):
         elif need_xl:
             grad_xl = gyB @ A
         grad_W = gy.T @ x2 if need_W else None
-        grad_b = go.sum(0) if need_b and bias is not None else None
         grad_B = (h.T @ gy).T if need_B else None
         grad_A = gyB_t @ (x2 if xl2 is None else xl2) if need_A else None
-        grad_g = None
-        if g is not None and need_g:
-            unknown = g.abs() < torch.finfo(g.dtype).tiny ** 0.5
-            safe = torch.where(unknown, torch.ones_like(g), g)
-            # Σ_t go_ti (z_ti − b_i) / g_i, without forming y = (z − b) / g
-            zgo = (go * z).sum(0)
-            grad_g = (zgo if bias is None else zgo - bias * go.sum(0)) / safe
-            rows = unknown.nonzero().flatten()
-            if len(rows):
-                y_rows = torch.nn.functional.linear(x2, W[rows]).addmm_(h, B[rows].T)
-                grad_g[rows] = (go[:, rows] * y_rows).sum(0)
         return grad_x, grad_xl, grad_W, grad_b, grad_B, grad_A, grad_g
 
 
