@@ -1,4 +1,4 @@
-"""Two measurements behind design decisions in docs/benchmarks.md (not shipped paths).
+"""Three measurements behind design decisions in docs/benchmarks.md (not shipped paths).
 
     python -m lorakit.bench.studies fused-linear
     python -m lorakit.bench.studies mlp-batching
@@ -15,10 +15,11 @@ the default bench model's 28 projections: forward + backward CPU time.
 
 ``dora-saved-output``: DoRA's magnitude gradient needs the pre-scale output
 ``y = W̄x + B'A'x`` of every adapted layer (``dL/dm_i ∝ Σ_t go_ti·y_ti``), one
-tokens × out tensor per layer that LoRA does not keep. An alternative saves the
-output ``z = g ⊙ y`` instead (which the next op often keeps anyway) and rebuilds
-``y = z / g`` in backward; it is *not* exact where ``g_i = 0`` (``m_i = 0``), so it
-is not shipped. This measures the peak memory it would give on the default model.
+tokens × out tensor per layer that LoRA does not keep. The shipped form (issue 16,
+``lorakit.core.functional.DORA_SAVES = "output"``) keeps the output ``z = g ⊙ y + b``
+instead, which the next op often keeps anyway, and rebuilds ``y = (z − b) / g`` in
+backward (rows with ``g_i = 0`` recomputed exactly). This measures the peak memory
+of both forms on the default model, next to PEFT's LoRA.
 """
 
 from __future__ import annotations
@@ -102,30 +103,6 @@ def mlp_batching(layers: int = 4, rank: int = 8, width: int = 32, embed: int = 1
             **{name: statistics.median(v) for name, v in times.items()}}
 
 
-class _ScaleRowsSavingOutput(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, g):
-        z = y * g
-        ctx.save_for_backward(z, g)
-        return z
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, g = ctx.saved_tensors
-        return grad * g, (grad * (z / g)).sum(0)
-
-
-def _linear_lowrank_saving_output(x, W, bias, B, A, g=None):
-    x2 = x.reshape(-1, x.shape[-1])
-    h = x2 @ A.T
-    if g is None:
-        y = F.linear(x2, W, bias).addmm_(h, B.T)
-    else:
-        y = _ScaleRowsSavingOutput.apply(F.linear(x2, W).addmm_(h, B.T), g)
-        y = y if bias is None else y + bias
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
 def dora_saved_output() -> dict:
     from lorakit.core import functional
 
@@ -148,13 +125,12 @@ def dora_saved_output() -> dict:
         step()
         return (step_peak_bytes(step, "cpu") + resident_bytes(model, opt)) / 2**20
 
-    out = {"PEFT LoRA": peak(Method("peft", "lora")), "lorakit dora": peak(Method("lorakit", "dora"))}
-    shipped = functional.linear_lowrank
-    functional.linear_lowrank = _linear_lowrank_saving_output
+    out = {"PEFT LoRA": peak(Method("peft", "lora")), "lorakit dora (output kept)": peak(Method("lorakit", "dora"))}
+    functional.DORA_SAVES = "pre-scale"
     try:
-        out["lorakit dora, output saved"] = peak(Method("lorakit", "dora"))
+        out["lorakit dora, y kept"] = peak(Method("lorakit", "dora"))
     finally:
-        functional.linear_lowrank = shipped
+        functional.DORA_SAVES = "output"
     return out
 
 
