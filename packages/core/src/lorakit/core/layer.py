@@ -54,6 +54,8 @@ class AdaptedLayer(nn.Module):
         # A plain nn.Linear gets the fused path (functional.linear_lowrank); any
         # other module goes through its layer kind. A static decision.
         self.fused = type(kind) is LinearKind and type(base).forward is nn.Linear.forward
+        # integer inputs (nn.Embedding); getattr: a plugin's kind may predate the attribute
+        self.indices = bool(getattr(kind, "indices", False))
 
         W = kind.matrix(base).detach()
         dtype = dtype or (torch.float64 if W.dtype == torch.float64 else torch.float32)
@@ -148,13 +150,16 @@ class AdaptedLayer(nn.Module):
             return self.base(x)
         B, A, g = self.factors()
         # a static decision (the training flag is a guard under torch.compile); x_d is x otherwise
-        dropping = self.training and self.dropout > 0
+        dropping = self.training and self.dropout > 0 and not self.indices
         x_d = F.dropout(x, self.dropout, training=True) if dropping else x
         if self.fused and x.dtype == A.dtype and (g is None or not dropping):
             return functional.linear_lowrank(x, self.base.weight, self.base.bias, B, A, g, x_low=x_d)
         # Generic path; also an adapter kept in fp32 on a bf16/fp16 base: the
         # low-rank term is computed in the adapter's dtype, then cast.
-        delta = self.kind.lowrank(self.base, x_d.to(A.dtype), B, A).to(x.dtype)
+        if self.indices:  # integer inputs (an embedding): neither cast nor dropped
+            delta = self.kind.lowrank(self.base, x, B, A).to(self.base.weight.dtype)
+        else:
+            delta = self.kind.lowrank(self.base, x_d.to(A.dtype), B, A).to(x.dtype)
         if g is None:
             return self.base(x) + delta
         if not dropping:

@@ -30,6 +30,15 @@ class LayerKind:
     """True when the base stores its weight in × out (transformers' ``Conv1D``): PEFT's
     ``fan_in_fan_out`` option."""
 
+    indices = False
+    """True when the module's input is integer indices (``nn.Embedding``): no dropout on
+    it (PEFT applies none to embeddings), no cast to the adapter's dtype, and the
+    low-rank term takes the weight's dtype instead of the input's."""
+
+    peft_keys = ("lora_A.weight", "lora_B.weight")
+    """The names PEFT gives ``(A, B)`` under the module's name (its embedding layer
+    keeps them as bare parameters: ``lora_embedding_A``/``lora_embedding_B``)."""
+
     quantized = False
     """True when ``matrix`` dequantizes: the weight cannot take ``W_eff`` in place, and
     per-step code must go through :meth:`weight_times_t`, never :meth:`matrix`."""
@@ -167,6 +176,36 @@ class Conv3dKind(ConvKind):
     dims = 3
 
 
+class EmbeddingKind(LayerKind):
+    """``nn.Embedding`` as PEFT's embedding LoRA: ``W̄ = weightᵀ`` (embedding_dim ×
+    num_embeddings, "in" is the vocabulary), so ``W̄ onehot(x) = weight[x]`` and the
+    low-rank term ``B (A onehot(x))`` is ``embedding(x, Aᵀ) Bᵀ``. PEFT stores ``A``
+    (r × num_embeddings) and ``B`` (embedding_dim × r) as they are here."""
+
+    indices = True
+    peft_keys = ("lora_embedding_A", "lora_embedding_B")
+
+    def matrix(self, base):
+        return base.weight.T
+
+    def set_matrix(self, base, W):
+        base.weight.data.copy_(W.T)
+
+    def linear(self, base, x):
+        return F.embedding(x, base.weight, base.padding_idx)
+
+    def lowrank(self, base, x, B, A):
+        # padding_idx as PEFT: the padding row of A gets no gradient
+        return F.embedding(x, A.T, base.padding_idx) @ B.T
+
+    def check(self, base):
+        if base.max_norm is not None:  # renormalizes the rows it reads in place: no fixed W̄ to adapt
+            return "an nn.Embedding with max_norm is not supported"
+        if type(base).forward is not nn.Embedding.forward:  # e.g. a scaled embedding: W̄ x is not its output
+            return f"{type(base).__name__} overrides nn.Embedding.forward; register a layer kind for it"
+        return None
+
+
 @dataclass(frozen=True)
 class FrozenWeight:
     """The frozen ``W̄`` of one base module as an operator: what a magnitude head gets
@@ -190,4 +229,4 @@ class FrozenWeight:
 
 
 BUILTIN_KINDS: dict[type, LayerKind] = {nn.Linear: LinearKind(), nn.Conv1d: Conv1dKind(), nn.Conv2d: Conv2dKind(),
-                                        nn.Conv3d: Conv3dKind()}
+                                        nn.Conv3d: Conv3dKind(), nn.Embedding: EmbeddingKind()}

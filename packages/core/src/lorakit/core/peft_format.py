@@ -77,7 +77,8 @@ def lora_tensors(model: nn.Module, rank: int | None = None, *, prefix: str = "",
             B, A, m = layer.kind.peft_factors(layer.base, f.B, f.A, f.magnitude)
         except AdapterError as exc:
             raise AdapterError(f"module {name!r}: {exc}") from None
-        named = {"lora_A.weight": A, "lora_B.weight": B, DORA_KEY: m}
+        key_A, key_B = getattr(layer.kind, "peft_keys", ("lora_A.weight", "lora_B.weight"))
+        named = {key_A: A, key_B: B, DORA_KEY: m}
         for key, t in named.items():
             if t is not None:
                 tensors[f"{prefix}{name}.{key}"] = t.detach().to("cpu", dtype or t.dtype).contiguous()
