@@ -1,8 +1,19 @@
-"""Three measurements behind design decisions in docs/benchmarks.md (not shipped paths).
+"""Measurements behind design decisions in docs/benchmarks.md (not shipped paths).
 
     python -m lorakit.bench.studies fused-linear
     python -m lorakit.bench.studies mlp-batching
     python -m lorakit.bench.studies dora-saved-output
+    python -m lorakit.bench.studies lowrank-layouts
+    python -m lorakit.bench.studies lora-overhead
+
+``lowrank-layouts``: the rank-R products of one adapted layer's backward at the
+default model's shapes (1,024 tokens, R = 8), CPU time: autograd's forms
+(``gy B``, ``gyᵀ h``, ``(gy B)ᵀ x``) against the shipped ones (``Bᵀ gyᵀ``, ``hᵀ gy``,
+an R × tokens result), next to the frozen base's own input-gradient GEMM.
+
+``lora-overhead``: where a lorakit LoRA step's time above the no-adapter floor goes,
+on the default bench model (CPU time, medians of alternating runs): the floor, LoRA's
+forward + backward, AdamW's step, and ``factors()`` of all 28 layers.
 
 ``fused-linear``: one 688 × 256 projection at 1,024 tokens, forward + backward, CPU
 time: PEFT's LoRA arithmetic (``base(x) + B(A x)·s``), the unfused lorakit form
@@ -134,8 +145,79 @@ def dora_saved_output() -> dict:
     return out
 
 
+def _medians(fns: dict, repeats: int, inner: int = 1) -> dict:
+    """Median CPU milliseconds of each function, run in alternation."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.process_time()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.process_time() - start) / inner * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _layout_times(x, W, A, B, gy, gx, repeats: int) -> dict:
+    h = x @ A.T
+
+    def autograd_forms():
+        gyB = gy @ B
+        return gx.clone().addmm_(gyB, A), gy.T @ h, gyB.T @ x
+
+    def shipped_forms():
+        gyB_t = B.T @ gy.T
+        return gx.clone().addmm_(gyB_t.T.contiguous(), A), (h.T @ gy).T, gyB_t @ x
+
+    return _medians({"base gy W": lambda: gy @ W, "autograd": autograd_forms, "shipped": shipped_forms},
+                    repeats, inner=3)
+
+
+def lowrank_layouts(tokens: int = 1024, rank: int = 8, repeats: int = 20) -> dict:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for o, i in dict.fromkeys(SHAPES):
+        tensors = [torch.randn(*shape, generator=g) for shape in
+                   ((tokens, i), (o, i), (rank, i), (o, rank), (tokens, o), (tokens, i))]
+        for name, ms in _layout_times(*tensors, repeats).items():
+            out[f"{o}x{i} {name}"] = ms
+    return out
+
+
+def lora_overhead(repeats: int = 8) -> dict:
+    from lorakit.core import adapted_layers
+
+    from .methods import FLOOR, Method, adapt, build_base
+
+    torch.set_num_threads(1)
+    base = build_base(256, 4, 688, 1000, 128, seed=0, dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 1000, (8, 128), generator=torch.Generator().manual_seed(1))
+    floor, lora = adapt(FLOOR, base, rank=8, seed=0), adapt(Method("lorakit", "lora"), base, rank=8, seed=0)
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-3)
+    layers = list(adapted_layers(lora).values())
+
+    def floor_step():
+        embeds = floor.get_input_embeddings()(ids).detach().requires_grad_()
+        floor(inputs_embeds=embeds, labels=ids).loss.backward()
+
+    def forward_backward():
+        opt.zero_grad(set_to_none=True)
+        lora(input_ids=ids, labels=ids).loss.backward()
+
+    def step():
+        forward_backward()
+        opt.step()
+
+    fns = {"floor (forward + backward)": floor_step, "lora forward + backward": forward_backward,
+           "lora step": step, "AdamW step": opt.step, "factors() x 28": lambda: [la.factors() for la in layers]}
+    for fn in fns.values():
+        fn()
+    return _medians(fns, repeats)
+
+
 if __name__ == "__main__":
-    studies = {"fused-linear": fused_linear, "mlp-batching": mlp_batching, "dora-saved-output": dora_saved_output}
+    studies = {"fused-linear": fused_linear, "mlp-batching": mlp_batching, "dora-saved-output": dora_saved_output,
+               "lowrank-layouts": lowrank_layouts, "lora-overhead": lora_overhead}
     if len(sys.argv) != 2 or sys.argv[1] not in studies:
         sys.exit(f"usage: python -m lorakit.bench.studies {{{','.join(studies)}}}")
     for key, value in studies[sys.argv[1]]().items():
