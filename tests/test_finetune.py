@@ -20,6 +20,7 @@ import torch
 
 from lorakit.core import load, registry
 from lorakit.core.cli import main
+from lorakit.finetune.model import attach_head, predict
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,16 +105,26 @@ def test_finetune_writes_checkpoint_peft_export_plot_and_summary(tiny, tmp_path,
     # the native checkpoint and the PEFT export give the same fine-tuned backbone
     from peft import PeftModel
 
+    def with_head():  # the base with an untrained head of the right shape, which the adapter replaces
+        model = transformers.AutoModel.from_pretrained(tiny["model"])
+        attach_head(model, 1, torch.Generator().manual_seed(123))
+        return model.eval()
+
     batch = _encode(tiny, ["very good movie", "not bad", "awful day"])
-    ours = transformers.AutoModel.from_pretrained(tiny["model"]).eval()
-    base_out = ours(**batch).last_hidden_state
+    ours = with_head()
+    base_out, base_pred = ours(**batch).last_hidden_state, predict(ours, batch)
     load(ours, ckpt)
     ours.eval()
     adapted = ours(**batch).last_hidden_state
     assert (adapted - base_out).abs().max() > 1e-4, "training changed nothing"
-    peft = PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(tiny["model"]), summary["peft_export"])
+    peft = PeftModel.from_pretrained(with_head(), summary["peft_export"])
     peft.eval()
-    torch.testing.assert_close(peft(**batch).last_hidden_state, adapted, atol=1e-5, rtol=1e-5)
+    assert not (Path(summary["peft_export"]) / "head.safetensors").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(**batch).last_hidden_state, adapted, atol=1e-5, rtol=1e-5)
+        # the PEFT folder alone holds the trained head (a module to save): the regressor's predictions
+        assert not torch.allclose(predict(ours, batch), base_pred)
+        torch.testing.assert_close(predict(peft, batch), predict(ours, batch), atol=1e-5, rtol=1e-5)
 
 
 def test_composition_from_the_command_line(tiny, tmp_path):
@@ -222,8 +233,9 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_gives_the_same_run(tiny, tm
     monkeypatch.setattr(ckpts, "_fsync_tree", real_fsync)
     complete = [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")]
     assert complete == ["step-000002"]
-    # it loads into a fresh model
+    # it loads into a fresh model (with a head of the right shape: the checkpoint holds the trained one)
     fresh = transformers.AutoModel.from_pretrained(tiny["model"])
+    attach_head(fresh, 1, torch.Generator())
     load(fresh, out / "checkpoints" / "step-000002")
     # and resuming from it replays steps 3..6 exactly (optimizer, schedule, data order, dropout RNG)
     assert main(_args(tiny, out, "--resume", str(out), steps=6)) == 0
@@ -256,7 +268,9 @@ def test_sigint_to_a_running_finetune_leaves_a_valid_checkpoint(tiny, tmp_path):
     assert "Traceback" not in err and "last complete checkpoint:" in err
     steps = [p for p in (out / "checkpoints").glob("step-*")]
     assert len(steps) == 1 and str(steps[0]) in err
-    load(transformers.AutoModel.from_pretrained(tiny["model"]), steps[0])
+    fresh = transformers.AutoModel.from_pretrained(tiny["model"])
+    attach_head(fresh, 1, torch.Generator())  # the checkpoint holds the trained head
+    load(fresh, steps[0])
 
 
 def test_compare_two_recipes(tiny, tmp_path, capsys):

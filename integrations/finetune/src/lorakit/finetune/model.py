@@ -80,21 +80,45 @@ def hidden_size(backbone: nn.Module) -> int:
     return backbone.get_input_embeddings().embedding_dim
 
 
-class TextModel(nn.Module):
-    """Backbone + mean pooling + linear head."""
+HEAD = "head"
+"""The task head's name inside the backbone: the adapter trains it as a module to save
+(``modules_to_save=[HEAD]``), so its checkpoint and PEFT export hold the head too."""
 
-    def __init__(self, backbone: nn.Module, n_outputs: int, generator: torch.Generator):
+
+def attach_head(backbone: nn.Module, n_outputs: int, generator: torch.Generator) -> nn.Linear:
+    """A linear head put inside ``backbone`` as ``backbone.head``, before the adapter is
+    applied: the exported PEFT folder then reproduces the fine-tuned model on its own
+    (PEFT loads the head as a module to save; the base needs an untrained ``head`` of the
+    same shape for PEFT to replace, and :func:`predict`'s pooling)."""
+    head = nn.Linear(hidden_size(backbone), n_outputs)
+    with torch.no_grad():  # the head's init is part of the run's seed
+        bound = 1 / head.in_features ** 0.5
+        head.weight.copy_(torch.empty_like(head.weight).uniform_(-bound, bound, generator=generator))
+        head.bias.zero_()
+    backbone.add_module(HEAD, head)
+    return head
+
+
+def predict(backbone: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean pooling over the real tokens, then ``backbone.head``: for lorakit's model and a
+    ``PeftModel`` loaded from the export alike."""
+    hidden = backbone(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    out = getattr(backbone, HEAD)(pooled)
+    return out.squeeze(-1) if out.shape[-1] == 1 else out
+
+
+class TextModel(nn.Module):
+    """Backbone (holding the head, :func:`attach_head`) + mean pooling."""
+
+    def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(hidden_size(backbone), n_outputs)
-        with torch.no_grad():  # the head's init is part of the run's seed
-            bound = 1 / self.head.in_features ** 0.5
-            self.head.weight.copy_(torch.empty_like(self.head.weight).uniform_(-bound, bound, generator=generator))
-            self.head.bias.zero_()
+
+    @property
+    def head(self) -> nn.Module:
+        return getattr(self.backbone, HEAD)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.backbone(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
-        out = self.head(pooled)
-        return out.squeeze(-1) if out.shape[-1] == 1 else out
+        return predict(self.backbone, batch)

@@ -25,7 +25,7 @@ from .checkpoints import checkpoint_path, keep_only, latest_checkpoint, load_che
 from .compose import build_adapter
 from .data import Dataset, load_data, split
 from .errors import FinetuneError, Interrupted
-from .model import TextModel, load_backbone
+from .model import HEAD, TextModel, attach_head, load_backbone
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -305,13 +305,17 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     backbone, tokenizer, folder = load_backbone(cfg.model)
     base_mb = _frozen_base_mb(backbone, cfg.quantize)
     targets = cfg.targets or None
-    adapter.apply(backbone, targets=targets)
     y_train, norm = _targets(data, train)
     n_out = 1 if data.task == "regression" else len(data.classes)
-    model = TextModel(backbone, n_out, torch.Generator().manual_seed(cfg.seed)).to(device)
+    # the head inside the backbone, trained as a module to save: the PEFT export holds it
+    attach_head(backbone, n_out, torch.Generator().manual_seed(cfg.seed))
+    adapter.modules_to_save = [HEAD]
+    adapter.apply(backbone, targets=targets)
+    model = TextModel(backbone).to(device)
     model.train()
+    head_params = sum(p.numel() for p in model.head.trained.parameters())
     report = core.parameter_report(backbone)
-    head_params = sum(p.numel() for p in model.head.parameters())
+    report["trainable"] -= head_params  # the adapter's own, reported apart from the head
 
     groups = _param_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups)
@@ -384,12 +388,7 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     # None when another run's checkpoint has this name: replaced only once this run has succeeded
     saved = save_checkpoint(model, optimizer, ckpt_root, cfg.steps, state)
     ckpt = checkpoint_path(ckpt_root, cfg.steps)
-    peft_path, peft_error = _export_peft(backbone, out / "peft", folder)
-    if peft_path:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()},
-                  str(out / "peft" / "head.safetensors"))
+    peft_path, peft_error = _export_peft(backbone, out / "peft", folder)  # the head included
     if device.type == "cpu":
         idx = batches.indices(0)
         step_mb = _step_peak_mb(model, optimizer, lambda: loss_fn(model(batches.collate(idx, device)),
@@ -407,7 +406,8 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
         "metrics": metrics,
         "trainable_parameters": {"adapter": report["trainable"], "head": head_params,
                                  "total": report["trainable"] + head_params},
-        "total_parameters": sum(p.numel() for p in model.parameters()),
+        # less the head's untouched initial copy, which the saved-module wrapper keeps
+        "total_parameters": sum(p.numel() for p in model.parameters()) - head_params,
         "steps_per_second": steps_done / train_time if train_time else None,
         "train_seconds": train_time, "eval_seconds": eval_seconds,
         # CPU time (all threads) per step: comparable across runs even on a busy machine
