@@ -347,9 +347,12 @@ class Adapter:
         if (reason := kind.check(module)) is not None:
             raise AdapterError(f"module {name!r}: {reason}")
         weight = kind.matrix(module)
-        if weight.is_meta:
+        # a checkpoint load (restore) builds on meta: the checkpoint has every value, which a
+        # second load copies once the model is materialized (FSDP2's to_empty flow)
+        if weight.is_meta and restore_residual is None:
             raise AdapterError(f"module {name!r} has its weight on the meta device; materialize the base "
-                               "weights first (model.to_empty(device=...) and load them), then apply")
+                               "weights first (model.to_empty(device=...) and load them), then apply; or "
+                               "lorakit.core.load a checkpoint into it, which builds the adapter on meta")
         if not weight.dtype.is_floating_point:
             raise AdapterError(_quantized_hint(name, module, weight.dtype))
         if not kind.quantized and _is_tensor_subclass(weight):  # e.g. torchao's Int8Tensor in an nn.Linear

@@ -248,6 +248,10 @@ def load(model: nn.Module, path: str | os.PathLike,
     All or nothing: every file (the optimizer's too) is read and checked before
     anything is copied. On any mismatch a :class:`CheckpointError` names the module
     and the model and optimizer are left as they were.
+
+    A model built on the meta device (FSDP2's flow) gets the adapter's structure on meta
+    (no initializer runs, nothing to copy); after ``model.to_empty(device=...)`` and
+    loading the base weights, a second ``load`` copies the values.
     """
     path = Path(path)
     recover(path)
@@ -358,8 +362,11 @@ def _check_and_load(model, config, tensors, path, optimizer=None, opt_state=None
     if opt_state is not None:  # the last step that can fail; nothing was copied yet
         _load_optimizer_state(optimizer, opt_state, path)
     for name, layer in layers.items():
+        # a tensor on meta (load into a model built on meta) has no storage to copy into: it
+        # gets its value from a second load after model.to_empty(...)
+        targets = {k: v for k, v in layer.state_dict().items() if not v.is_meta}
         own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")
-               and k[len(name) + 1:] in dict(layer.state_dict())}
+               and k[len(name) + 1:] in targets}
         layer.load_state_dict(own, strict=False)
     load_trained_base_state(model, tensors)
 

@@ -60,6 +60,12 @@ class AdaptedLayer(nn.Module):
         W = kind.matrix(base).detach()
         dtype = dtype or (torch.float64 if W.dtype == torch.float64 else torch.float32)
         W = W.to(dtype)
+        on_meta = W.is_meta  # only for a checkpoint load (restore_residual set; Adapter._wrap checks)
+        if on_meta:
+            # placeholders from a finite stand-in of W̄'s shape (no out × in allocation): every
+            # value, row_sq_norm included, is the checkpoint's once the model is materialized
+            # and loaded again; _wrap then moves the layer to meta
+            W = torch.ones((), dtype=dtype).expand(W.shape)
         out_f, in_f = self.shape = tuple(W.shape)
         # every primitive's output is checked as it comes (outputs.expect): a plugin's
         # NaN or wrong shape is an error at apply naming it, not a wrong model later
@@ -92,7 +98,7 @@ class AdaptedLayer(nn.Module):
         if self.residual:
             self.register_buffer("residual_B", B0n.detach().clone(memory_format=torch.contiguous_format))
             self.register_buffer("residual_A", A0n.detach().clone(memory_format=torch.contiguous_format))
-        if magnitude is not None:
+        if magnitude is not None and not on_meta:  # on meta, row_scale reads a W̄ with no values
             with torch.no_grad():
                 outputs.expect(magnitude, "row_scale()", self.factors()[2], (out_f,))
 
