@@ -1,5 +1,6 @@
 """``lorakit sweep`` end to end on the tiny BERT of test_finetune: a 2 × 2 × 2 grid
 through the real command line, the outputs, resuming, divergence and bad input."""
+# ruff: noqa: F811  (the imported fixture ``tiny`` is a parameter of every test)
 
 from __future__ import annotations
 
