@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from lorakit.core import AdapterError
 from lorakit.core.atomic import atomic_write
-from lorakit.core.peft_format import check_exportable, lora_config, lora_tensors
+from lorakit.core.peft_format import check_exportable, check_no_trained_base, lora_config, lora_tensors
 from lorakit.core.validation import check_finite_tensors
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -77,6 +77,7 @@ def diffusers_state_dict(model: nn.Module, prefix: str | None = None, rank: int 
     if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
         raise AdapterError(f"prefix {prefix!r}: give the pipeline component's name, e.g. 'unet' or 'transformer'")
     check_exportable(model, "diffusers", "diffusers")
+    check_no_trained_base(model, "diffusers")
     tensors, ranks, use_dora, rel_error = lora_tensors(model, rank, prefix=f"{prefix}.", dtype=dtype, **options)
     check_finite_tensors(tensors.items(), "diffusers export refused")  # e.g. overflow when cast to fp16
     return tensors, lora_config(ranks, use_dora=use_dora), rel_error

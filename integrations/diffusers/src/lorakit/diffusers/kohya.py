@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from lorakit.core import AdapterError
 from lorakit.core.atomic import atomic_write
-from lorakit.core.peft_format import check_exportable, lora_tensors
+from lorakit.core.peft_format import check_exportable, check_no_trained_base, lora_tensors
 from lorakit.core.validation import check_finite_tensors
 
 KOHYA_NAME = "lora.safetensors"  # the file written when ``path`` is a folder
@@ -53,6 +53,7 @@ def component_prefix(model: nn.Module, second_encoder: bool = False) -> str:
 def kohya_tensors(model: nn.Module, prefix: str, **options) -> tuple[dict[str, Tensor], dict[str, float]]:
     """``(tensors, rel_errors)`` of one component under ``prefix`` (``lora_unet``, …)."""
     check_exportable(model, "kohya", "kohya")
+    check_no_trained_base(model, "kohya")
     peft, ranks, _, rel_errors = lora_tensors(model, fold_magnitude=True, **options)
     # diffusers keys a text encoder's attention alphas by the attention block, not the
     # projection (``…self_attn.alpha``): with ranks differing inside a block it scales

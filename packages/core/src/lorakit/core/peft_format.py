@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .adapter import adapted_layers
 from .model_ops import export_factors
 from .primitives import AdapterError
+from .trained import saved_modules, trained_biases
 
 DORA_KEY = "lora_magnitude_vector.weight"
 TRUNCATION_TOL = 1e-6  # relative error above fp32 round-off: a truncation worth reporting
@@ -46,6 +47,19 @@ def check_exportable(model: nn.Module, layout: str, what: str) -> None:
             raise AdapterError(f"module {name!r} is a {type(layer.base).__name__}, which the {what} format cannot "
                                f"hold (its layer kind exports {sorted(layer.kind.exports) or 'nothing'}); "
                                "leave it out of the targets")
+
+
+def check_no_trained_base(model: nn.Module, what: str) -> None:
+    """Formats holding only LoRA factors (diffusers', kohya's) would drop what the adapter
+    trained in the base (``bias=``, ``modules_to_save``) without a word: one error instead."""
+    options = []
+    if trained_biases(model):
+        options.append(f"bias={getattr(model, 'lorakit_config', {}).get('bias')!r} (trained biases)")
+    if saved := sorted(saved_modules(model)):
+        options.append(f"modules_to_save (trained modules {saved})")
+    if options:
+        raise AdapterError(f"the {what} format cannot hold {' or '.join(options)}: the export would drop them; "
+                           "export with lorakit.transformers.export_peft, or train without them")
 
 
 def lora_tensors(model: nn.Module, rank: int | None = None, *, prefix: str = "",
