@@ -158,7 +158,9 @@ class ConvKind(LayerKind):
 
     def check(self, base):
         if base.groups != 1:
-            return "grouped convolutions (groups != 1) are not supported"
+            return (f"a grouped convolution (groups={base.groups}) is not supported: W̄ + BA of its kernel is "
+                    "not a grouped kernel, so it could not merge or export exactly (PEFT's grouped-conv LoRA "
+                    "cannot merge either); leave it out of the targets")
         if base.padding_mode != "zeros":
             return f"padding_mode={base.padding_mode!r} is not supported; use 'zeros'"
         return None
