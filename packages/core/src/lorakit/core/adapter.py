@@ -15,7 +15,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -323,7 +323,8 @@ class Adapter:
                                        + _target_hint(model))
             chosen = {n: m for n, m in chosen.items() if not _matches(n, self.exclude)}
         if self.layers is not None:
-            chosen = {n: m for n, m in chosen.items() if _layer_index(n) in self.layers}
+            wanted = set(cast(list, self.layers))  # __post_init__ made it a sorted list
+            chosen = {n: m for n, m in chosen.items() if _layer_index(n) in wanted}
         return chosen
 
     def _saved_names(self, model: nn.Module) -> list[str]:

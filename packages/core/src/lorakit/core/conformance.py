@@ -25,6 +25,7 @@ import itertools
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
@@ -213,7 +214,8 @@ def check_combination(combo: Combo, case: Case, device: str = "cpu") -> None:
                 assert_close(W + exp.B.double() @ exp.A.double(), want, case.dtype,
                              f"{combo}: export of {name}", scale=10)
                 if exp.magnitude is not None:
-                    assert torch.equal(exp.magnitude, layer.slot_value(Role.MAGNITUDE)), f"{combo}: magnitude of {name}"
+                    m = layer.slot_value(Role.MAGNITUDE)
+                    assert m is not None and torch.equal(exp.magnitude, m), f"{combo}: magnitude of {name}"
 
     # 4. save -> load -> identical outputs and identical next step
     if any(p.requires_grad for p in model.parameters()):
@@ -229,8 +231,8 @@ def check_combination(combo: Combo, case: Case, device: str = "cpu") -> None:
             load_optimizer(opt2, tmp)
         assert torch.equal(_seeded(lambda: clone(x), 1), _seeded(lambda: model(x), 1)), \
             f"{combo}: outputs differ after save/load"
-        for m, o in ((model, opt), (clone, opt2)):
-            _loss(m, x).backward()
+        for net, o in ((model, opt), (clone, opt2)):
+            _loss(net, x).backward()
             o.step()
         for (n, p), (_, q) in zip(model.named_parameters(), clone.named_parameters()):
             assert torch.equal(p, q), f"{combo}: next step differs after save/load at {n}"
@@ -446,7 +448,7 @@ def check_quantized_base(combo: Combo, quantize, case: Case = QUANTIZED_CASE, ex
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            merged = merge_and_unload(model)
+            merged: Any = merge_and_unload(model)  # the caller's nn.Sequential
         assert all(type(m) is nn.Linear for m in (merged[0], merged[2])), f"{combo}: merge_and_unload kept quantized"
         dtype = merged[0].weight.dtype  # the compute dtype (a bf16-compute 4-bit base merges to bf16)
         assert_close(merged(x.to(dtype)), y_train, dtype, f"{combo}: merge_and_unload vs adapted", scale=10)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import functional, outputs
 from .layer_kinds import FrozenWeight, LayerKind, LinearKind
-from .primitives import FACTOR_NAMES, Composition, MergeError, Role, Slot
+from .primitives import FACTOR_NAMES, Composition, MergeError, Role, Slot, SlotsModule
 
 
 class AdaptedLayer(nn.Module):
@@ -30,7 +30,7 @@ class AdaptedLayer(nn.Module):
     residual_B: Tensor
     residual_A: Tensor
     base: Any
-    slots: nn.Module
+    slots: SlotsModule
 
     def __init__(self, base: nn.Module, kind: LayerKind, rank: int, composition: Composition,
                  rng: torch.Generator, *, dtype: torch.dtype | None = None, dropout: float = 0.0,
@@ -128,7 +128,7 @@ class AdaptedLayer(nn.Module):
         if self.magnitude is not None:
             # W̄ as an operator, not a dense tensor: a quantized kind applies its own
             # kernel to A's rows instead of dequantizing out × in every step
-            W = FrozenWeight.of(self.kind, self.base, self.shape)
+            W = FrozenWeight.of(self.kind, self.base, (self.shape[0], self.shape[1]))
             g = self.magnitude.row_scale(s, W, self.row_sq_norm, B, A)
         if cacheable:
             self._cache = (key, (B, A, g))

@@ -26,10 +26,13 @@ import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # layer_kinds imports this module
+    from .layer_kinds import FrozenWeight
 
 KINDS = ("generator", "normalizer", "initializer", "magnitude")
 #: a composition's fields and the kind of primitive each holds: the one place where the
@@ -128,7 +131,7 @@ class Magnitude(Primitive):
         return {}
 
     def row_scale(
-        self, s: Mapping[str, Tensor], weight: Tensor, row_sq_norm: Tensor, B: Tensor, A: Tensor
+        self, s: Mapping[str, Tensor], weight: FrozenWeight, row_sq_norm: Tensor, B: Tensor, A: Tensor
     ) -> Tensor:
         """Per-output-row multiplier ``g`` with ``W_eff = diag(g)·(W̄ + B A)``."""
         raise NotImplementedError
