@@ -17,6 +17,14 @@ class WeightOperator(Protocol):
     def times_t(self, M: Tensor) -> Tensor: ...
 
 
+def all_finite(t: Tensor) -> bool:
+    """No NaN or ±inf in ``t``: its minimum and maximum are finite (both propagate NaN).
+    One fused reduction; ``isfinite(t).all()`` builds a bool tensor of ``t``'s size
+    first and was ~7× slower on an out × in weight (CPU)."""
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def dense_times_t(W: Tensor, M: Tensor) -> Tensor:
     """``W Mᵀ`` in ``M``'s dtype, computed in ``W``'s dtype: casting ``W`` (bf16 base,
     fp32 adapter) would copy the out × in matrix; rounding ``M`` to ``W``'s precision

@@ -207,11 +207,11 @@ class AdaptedLayer(nn.Module):
         where = f"module {name!r}: " if name else ""
         W = self.kind.matrix(self.base)
         W_eff = self.effective_weight()
-        if not torch.isfinite(W_eff).all():
+        if not functional.all_finite(W_eff):
             raise MergeError(f"merge refused: {where}the adapted weight has non-finite values; no base weight "
                              "was changed. Check the adapter's parameters for NaN/inf.")
         merged = W_eff.to(W.dtype)
-        if not torch.isfinite(merged).all():
+        if merged is not W_eff and not functional.all_finite(merged):  # same dtype: checked just above
             raise MergeError(f"merge refused: {where}the adapted weight reaches {W_eff.abs().max().item():.4g}, "
                              f"beyond {W.dtype}'s range (max {torch.finfo(W.dtype).max:.4g}); no base weight was "
                              "changed. Keep the adapter unmerged, or merge a float32 copy of the model.")
