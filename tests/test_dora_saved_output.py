@@ -90,3 +90,15 @@ def test_lora_node_matches_autograd_of_the_plain_ops(dropout, bias):
     torch.testing.assert_close(z, z_ref, rtol=1e-13, atol=1e-13)
     for a, r in zip(torch.autograd.grad(z, leaves, go, retain_graph=True), torch.autograd.grad(z_ref, leaves, go)):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_all_finite_sees_every_nan_and_inf(dtype):
+    """``functional.all_finite`` (merge's check): one aminmax, NaN and ±inf anywhere."""
+    t = torch.randn(37, 23).to(dtype)
+    assert functional.all_finite(t)
+    for index in [(0, 0), (36, 22), (17, 5)]:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            u = t.clone()
+            u[index] = bad
+            assert not functional.all_finite(u)
