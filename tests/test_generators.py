@@ -16,6 +16,7 @@ from lorakit.core import (
     ParameterSlots,
     Role,
     adapted_layers,
+    adapter_config,
     freeze_generators,
     parameter_report,
     registry,
@@ -133,7 +134,6 @@ def test_parameter_count_formula(magnitude):
 # -- MLP: freeze, caching, compile --------------------------------------------------------------
 def test_freeze_generators_keeps_outputs_and_drops_the_mlp():
     model, x = adapt(MLP(8, 6), {"name": "scale", "args": {"learnable": True}}, magnitude=MAGNITUDES[-1])
-    model.lorakit_config = dict(model.lorakit_config)
     train_steps(model, x)
     y = model(x).detach()
     before = {n: {k: v.detach().clone() for k, v in layer.slots().items()}
@@ -147,7 +147,7 @@ def test_freeze_generators_keeps_outputs_and_drops_the_mlp():
         assert all(torch.equal(values[k], before[name][k]) for k in before[name])
         params = {n for n, _ in layer.slots.named_parameters()}
         assert params == {"A", "B", "sigma", *layer.slots.names_with(Role.MAGNITUDE)}  # any head's slot name
-    assert model.lorakit_config["generator"]["name"] == "direct"
+    assert adapter_config(model)["generator"]["name"] == "direct"
     train_steps(model, x, n=1)  # the frozen adapter is a plain Direct one and still trains
 
 

@@ -16,7 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lorakit.core import Adapter, AdapterError, CheckpointError, adapted_layers, export_factors, load, save
+from lorakit.core import (
+    Adapter,
+    AdapterError,
+    CheckpointError,
+    adapted_layers,
+    adapter_config,
+    export_factors,
+    load,
+    save,
+)
 from lorakit.core import checkpoint as ckpt
 from lorakit.core.validation import MAX_SEED, safe_regex
 
@@ -134,7 +143,7 @@ def test_seed_range_is_what_save_writes_and_load_accepts(tmp_path):
     m = Adapter(rank=2, seed=MAX_SEED).apply(model(), targets=["0"])
     save(m, tmp_path)
     fresh = load(model(), tmp_path)
-    assert fresh.lorakit_config["seed"] == MAX_SEED
+    assert adapter_config(fresh)["seed"] == MAX_SEED
     x = torch.randn(3, 6)
     assert torch.equal(fresh(x), m(x))
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from lorakit.core import Adapter, AdapterError, adapted_layers, registry
+from lorakit.core import Adapter, AdapterError, adapted_layers, adapter_config, registry
 from lorakit.transformers import PeftImportError, export_peft, import_peft
 
 TOL = 1e-5
@@ -103,7 +103,7 @@ def test_import_with_another_recipe_starts_at_the_peft_model(tmp_path, dora):
     recipe = "delora" if "delora" in registry.load().recipes else "lora"
     base, peft_model, path = peft_adapter(tmp_path, use_dora=dora)
     model = import_peft(copy.deepcopy(base), path, recipe=Adapter.from_recipe(recipe, rank=2)).eval()
-    assert model.lorakit_config["recipe"] == recipe and len(adapted_layers(model)) == 6
+    assert adapter_config(model)["recipe"] == recipe and len(adapted_layers(model)) == 6
     with torch.no_grad():
         assert (logits(model) - logits(peft_model)).abs().max() <= TOL
     with pytest.warns(UserWarning, match="merged"):

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lorakit.core import AdapterError
+from lorakit.core import AdapterError, adapter_config
 from lorakit.core.atomic import atomic_write
 from lorakit.core.peft_format import check_exportable, check_no_trained_base, lora_config, lora_tensors
 from lorakit.core.validation import check_finite_tensors
@@ -114,7 +114,7 @@ def export_diffusers(model: nn.Module, path: str | os.PathLike, prefix: str | No
             "peft.inject_adapter_in_model + set_peft_model_state_dict load it (keys without the prefix)",
             stacklevel=2,
         )
-    lorakit = getattr(model, "lorakit_config", {}) or {}
+    lorakit = adapter_config(model)
     metadata = {
         "format": "pt",
         METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True),

@@ -5,8 +5,7 @@ from lorakit.core import hookimpl
 
 @hookimpl
 def lorakit_commands(register):
-    from .cli import (configure_compare, configure_finetune, configure_sweep, run_compare, run_finetune,
-                      run_sweep)
+    from .cli import configure_compare, configure_finetune, configure_sweep, run_compare, run_finetune, run_sweep
 
     register("finetune", "fine-tune a local transformers model with any recipe or composition "
              "(default: MiniLM-L6 on the VADER lexicon, offline)", configure_finetune, run_finetune)

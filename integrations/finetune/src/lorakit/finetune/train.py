@@ -398,7 +398,7 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     primary = PRIMARY[data.task]
     steps_done = cfg.steps - start
     summary = {
-        "label": label, "recipe": adapter.recipe, "adapter": {k: v for k, v in backbone.lorakit_config.items()},
+        "label": label, "recipe": adapter.recipe, "adapter": dict(core.adapter_config(backbone)),
         "model": str(folder), "data": data.source, "task": data.task,
         "n_train": len(train), "n_test": len(test), "steps": cfg.steps, "batch_size": cfg.batch_size,
         "lr": cfg.lr, "rank": cfg.rank, "seed": cfg.seed, "split_seed": cfg.split_seed,

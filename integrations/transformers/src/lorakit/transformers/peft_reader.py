@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lorakit.core import Adapter, AdapterError, Role, adapted_layers, registry
+from lorakit.core import Adapter, AdapterError, Role, adapted_layers, adapter_config, registry
 from lorakit.core.lora import Direct, Kaiming, Scale
 from lorakit.core.peft_format import most_common_rank
 from lorakit.magnitudes import DoRA
@@ -222,5 +222,5 @@ def _merge_then_apply(model, updates, adapter, targets, path):
                 kind = updates[name][0]
                 kind.set_matrix(model.get_submodule(name), W)
         raise
-    model.lorakit_merged_peft = str(path)
+    adapter_config(model)["merged_peft"] = str(path)  # export_peft warns: the base is no longer the pretrained one
     return model

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lorakit.core import AdapterError, adapted_layers
+from lorakit.core import AdapterError, adapted_layers, adapter_config
 from lorakit.core.atomic import atomic_write
 from lorakit.core.peft_format import DORA_KEY, TRUNCATION_TOL, TruncationWarning, lora_config, lora_tensors
 from lorakit.core.trained import PEFT_BIAS, saved_modules, trained_biases
@@ -77,8 +77,8 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
     layers = adapted_layers(model)
     if not layers:
         raise AdapterError(f"{type(model).__name__} has no lorakit adapter to export; apply one first")
-    if getattr(model, "lorakit_merged_peft", None):
-        warnings.warn(f"this model's base has the PEFT adapter {model.lorakit_merged_peft} merged in "
+    if merged := adapter_config(model).get("merged_peft"):
+        warnings.warn(f"this model's base has the PEFT adapter {merged} merged in "
                       "(import_peft with a recipe); the export is relative to that merged base, so load it "
                       "on a base with the same PEFT adapter merged", UserWarning, stacklevel=3)
     tensors, ranks, use_dora, rel_errors = lora_tensors(model, rank, prefix=prefix, dtype=dtype, max_rank=max_rank,
@@ -88,7 +88,7 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
     config = lora_config(ranks, use_dora=use_dora, fan_in_fan_out=any(m.kind.fan_in_fan_out for m in layers.values()),
                          base_model_name_or_path=base_model_name_or_path, task_type=task_type,
                          dropout=max(layer.dropout for layer in layers.values()))
-    config["bias"] = PEFT_BIAS[model.lorakit_config.get("bias", "none")]
+    config["bias"] = PEFT_BIAS[adapter_config(model).get("bias", "none")]
     config["modules_to_save"] = sorted(saved_modules(model)) or None
     return PeftExport(tensors, config, rel_errors)
 

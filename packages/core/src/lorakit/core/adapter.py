@@ -34,6 +34,13 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLayer)}
 
 
+def adapter_config(model: nn.Module) -> dict:
+    """The JSON description of ``model``'s adapter (``Adapter.config()`` + ``targets``),
+    ``{}`` without one. It lives on the adapted layers (one dict they share), not on the
+    user's model object, so it is found through DDP/FSDP wrappers and goes with unload."""
+    return next((layer.adapter_config for layer in adapted_layers(model).values()), {})
+
+
 def _check_targets(targets: Targets, field: str) -> str | list[str] | None:
     """``targets`` as JSON can hold it (a regex string or a list of names), checked."""
     if targets is None or isinstance(targets, str):
@@ -304,7 +311,9 @@ class Adapter:
             for layer in new.values():
                 for p in layer.slots.parameters():
                     p.requires_grad_(True)
-        setattr(model, "lorakit_config", {**self.config(), "targets": sorted(new)})  # noqa: B010 (typed Module)
+        config = {**self.config(), "targets": sorted(new)}
+        for layer in new.values():
+            layer.adapter_config = config  # one dict, shared: see adapter_config(model)
         for p in trained_biases(model).values():
             p.requires_grad_(True)
         for module in wrap_saved(model, saved, _matches).values():

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter import Adapter, adapted_layers
+from .adapter import Adapter, adapted_layers, adapter_config
 from .adapter import _check_targets as check_targets
 from .atomic import carry_over, publish, recover, staging_folder
 from .plugins import registry
@@ -120,15 +120,15 @@ def write_files(model: nn.Module, folder: Path, optimizer: torch.optim.Optimizer
     layers = adapted_layers(model)
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "adapter": {k: v for k, v in getattr(model, "lorakit_config").items()  # noqa: B009 (typed Module)
-                    if k != "targets"},
+        "adapter": {k: v for k, v in adapter_config(model).items()
+                    if k not in ("targets", "merged_peft")},  # where it applies, not what it is
         "modules": {n: {"shape": list(layer.kind.matrix(layer.base).shape), "rank": layer.rank}
                     for n, layer in layers.items()},
         "base_model": type(model).__name__,
-        "versions": _versions(getattr(model, "lorakit_config")),  # noqa: B009 (typed Module)
+        "versions": _versions(adapter_config(model)),
         # which plugin (and distribution) provided each primitive, to name what to install
         "primitives": {used: info.distribution or info.name
-                       for used, info in _providers(getattr(model, "lorakit_config")).items()},  # noqa: B009
+                       for used, info in _providers(adapter_config(model)).items()},
     }
     save_file(adapter_state(model), str(folder / WEIGHTS), metadata={"format": "pt"})
     if optimizer is not None:
@@ -335,7 +335,7 @@ def _check_and_load(model, config, tensors, path, optimizer=None, opt_state=None
     layers = adapted_layers(model)
     saved = {k: default for k, (_, default) in _OPTIONAL_FIELDS.items()}
     saved.update((k, v) for k, v in config["adapter"].items() if k not in ("seed",))
-    current = {k: v for k, v in model.lorakit_config.items() if k not in ("seed", "targets")}
+    current = {k: v for k, v in adapter_config(model).items() if k not in ("seed", "targets", "merged_peft")}
     current = json.loads(json.dumps(current))  # compare as JSON (tuples become lists)
     if saved != current:
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .adapter import adapted_layers
+from .adapter import adapted_layers, adapter_config
 from .functional import reduce_dense, reduce_lowrank
 from .lora import Direct
 from .primitives import DORA_MAGNITUDE, AdapterError, MergeError, ParameterSlots, Role, Slot
@@ -69,7 +69,6 @@ def unload(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.base)
     unwrap_saved(model, keep="original")
-    model.__dict__.pop("lorakit_config", None)
     return model
 
 
@@ -101,7 +100,6 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module
             del W_eff
         setattr(model.get_submodule(parent), child, module)
     unwrap_saved(model, keep="trained")
-    model.__dict__.pop("lorakit_config", None)
     if quantized:
         import warnings
 
@@ -159,8 +157,8 @@ def freeze_generators(model: nn.Module) -> nn.Module:
         info = layer.slots.slot_info
         layer.slots = ParameterSlots({n: Slot(v, info[n].trainable, info[n].role, info[n].exported_as)
                                       for n, v in values.items()})
-    config = getattr(model, "lorakit_config", None)
-    if config is not None:
+    config = adapter_config(model)
+    if config:
         config["generator"] = Direct().spec()
     return model
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .adapter import adapted_layers
+from .adapter import adapted_layers, adapter_config
 from .model_ops import export_factors
 from .primitives import AdapterError
 from .trained import saved_modules, trained_biases
@@ -54,7 +54,7 @@ def check_no_trained_base(model: nn.Module, what: str) -> None:
     trained in the base (``bias=``, ``modules_to_save``) without a word: one error instead."""
     options = []
     if trained_biases(model):
-        options.append(f"bias={getattr(model, 'lorakit_config', {}).get('bias')!r} (trained biases)")
+        options.append(f"bias={adapter_config(model).get('bias')!r} (trained biases)")
     if saved := sorted(saved_modules(model)):
         options.append(f"modules_to_save (trained modules {saved})")
     if options:

@@ -35,9 +35,9 @@ def check_bias(value, field: str = "adapter.bias") -> str:
 def trained_biases(model: nn.Module, mode: str | None = None) -> dict[str, nn.Parameter]:
     """The base biases ``model``'s adapter trains, by full parameter name (an adapted
     layer's is ``<module>.base.bias``). ``mode`` defaults to the applied adapter's."""
-    from .adapter import adapted_layers  # adapter imports this module
+    from .adapter import adapted_layers, adapter_config  # adapter imports this module
 
-    mode = mode or getattr(model, "lorakit_config", {}).get("bias", "none")
+    mode = mode or adapter_config(model).get("bias", "none")
     layers = adapted_layers(model)
     adapter_owned = {id(p) for layer in layers.values() for p in layer.slots.parameters()}
     adapter_owned |= {id(p) for m in saved_modules(model).values() for p in m.parameters()}  # whole, not bias
