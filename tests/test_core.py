@@ -197,3 +197,23 @@ def test_train_only_adapter_and_its_former_name():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Adapter(rank=1).apply(nn.Sequential(nn.Linear(4, 3)), targets=["0"])
+
+
+def test_the_adapter_config_lives_on_the_layers_not_the_users_model():
+    import copy
+
+    from torch import nn
+
+    from lorakit.core import Adapter, adapter_config, unload
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    Adapter(rank=1).apply(model, targets=["0", "1"])
+    assert "lorakit_config" not in vars(model)
+    config = adapter_config(model)
+    assert config["targets"] == ["0", "1"] and config["rank"] == 1
+    wrapper = nn.ModuleDict({"inner": model})  # as DDP/FSDP wrap a model
+    assert adapter_config(wrapper) is config
+    clone = copy.deepcopy(model)
+    assert adapter_config(clone) == config and adapter_config(clone) is not config
+    assert adapter_config(clone) is clone[0].adapter_config is clone[1].adapter_config  # still one dict
+    assert adapter_config(unload(model)) == {}
