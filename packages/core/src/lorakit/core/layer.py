@@ -189,14 +189,17 @@ class AdaptedLayer(nn.Module):
 
     # -- merge -------------------------------------------------------------------
     @torch.no_grad()
-    def effective_weight(self) -> Tensor:
-        """``W_eff`` in the adapter's dtype (fp32, or fp64); materializes out × in."""
-        B, A, g = self.factors()
+    def effective_weight(self, factors: tuple[Tensor, Tensor, Tensor | None] | None = None) -> Tensor:
+        """``W_eff`` in the adapter's dtype (fp32, or fp64); materializes out × in.
+        ``factors``: ``self.factors()`` when the caller has them already (in training mode
+        they are not cached, and DoRA's norm costs an out × in × R product)."""
+        B, A, g = factors or self.factors()
         V = self.kind.matrix(self.base).to(A.dtype) + B @ A
         return V if g is None else V * g[:, None]
 
     @torch.no_grad()
-    def merged_weight(self, name: str = "") -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    def merged_weight(self, name: str = "", factors: tuple[Tensor, Tensor, Tensor | None] | None = None
+                      ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """What :meth:`merge` writes: ``W_eff`` cast to the base dtype, plus the base rows
         that :meth:`unmerge` cannot get back from it as ``(row indices, rows)``: rows
         where ``W̄ = W_eff / g − B A`` would divide by ``g = 0`` (a DoRA magnitude of 0).
@@ -206,7 +209,8 @@ class AdaptedLayer(nn.Module):
         """
         where = f"module {name!r}: " if name else ""
         W = self.kind.matrix(self.base)
-        W_eff = self.effective_weight()
+        factors = factors or self.factors()
+        W_eff = self.effective_weight(factors)
         if not functional.all_finite(W_eff):
             raise MergeError(f"merge refused: {where}the adapted weight has non-finite values; no base weight "
                              "was changed. Check the adapter's parameters for NaN/inf.")
@@ -215,10 +219,11 @@ class AdaptedLayer(nn.Module):
             raise MergeError(f"merge refused: {where}the adapted weight reaches {W_eff.abs().max().item():.4g}, "
                              f"beyond {W.dtype}'s range (max {torch.finfo(W.dtype).max:.4g}); no base weight was "
                              "changed. Keep the adapter unmerged, or merge a float32 copy of the model.")
-        g = self.factors()[2]
+        g = factors[2]
         if g is None:
             return merged, None
-        lost = ~torch.isfinite(merged.abs().amax(dim=1).to(g.dtype) / g.abs())  # g = 0, or so small W/g overflows
+        lo, hi = torch.aminmax(merged, dim=1)  # each row's largest |value| without an out × in |merged|
+        lost = ~torch.isfinite(torch.maximum(hi, -lo).to(g.dtype) / g.abs())  # g = 0, or so small W/g overflows
         rows = lost.nonzero().flatten()
         return merged, ((rows, W[rows].clone()) if len(rows) else None)
 
@@ -228,8 +233,8 @@ class AdaptedLayer(nn.Module):
         :class:`MergeError` and change nothing (see :meth:`merged_weight`)."""
         if self.merged:
             return
-        merged, lost = self.merged_weight(name)
-        B, A, g = self.factors()
+        B, A, g = factors = self.factors()
+        merged, lost = self.merged_weight(name, factors)
         self._merged_with = (B.clone(), A.clone(), None if g is None else g.clone(), lost)
         self.kind.set_matrix(self.base, merged)
         self.merged = True
