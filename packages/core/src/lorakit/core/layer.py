@@ -49,6 +49,7 @@ class AdaptedLayer(nn.Module):
         self.normalizer = normalizer
         self.magnitude = magnitude
         self.merged = False
+        self.adapter_config: dict[str, Any] = {}  # set by Adapter.apply: one dict all its layers share
         self.disabled = False
         self._cache: tuple[tuple, tuple[Tensor, Tensor, Tensor | None]] | None = None
         # A plain nn.Linear gets the fused path (functional.linear_lowrank); any
