@@ -72,7 +72,7 @@ def configure_sweep(p: argparse.ArgumentParser) -> None:
     p.description = ("recipes x learning rates x seeds, one fine-tune each: held-out metric against learning "
                      "rate (median and range over seeds), loss curves at each recipe's best rate, a Markdown "
                      "table; resumable (rerun the same command). The default grid (DeLoRA vs LoRA, 6 rates "
-                     "over 3 decades, 3 seeds, 100 steps) takes about 20 minutes on an idle 2-core CPU.")
+                     "over 3 decades, 3 seeds, 100 steps) takes about 15 minutes on a 2-core CPU.")
     p.add_argument("--recipes", nargs="+", default=None, metavar="ENTRY",
                    help="recipes, optionally with parts replaced: op-lora+generator=mlp:gain=2 "
                    f"(default: {' '.join(DEFAULT_ENTRIES)}); one comma-separated argument works too")
