@@ -102,3 +102,26 @@ def test_all_finite_sees_every_nan_and_inf(dtype):
             u = t.clone()
             u[index] = bad
             assert not functional.all_finite(u)
+
+
+@pytest.mark.parametrize("recipe", ["lora", "dora"])
+def test_check_merge_raises_exactly_when_merged_weight_does(recipe):
+    """merge's cheap pre-check (a bound on |W_eff|) never lets a bad merge through:
+    a NaN, or a value beyond an fp16 base's range, still raises MergeError."""
+    from lorakit.core import MergeError, adapted_layers
+
+    for poison, dtype in ((None, torch.float16), (float("nan"), torch.float32), (1e6, torch.float16)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6)).to(dtype)
+        Adapter.from_recipe(recipe, rank=2, dtype=torch.float32).apply(model, targets=["0"])
+        layer = adapted_layers(model)["0"]
+        with torch.no_grad():
+            layer.slots.B.fill_(0.1 if poison is None else poison)
+        try:
+            layer.merged_weight("0")
+        except MergeError:
+            with pytest.raises(MergeError):
+                layer.check_merge("0")
+        else:  # (DoRA's W_eff = m·V/‖V‖ stays in range however large B is)
+            assert poison is None or recipe == "dora"
+            layer.check_merge("0")

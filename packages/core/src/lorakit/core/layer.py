@@ -229,6 +229,25 @@ class AdaptedLayer(nn.Module):
         return merged, ((rows, W[rows].clone()) if len(rows) else None)
 
     @torch.no_grad()
+    def check_merge(self, name: str = "") -> None:
+        """Raise :class:`MergeError` exactly when :meth:`merged_weight` would, cheaply when
+        possible: every entry of ``W_eff = diag(g)(W̄ + B A)`` is bounded by
+
+            |W_eff_ij| ≤ |g_i| · (max_j |W̄_ij| + Σ_k |B_ik| · max_j |A_kj|)
+
+        (one read of ``W̄``, no out × in allocation). A finite bound below half the base
+        dtype's maximum (margin for rounding) means ``merged_weight`` cannot fail;
+        otherwise (NaN, inf, or large values) it runs and decides."""
+        B, A, g = factors = self.factors()
+        W = self.kind.matrix(self.base)
+        lo, hi = torch.aminmax(W, dim=1)
+        bound = torch.maximum(hi, -lo).to(A.dtype) + B.abs() @ A.abs().amax(dim=1)
+        if g is not None:
+            bound = bound * g.abs()
+        if not (functional.all_finite(bound) and bool(bound.max() < torch.finfo(W.dtype).max / 2)):
+            self.merged_weight(name, factors)
+
+    @torch.no_grad()
     def merge(self, name: str = "") -> None:
         """Write ``W_eff`` (computed in fp32) into the base weight, or raise
         :class:`MergeError` and change nothing (see :meth:`merged_weight`)."""

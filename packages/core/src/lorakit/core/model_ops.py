@@ -44,7 +44,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 def _merge_layers(layers: dict) -> None:
     for name, layer in layers.items():
-        layer.merged_weight(name)
+        layer.check_merge(name)  # every layer first: all or nothing
     done = []
     try:
         for name, layer in layers.items():
