@@ -94,10 +94,10 @@ def plot(sweep: dict, path: str) -> None:
     xs = sweep["values"]
     names = list(dict.fromkeys(n for r in runs for n in r["result"]["ratios"]))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for n in names:
+    for i, n in enumerate(names):  # 10 colours, then the same colours dashed: every line distinct
         ys = [float(_cell(r["result"]["ratios"].get(n), cpu) or "nan") for r in runs]
         ax = ax1 if n.startswith("time") else ax2
-        ax.plot(xs, ys, marker="o", label=n)
+        ax.plot(xs, ys, marker="os^"[i // 10 % 3], ls=("-", "--", ":")[i // 10 % 3], color=f"C{i % 10}", label=n)
     for ax, title in ((ax1, "time ratios" + (" (CPU time)" if cpu else "")), (ax2, "memory, load, merge ratios")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
