@@ -100,6 +100,7 @@ class _LowRankLinear(torch.autograd.Function):
         g, z = gz if gz else (None, None)
         grad_g = None
         if g is not None and need_g:  # first: its tokens × out temporary is freed before gy exists
+            assert z is not None  # saved together with g
             unknown = g.abs() < torch.finfo(g.dtype).tiny ** 0.5
             safe = torch.where(unknown, torch.ones_like(g), g)
             # Σ_t go_ti (z_ti − b_i) / g_i, without forming y = (z − b) / g
@@ -112,10 +113,11 @@ class _LowRankLinear(torch.autograd.Function):
         grad_b = go.sum(0) if need_b and bias is not None else None
         gy = go if g is None else go * g
         gyB_t = B.T @ gy.T if need_x or need_xl or need_A else None  # (gy B)ᵀ, R × tokens
-        gyB = gyB_t.T.contiguous() if need_x or need_xl else None  # tokens × R: small
+        gyB = gyB_t.T.contiguous() if gyB_t is not None and (need_x or need_xl) else None  # tokens × R: small
         grad_x = gy @ W if need_x else None
         grad_xl = None
         if xl2 is None and need_x:
+            assert grad_x is not None and gyB is not None
             grad_x.addmm_(gyB, A)
         elif need_xl:
             grad_xl = gyB @ A
@@ -214,7 +216,7 @@ def kept_rank(S: Tensor, size: int, max_rank: int | str | None = None, energy: f
     if max_rank == "auto":
         keep = min(keep, energy_rank(S, energy))
     elif max_rank is not None:
-        keep = min(keep, max_rank)
+        keep = min(keep, int(max_rank))
     return keep
 
 
