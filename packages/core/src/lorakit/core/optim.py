@@ -30,15 +30,15 @@ from collections.abc import Mapping
 from torch import nn
 
 from .adapter import adapted_layers
-from .primitives import AdapterError, ParameterSlots
+from .primitives import AdapterError, ParameterSlots, Role
 
 
-def _slot_names(model: nn.Module) -> tuple[dict[int, str], set[int], set[int]]:
-    """``id(param) → slot name`` for slots held as parameters (``ParameterSlots``,
-    as under ``Direct``), the ids of every other parameter of a ``slots`` module (a
-    generator's own weights, such as OP-LoRA's MLP and embedding), and the ids of
-    scalar slots (stored with shape (1,), see ``ParameterSlots``)."""
-    names: dict[int, str] = {}
+def _slot_names(model: nn.Module) -> tuple[dict[int, tuple[str, Role]], set[int], set[int]]:
+    """``id(param) → (slot name, role)`` for slots held as parameters
+    (``ParameterSlots``, as under ``Direct``), the ids of every other parameter of a
+    ``slots`` module (a generator's own weights, such as OP-LoRA's MLP and embedding),
+    and the ids of scalar slots (stored with shape (1,), see ``ParameterSlots``)."""
+    names: dict[int, tuple[str, Role]] = {}
     generated: set[int] = set()
     scalars: set[int] = set()
     for layer in adapted_layers(model).values():
@@ -46,7 +46,7 @@ def _slot_names(model: nn.Module) -> tuple[dict[int, str], set[int], set[int]]:
         for module in layer.slots.modules():
             if isinstance(module, ParameterSlots):
                 for name, p in module.parameters_by_slot().items():
-                    names[id(p)] = name
+                    names[id(p)] = (name, module.slot_info[name].role)
                     if name in module.scalars:
                         scalars.add(id(p))
     return names, generated - set(names), scalars
@@ -70,13 +70,13 @@ def param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.0,
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        slot = slots.get(id(p))
+        slot, role = slots.get(id(p), (None, None))
         label = slot or ("generator" if id(p) in generated else "other")
         rate = lr
         if slot is not None:
             if id(p) in scalars and lambda_lr is not None:
                 rate = lambda_lr
-            if slot == "B" and loraplus_ratio is not None:
+            if role is Role.B and loraplus_ratio is not None:  # LoRA+ speeds up the out × r factor, by role
                 rate = lr * loraplus_ratio
             if slot_lr and slot in slot_lr:
                 rate = slot_lr[slot]
