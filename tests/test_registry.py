@@ -5,6 +5,7 @@ name clashes, unknown hooks rejected; and the ``plugins``/``recipes`` commands."
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint
 
@@ -348,3 +349,28 @@ def test_unregister_removes_everything_a_plugin_registered(monkeypatch):
     assert reg.failures == {} and reg.primitives["initializer"]["zeros-test"] is Zeros
     with pytest.raises(AdapterError, match="no plugin 'nope' is registered"):
         reg.unregister("nope")
+
+
+def test_recipes_lists_withdrawn_recipes():
+    """A recipe whose primitive no loaded plugin registers is withdrawn, and ``lorakit recipes`` says so."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "LORAKIT_LOAD_PLUGINS": "core,generators,normalizers,initializers"}
+    result = subprocess.run([sys.executable, "-m", "lorakit.core.cli", "recipes"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "withdrawn recipe 'op-dora'" in result.stdout and "magnitude 'dora'" in result.stdout
+
+
+def test_hooks_are_called_through_pluggy():
+    """Registration calls each hook through pluggy's own dispatch (restricted to the plugin being
+    registered), so pluggy's tracing and hook wrappers see it."""
+    reg = Registry()
+    seen = []
+    undo = reg.pm.add_hookcall_monitoring(lambda name, impls, kwargs: seen.append(name), lambda *a: None)
+    try:
+        reg.register_plugin(Everything, "everything")
+    finally:
+        undo()
+    assert sorted(seen) == sorted(HOOKS)

@@ -94,6 +94,10 @@ def _recipes(args) -> int:
         print(f"{name:10s} {' '.join(parts)}")
         if row["description"]:
             print(f"{'':10s} {row['description']}")
+    # a recipe whose primitive no loaded plugin registers is withdrawn: say so rather than hide it
+    for label, reason in registry.failures.items():
+        if label.startswith("recipe "):
+            print(f"withdrawn {label}: {reason}")
     return 0
 
 

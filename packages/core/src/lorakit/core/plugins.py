@@ -148,12 +148,16 @@ class Registry:
             return
         info = PluginInfo(name, distribution, version)
         self._pending = []
+        # Each hook is called through pluggy, restricted to this plugin: a registration
+        # belongs to the plugin that made it (``unregister`` removes exactly that), and
+        # a plugin whose hook fails registers nothing while the others stay loaded.
+        implemented = {caller.name for caller in self.pm.get_hookcallers(module) or ()}
+        others = [p for p in self.pm.get_plugins() if p is not module]
         try:  # every hook into _pending; a failure anywhere discards all of it
             for hook in HOOKS:
-                for impl in getattr(self.pm.hook, hook).get_hookimpls():
-                    if impl.plugin_name == name:
-                        info.hooks.append(hook)
-                        self._run_hook(info, hook, impl.function)
+                if hook in implemented:
+                    info.hooks.append(hook)
+                    self._run_hook(info, hook, self.pm.subset_hook_caller(hook, remove_plugins=others))
         except _PluginFailed as exc:
             self.pm.unregister(module)
             self._fail(name, str(exc))
@@ -186,10 +190,10 @@ class Registry:
             what = name if name.startswith("recipe ") else f"plugin {name!r}"
             warnings.warn(f"lorakit {what}: {reason}", stacklevel=3)
 
-    def _run_hook(self, info: PluginInfo, hook: str, function: Callable) -> None:
+    def _run_hook(self, info: PluginInfo, hook: str, call: Callable) -> None:
         register = getattr(self, "_register_" + hook.removeprefix("lorakit_"))
         try:
-            function(register=lambda *a, **k: register(info, *a, **k))
+            call(register=lambda *a, **k: register(info, *a, **k))
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # sys.exit() in a hook included
