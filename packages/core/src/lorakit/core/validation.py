@@ -22,6 +22,11 @@ import torch
 
 from .primitives import AdapterError
 
+try:  # the parser re.compile uses: re._parser from Python 3.11, sre_parse before
+    from re import _parser as _re_parser  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10
+    import sre_parse as _re_parser  # type: ignore[no-redef]
+
 #: longest regex a config or an Adapter may carry (module-name patterns are short)
 MAX_PATTERN_CHARS = 1024
 #: module names are rarely longer; the backtracking estimate assumes this length
@@ -78,7 +83,7 @@ def _compile(pattern: str, field: str, max_chars: int | None) -> re.Pattern:
     if max_chars is not None and len(pattern) > max_chars:
         raise AdapterError(f"{field}: the pattern is {len(pattern)} characters; at most {max_chars} are allowed")
     try:
-        parsed = re._parser.parse(pattern)  # type: ignore[attr-defined]  # the parse re.compile does
+        parsed = _re_parser.parse(pattern)  # the parse re.compile does
         compiled = re.compile(pattern)
     except (re.error, RecursionError, OverflowError) as exc:
         raise AdapterError(f"{field} is not a valid regex ({exc}); fix or escape it") from None
