@@ -12,9 +12,11 @@ A checkpoint folder is replaced as a whole, never file by file (every instant of
 3. Superseded folders are renamed to ``.NAME.trash-…`` and only then deleted, so a
    half-deleted folder never carries a name that means "complete".
 
-Between the two renames of step 2, ``NAME`` is missing: :func:`recover` (run by
-:func:`load` and A writer (``checkpoint.save``)) renames the newest complete ``.new-``/``.old-`` sibling
-back to ``NAME`` and deletes leftovers of writers that no longer run.
+Between the two renames of step 2, ``NAME`` is missing. A reader (``checkpoint.load``)
+reads the newest complete ``.new-``/``.old-`` sibling in its place (:func:`readable`) and
+renames nothing; the next writer (``checkpoint.save``, a resumed run, ``lorakit recover
+PATH``) runs :func:`recover`, which renames that sibling back to ``NAME`` and deletes
+leftovers of writers that no longer run.
 """
 
 from __future__ import annotations
@@ -147,6 +149,17 @@ def _leftovers(dst: Path) -> list[tuple[str, int, Path]]:
         return []
     return [(m["kind"], int(m["pid"]), e) for e in entries
             if (m := _LEFTOVER.fullmatch(e.name)) and m["target"] == dst.name]
+
+
+def readable(dst: str | os.PathLike) -> Path:
+    """The folder a reader should read for ``dst``, renaming nothing: ``dst`` itself, or,
+    between the two renames of a killed :func:`publish`, the complete hidden version that
+    :func:`recover` would put back. Reading never writes; the next writer recovers."""
+    dst = Path(dst)
+    if os.path.lexists(dst):
+        return dst
+    complete = [e for kind, _, e in _leftovers(dst) if kind in ("new", "old")]
+    return max(complete, key=lambda e: (".new-" in e.name, _mtime(e))) if complete else dst
 
 
 def recover(dst: str | os.PathLike) -> None:

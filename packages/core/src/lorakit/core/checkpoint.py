@@ -27,7 +27,7 @@ from torch import nn
 
 from .adapter import Adapter, adapted_layers, adapter_config
 from .adapter import _check_targets as check_targets
-from .atomic import carry_over, publish, recover, staging_folder
+from .atomic import carry_over, publish, readable, recover, staging_folder
 from .plugins import registry
 from .primitives import COMPOSITION_KINDS, AdapterError
 from .trained import check_bias, check_module_names, load_trained_base_state, trained_base_state
@@ -125,6 +125,8 @@ def write_files(model: nn.Module, folder: Path, optimizer: torch.optim.Optimizer
         "modules": {n: {"shape": list(layer.kind.matrix(layer.base).shape), "rank": layer.rank}
                     for n, layer in layers.items()},
         "base_model": type(model).__name__,
+        # the class trained on, for lorakit export (a class name that is no identifier is left out)
+        **({"architecture": arch} if _architecture_problem(arch := architecture(model)) is None else {}),
         "versions": _versions(adapter_config(model)),
         # which plugin (and distribution) provided each primitive, to name what to install
         "primitives": {used: info.distribution or info.name
@@ -136,6 +138,21 @@ def write_files(model: nn.Module, folder: Path, optimizer: torch.optim.Optimizer
         save_file(tensors, str(folder / OPT_STATE))
         (folder / OPT_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def architecture(model: nn.Module) -> dict[str, str]:
+    """The class the adapter was trained on, ``{"library": top-level package, "class": name}``
+    (``{"library": "transformers", "class": "LlamaForCausalLM"}``): what ``lorakit export``
+    rebuilds from a base folder, so the export's module names are the training model's.
+    Optional in a checkpoint (older ones lack it); it names a class, it imports nothing."""
+    return {"library": type(model).__module__.partition(".")[0], "class": type(model).__name__}
+
+
+def _architecture_problem(value: Any) -> str | None:
+    if not (isinstance(value, dict) and set(value) == {"library", "class"}
+            and all(isinstance(v, str) and v.isidentifier() for v in value.values())):
+        return f'architecture must be {{"library": name, "class": name}}, got {value!r:.80}'
+    return None
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -184,9 +201,12 @@ def _config_problem(config: Any) -> str | None:
         return 'not a lorakit config (no "format": "lorakit")'
     if config.get("format_version") != FORMAT_VERSION:
         return f"format_version {config.get('format_version')!r} is not {FORMAT_VERSION}; upgrade lorakit-core"
-    extra = set(config) - {"format", "format_version", "adapter", "modules", "base_model", "versions", "primitives"}
+    extra = set(config) - {"format", "format_version", "adapter", "modules", "base_model", "versions", "primitives",
+                           "architecture"}
     if extra:
         return f"unknown fields {sorted(extra)}; remove them"
+    if "architecture" in config and (problem := _architecture_problem(config["architecture"])):
+        return problem
     adapter, modules = config.get("adapter"), config.get("modules")
     if not isinstance(adapter, dict) or not isinstance(modules, dict) or not modules:
         return "'adapter' must be an object and 'modules' a non-empty object"
@@ -253,8 +273,7 @@ def load(model: nn.Module, path: str | os.PathLike,
     (no initializer runs, nothing to copy); after ``model.to_empty(device=...)`` and
     loading the base weights, a second ``load`` copies the values.
     """
-    path = Path(path)
-    recover(path)
+    path = readable(Path(path))  # reading never writes: a killed save is recovered by the next writer
     config = read_config(path)
     tensors = _read_tensors(path / WEIGHTS)
     opt_state = None if optimizer is None else _read_optimizer(optimizer, path)
@@ -287,8 +306,7 @@ def load(model: nn.Module, path: str | os.PathLike,
 def load_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
     """Restore an optimizer saved by :func:`save` (built over the same parameters);
     on a :class:`CheckpointError` the optimizer is unchanged."""
-    path = Path(path)
-    recover(path)
+    path = readable(Path(path))  # reading never writes: a killed save is recovered by the next writer
     _load_optimizer_state(optimizer, _read_optimizer(optimizer, path), path)
 
 

@@ -82,6 +82,32 @@ def check_output_file(path: str | None, option: str) -> None:
                            "give another path") from None
 
 
+def output_problem(path, kind: str = "folder") -> str | None:
+    """What keeps a command from writing ``path`` (a ``kind`` "folder" or "file" it creates
+    or replaces), found without creating anything, so that a refused command leaves no
+    empty folder behind: a file where a folder goes (or the reverse), a path below a file,
+    a folder that cannot be written (a probe file, since root ignores permission bits).
+    None when nothing does."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if os.path.lexists(path) and path.is_dir() != (kind == "folder"):
+        return "is a folder, not a file" if kind == "file" else "is a file, not a folder"
+    # the nearest existing folder above: a writer stages its output there (atomic.publish)
+    above = next(p for p in (*Path(os.path.abspath(path)).parents, Path("/")) if os.path.lexists(p))
+    if not above.is_dir():
+        return f"is below {above}, which is a file"
+    for folder in (above, *([path] if path.is_dir() else [])):
+        probe = folder / f".lorakit-write-test{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return f"cannot write in {folder} ({exc.strerror or exc})"
+    return None
+
+
 def _recipes(args) -> int:
     recipes = registry.load().recipes
     rows = {name: {**r.composition(), "description": r.description, "plugin": r.plugin}
@@ -113,6 +139,23 @@ def _plugins(args) -> int:
         print(f"{row['name']} ({row['distribution']} {row['version']}): {', '.join(row['registered']) or '-'}")
     for f in failures:
         print(f"FAILED {f['name']}: {f['error']}")
+    return 0
+
+
+def _recover(args) -> int:
+    """Finish or clear what a killed save left beside each folder (a reader never does)."""
+    from pathlib import Path
+
+    from .atomic import recover, recover_all
+
+    for path in map(Path, args.path):
+        if not path.parent.is_dir():
+            raise AdapterError(f"recover {path}: its folder {path.parent} does not exist; give a checkpoint path")
+        if args.all:
+            recover_all(path)
+        else:
+            recover(path)
+        print(f"{path}: {'present' if path.exists() else 'absent (nothing complete to put back)'}")
     return 0
 
 
@@ -200,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print them as JSON")
     p = command("plugins", "list loaded plugins, what they registered and load failures", _plugins)
     p.add_argument("--json", action="store_true", help="print them as JSON")
+    p = command("recover", "put back a checkpoint or export that a killed save left half-swapped, and delete "
+                "dead writers' leftovers (load only reads; the next save does this too)", _recover)
+    p.add_argument("path", nargs="+", help="checkpoint or export folder (with --all: a folder of them)")
+    p.add_argument("--all", action="store_true", help="recover every folder inside each PATH (a run's checkpoints/)")
     command("demo", "compose every registered recipe on a small model", _demo, DemoHelpFormatter,
             description=DEMO_DESCRIPTION, epilog=DEMO_LEGEND)
     for name, (help_, configure, run) in sorted(registry.load().commands.items()):

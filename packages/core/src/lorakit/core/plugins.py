@@ -31,7 +31,7 @@ from .primitives import COMPOSITION_KINDS, KINDS, AdapterError, Primitive
 
 HOOKS = tuple(name for name in vars(hookspecs) if name.startswith("lorakit_"))
 #: the ``lorakit`` CLI's own subcommands, which no plugin may take
-CORE_COMMANDS = frozenset({"recipes", "plugins", "demo"})
+CORE_COMMANDS = frozenset({"recipes", "plugins", "recover", "demo"})
 
 
 @dataclass
