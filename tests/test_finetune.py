@@ -245,7 +245,58 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_gives_the_same_run(tiny, tm
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000006"]  # stale temp folder removed
 
 
+def _only_checkpoint(out: Path, err: str) -> Path:
+    """What a Ctrl-C promises: exit 130 with one line naming the checkpoint, and exactly one
+    `step-*` folder, that one, complete (its trainer state is of its step); once the dead
+    writer's hidden leftovers are cleared (as the next save or load does), nothing else."""
+    import lorakit.finetune.checkpoints as ckpts
+
+    assert "Traceback" not in err and "last complete checkpoint:" in err, err
+    root = out / "checkpoints"
+    steps = sorted(root.glob("step-*"))
+    assert len(steps) == 1 and f"last complete checkpoint: {steps[0]}" in err, (steps, err)
+    assert json.loads((steps[0] / "trainer_state.json").read_text())["step"] == int(steps[0].name[5:])
+    assert ckpts.latest_checkpoint(root) == steps[0] and list(root.iterdir()) == steps
+    return steps[0]
+
+
+@pytest.mark.parametrize("moment", ["after publishing", "while deleting the previous one"])
+def test_ctrl_c_inside_the_checkpoint_rotation_leaves_exactly_the_new_checkpoint(tiny, tmp_path, monkeypatch,
+                                                                                 capsys, moment):
+    """A real SIGINT at the two moments of the rotation (publish step-3, delete step-2) that
+    a Ctrl-C once hit by chance: it is held until both are done, then stops the run."""
+    from lorakit.core import atomic
+
+    real = {"publish": atomic.publish, "discard": atomic.discard}
+    published = []
+
+    def publish(folder, dst):
+        real["publish"](folder, dst)
+        published.append(dst.name)
+        if moment == "after publishing" and dst.name == "step-000003":
+            signal.raise_signal(signal.SIGINT)
+        return dst
+
+    def discard(folder, name=None):
+        if moment == "while deleting the previous one" and published[-1:] == ["step-000003"]:
+            signal.raise_signal(signal.SIGINT)
+        real["discard"](folder, name)
+
+    monkeypatch.setattr(atomic, "publish", publish)
+    monkeypatch.setattr(atomic, "discard", discard)
+    # Python's Ctrl-C handler, whatever the suite inherited (a background job's is SIG_IGN)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(_args(tiny, tmp_path / "run", "--save-every", "1", steps=6))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 130
+    assert published == ["step-000001", "step-000002", "step-000003"]  # stopped right after the rotation
+    assert _only_checkpoint(tmp_path / "run", capsys.readouterr().err).name == "step-000003"
+
+
 def test_sigint_to_a_running_finetune_leaves_a_valid_checkpoint(tiny, tmp_path):
+    """A Ctrl-C at a moment of the OS's choosing: the same promise, and the checkpoint loads."""
     out = tmp_path / "sigint"
     # PYTHONFAULTHANDLER: if the run ever ignores Ctrl-C, SIGABRT below dumps where it is
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
@@ -261,7 +312,7 @@ def test_sigint_to_a_running_finetune_leaves_a_valid_checkpoint(tiny, tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             done = list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-            if done and int(done[0].name[5:]) >= 3:
+            if max((int(p.name[5:]) for p in done), default=0) >= 3:
                 break
             time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()
@@ -276,12 +327,11 @@ def test_sigint_to_a_running_finetune_leaves_a_valid_checkpoint(tiny, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and "last complete checkpoint:" in err
-    steps = [p for p in (out / "checkpoints").glob("step-*")]
-    assert len(steps) == 1 and str(steps[0]) in err
+    step = _only_checkpoint(out, err)
+    assert int(step.name[5:]) >= 3
     fresh = transformers.AutoModel.from_pretrained(tiny["model"])
     attach_head(fresh, 1, torch.Generator())  # the checkpoint holds the trained head
-    load(fresh, steps[0])
+    load(fresh, step)
 
 
 def test_compare_two_recipes(tiny, tmp_path, capsys):

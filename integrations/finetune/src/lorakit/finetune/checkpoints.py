@@ -10,6 +10,11 @@ put in place as one unit by ``lorakit.core.atomic.publish`` (the scheme of
 (Ctrl-C, SIGKILL) at any moment leaves the last complete checkpoint valid under its
 ``step-*`` name, and no partial folder is ever named ``step-*``.
 
+Publishing step N and deleting this run's step N-1 is one step for Ctrl-C: a SIGINT
+that arrives in between is held until both are done (:func:`sigint_deferred`), so a
+Ctrl-C leaves exactly one checkpoint of the run, the latest. (A SIGKILL there can
+leave both, each complete; the next save or a successful end deletes the older.)
+
 A run deletes or replaces only checkpoints it wrote itself (``run_id`` in
 ``trainer_state.json``) until it has finished: a failing run never touches the
 checkpoints of a finished run in the same folder. Only at the end of a successful run
@@ -18,9 +23,12 @@ does :func:`keep_only` drop every other checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -60,13 +68,36 @@ def save_checkpoint(model, optimizer, root: Path, step: int, state: dict, *, rep
         save_file({"torch": torch.get_rng_state()}, str(tmp / "trainer_rng.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         _fsync_tree(tmp)
-        atomic.publish(tmp, final)
+        with sigint_deferred():  # publish + prune: a Ctrl-C never lands between the two
+            atomic.publish(tmp, final)
+            for old in _checkpoints(root):  # only now is it safe to drop this run's previous ones
+                if old != final and written_by(old, state["run_id"]):
+                    atomic.discard(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
-    for old in _checkpoints(root):  # only now is it safe to drop this run's previous ones
-        if old != final and written_by(old, state["run_id"]):
-            atomic.discard(old)
     return final
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold a SIGINT (Ctrl-C) that arrives inside the block; deliver it, to the handler
+    that was in place, once the block is done.
+
+    A no-op outside the main thread, where Python cannot set signal handlers (SIGINT
+    is delivered to the main thread there anyway), and when the handler in place is
+    not Python's (``signal.getsignal`` gives None)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # KeyboardInterrupt here under the default handler
 
 
 def keep_only(root: Path, final: Path) -> None:
