@@ -136,6 +136,14 @@ def test_bad_peft_folders(tmp_path):
     (path / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
     with pytest.raises(PeftImportError, match="bias"):
         import_peft(copy.deepcopy(base), path)
+    # an untrusted config is read strictly: NaN, a duplicated key, a folder in its place
+    text = json.dumps(config)
+    (path / "adapter_config.json").write_text(text[:-1] + ", \"lorakit_probe\": NaN}")
+    with pytest.raises(PeftImportError, match="NaN"):
+        import_peft(copy.deepcopy(base), path)
+    (path / "adapter_config.json").write_text(text[:-1] + ', "r": 64}')
+    with pytest.raises(PeftImportError, match="given twice"):
+        import_peft(copy.deepcopy(base), path)
     (path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(PeftImportError, match="another architecture"):
         import_peft(tiny_gpt2(), path)

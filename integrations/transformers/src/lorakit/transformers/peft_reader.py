@@ -29,7 +29,6 @@ base, and the error says how to convert it with PEFT first.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -42,8 +41,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lorakit.core import Adapter, AdapterError, Role, adapted_layers, adapter_config, registry
+from lorakit.core.checkpoint import MAX_CONFIG_BYTES
 from lorakit.core.lora import Direct, Kaiming, Scale
 from lorakit.core.peft_format import most_common_rank
+from lorakit.core.validation import loads_strict, read_regular_file
 from lorakit.magnitudes import DoRA
 
 from .peft_writer import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
@@ -75,12 +76,11 @@ def _pattern_value(pattern: dict, name: str, default: Any) -> Any:
 def read_peft(path: str | os.PathLike, prefix: str = PEFT_PREFIX) -> tuple[dict, dict[str, dict[str, Tensor]]]:
     """``(config, {module: {"A", "B"[, "m"]}})`` from a PEFT adapter folder, validated."""
     path = Path(path)
-    try:
-        config = json.loads((path / PEFT_CONFIG).read_text())
+    try:  # untrusted input: the strict reader (no NaN, duplicate keys, huge numbers; a bounded regular file)
+        config = loads_strict(read_regular_file(path / PEFT_CONFIG, MAX_CONFIG_BYTES, PeftImportError),
+                              str(path / PEFT_CONFIG), PeftImportError)
     except FileNotFoundError:
         raise PeftImportError(f"{path / PEFT_CONFIG} not found; is {path} a PEFT adapter folder?") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PeftImportError(f"{path / PEFT_CONFIG} is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise PeftImportError(f"{path}: peft_type {kind!r} is not supported; lorakit imports LoRA and DoRA "
