@@ -140,6 +140,12 @@ class Linear4bitKind(_QuantizedLinearKind):
         base.weight.data, base.weight.quant_state = data, new_state
         return _error(self.matrix(base), W)
 
+    def quantized_state(self, base):
+        return base.weight.data, base.weight.quant_state  # requantize rebinds both, never writes in place
+
+    def restore_quantized_state(self, base, state):
+        base.weight.data, base.weight.quant_state = state
+
 
 class Linear8bitLtKind(_QuantizedLinearKind):
     """``bnb.nn.Linear8bitLt`` with int8 weights (``has_fp16_weights=False``, LLM.int8()).
@@ -199,3 +205,15 @@ class Linear8bitLtKind(_QuantizedLinearKind):
         else:
             base.weight.CB, base.weight.SCB = CB, SCB
         return _error(self.matrix(base), W)
+
+    def quantized_state(self, base):
+        weight = base.weight  # requantize rebinds these, never writes in place
+        return weight.data, base.state.CB, base.state.SCB, {k: v for k, v in vars(weight).items() if k in ("CB", "SCB")}
+
+    def restore_quantized_state(self, base, saved):
+        base.weight.data, base.state.CB, base.state.SCB, attrs = saved
+        for key in ("CB", "SCB"):
+            if key in attrs:
+                setattr(base.weight, key, attrs[key])
+            else:
+                vars(base.weight).pop(key, None)

@@ -70,6 +70,14 @@ class LayerKind:
         error that adds (``{"max_abs_error": ..., "rel_fro_error": ...}``)."""
         raise NotImplementedError
 
+    def quantized_state(self, base: nn.Module) -> object:
+        """A quantized kind: what :meth:`requantize` replaces (references, no copy), so
+        :meth:`restore_quantized_state` can put ``base`` back bit-identical."""
+        raise NotImplementedError
+
+    def restore_quantized_state(self, base: nn.Module, state: object) -> None:
+        raise NotImplementedError
+
     def set_matrix(self, base: nn.Module, W: Tensor) -> None:
         raise NotImplementedError
 

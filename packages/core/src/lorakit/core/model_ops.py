@@ -73,33 +73,58 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module:
-    """A plain model with the adaptation baked into its weights.
+    """A plain model with the adaptation baked into its weights: all layers or none.
 
     A quantized base cannot hold ``W_eff`` in place: each such module is replaced by
     the kind's float module (``nn.Linear`` in the compute dtype holding dequantized
     ``W̄`` + update), with a warning saying so. ``requantize=True`` instead writes
     ``W_eff`` back into the quantized format and reports the error that adds
-    (``model.lorakit_merge_report``). All checks run before any module changes.
+    (``model.lorakit_merge_report``).
+
+    Order: every float layer's merge is checked; every quantized layer's replacement is
+    built (or requantized, its old storage kept); then the float layers merge and the
+    modules are swapped. Any exception (a :class:`MergeError`, ``MemoryError``, Ctrl-C)
+    puts the model back as it was: quantized storage bit-identical, float weights
+    unmerged (exact unless the float merges had begun, then to within rounding, as
+    :func:`unmerge`). Peak memory: the new modules and the old quantized storage together.
     """
     layers = _layers(model)
     quantized = {n: layer for n, layer in layers.items() if layer.kind.quantized and not layer.merged}
-    for name, layer in quantized.items():
-        layer.merged_weight(name)  # finite and in range, for every layer, before anything changes
-    _merge_layers({n: layer for n, layer in layers.items() if not layer.merged and n not in quantized})
-    report = {}
-    for name, layer in layers.items():
-        parent, _, child = name.rpartition(".")
-        module = layer.base
-        if name in quantized:
+    floats = {n: layer for n, layer in layers.items() if not layer.merged and n not in quantized}
+    for name, layer in floats.items():
+        layer.check_merge(name)  # cheap bound, nothing written
+    modules, report, kept, swapped, merged = {}, {}, {}, [], False
+    saved = saved_modules(model)
+    try:
+        for name, layer in quantized.items():
             W_eff = layer.merged_weight(name)[0]
             if requantize:
+                kept[name] = layer.kind.quantized_state(layer.base)
                 report[name] = layer.kind.requantize(layer.base, W_eff)
             else:
-                module = layer.kind.float_module(layer.base, W_eff)
-                report[name] = {"merged_into": f"{type(module).__name__}({W_eff.dtype})"}
+                modules[name] = layer.kind.float_module(layer.base, W_eff)
+                report[name] = {"merged_into": f"{type(modules[name]).__name__}({W_eff.dtype})"}
             del W_eff
-        setattr(model.get_submodule(parent), child, module)
-    unwrap_saved(model, keep="trained")
+        _merge_layers(floats)  # all or none itself
+        merged = True
+        for name, layer in layers.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, modules.get(name, layer.base))
+            swapped.append(name)
+        unwrap_saved(model, keep="trained")
+    except BaseException:
+        for name, module in saved.items():  # modules_to_save wrappers back in place
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
+        for name in swapped:  # the adapted layers back in place
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layers[name])
+        if merged:
+            for layer in floats.values():
+                layer.unmerge()
+        for name, state in kept.items():
+            quantized[name].kind.restore_quantized_state(quantized[name].base, state)
+        raise
     if quantized:
         import warnings
 
