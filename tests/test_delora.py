@@ -353,3 +353,21 @@ def test_live_lambda_residual_is_the_official_codes(tmp_path, generator):
     assert torch.equal(fresh[0].slots()["n0_B"], n0B)
     with pytest.raises(AdapterError, match="residual_lambda"):
         DeLoRA(residual_lambda="code")
+
+
+def test_factors_only_read_their_slots():
+    """``factors()`` is a function of the slots: under ``residual_lambda="live"`` the initial
+    directions N0 are frozen slots computed at construction, never written by a forward."""
+    model = tiny_model()
+    Adapter(normalizer=DeLoRA(residual_lambda="live"), init=Kaiming(zero_b=False), rank=4, seed=1).apply(
+        model, targets=["0"])
+    layer = model[0]
+    tensors = [*layer.slots.parameters(), *layer.slots.buffers()]
+    versions = [t._version for t in tensors]
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            layer.normalizer.factors(layer.slots(), layer.rank)
+            model(torch.randn(2, 16, dtype=F64))
+    assert [t._version for t in tensors] == versions
+    assert float(layer.slots()["n0_set"]) == 1.0  # kept so that older checkpoints keep their keys

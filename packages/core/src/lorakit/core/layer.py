@@ -82,7 +82,8 @@ class AdaptedLayer(nn.Module):
                             .clone(memory_format=torch.contiguous_format),
                             generator.trainable_factors.get(name, False), role)
                  for (role, name), value in zip(FACTOR_NAMES.items(), (A0, B0, d0))}
-        slots.update(outputs.expect_slots(normalizer, normalizer.slots(W, rank)))
+        initial_factors = {name: slot.value for name, slot in slots.items()}
+        slots.update(outputs.expect_slots(normalizer, normalizer.slots_at_init(W, rank, initial_factors)))
         if magnitude is not None:
             self.register_buffer("row_sq_norm", W.square().sum(dim=1))
             slots.update(outputs.expect_slots(magnitude, magnitude.slots(W, self.row_sq_norm)))
@@ -115,7 +116,22 @@ class AdaptedLayer(nn.Module):
         the cache is bypassed: a Python attribute holding graph tensors would add
         guards and recompiles, and inside a compiled graph the factors cost a few
         small kernels.
+
+        Under ``torch.autocast`` they are computed with autocast off, in the adapter's
+        dtype (fp32 masters; DoRA's row norms in fp32, as PEFT's): only the GEMMs with
+        activations take the autocast dtype (:func:`functional.linear_lowrank`).
         """
+        with functional.autocast_off(self._device_type()):
+            return self._factors()
+
+    def _device_type(self) -> str:
+        """Where the adapter computes: the base weight's device (every built-in kind has one)."""
+        w = getattr(self.base, "weight", None)
+        if isinstance(w, Tensor):
+            return w.device.type
+        return next(iter([*self.slots.parameters(), *self.slots.buffers()])).device.type
+
+    def _factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
         cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
             key = self._inputs_key()
@@ -162,21 +178,23 @@ class AdaptedLayer(nn.Module):
         if self.fused and x.dtype == A.dtype and (g is None or not dropping):
             return functional.linear_lowrank(x, self.base.weight, self.base.bias, B, A, g, x_low=x_d)
         # Generic path; also an adapter kept in fp32 on a bf16/fp16 base: the
-        # low-rank term is computed in the adapter's dtype, then cast.
-        if self.indices:  # integer inputs (an embedding): neither cast nor dropped
-            delta = self.kind.lowrank(self.base, x, B, A).to(self.base.weight.dtype)
-        else:
-            delta = self.kind.lowrank(self.base, x_d.to(A.dtype), B, A).to(x.dtype)
+        # low-rank term is computed in the adapter's dtype (under autocast: in the
+        # autocast dtype, its ops cast), then cast to the base term's dtype, so the
+        # output has the dtype the base module gives (under autocast too).
+        # Integer inputs (an embedding) are neither cast nor dropped.
+        delta = self.kind.lowrank(self.base, x if self.indices else x_d.to(A.dtype), B, A)
         if g is None:
-            return self.base(x) + delta
+            y = self.base(x)
+            return y + delta.to(y.dtype)
         if not dropping:
-            y = self.kind.linear(self.base, x) + delta
-            return self.kind.add_bias(self.base, self.kind.scale_rows(y, g))
+            y = self.kind.linear(self.base, x)
+            return self.kind.add_bias(self.base, self.kind.scale_rows(y + delta.to(y.dtype), g)).to(y.dtype)
         # DoRA with dropout as PEFT defines it (peft/tuners/lora/dora.py): only the dropped
         # input takes the magnitude-scaled path, y = W̄(x − x_d) + g ⊙ (W̄ x_d + ΔW x_d) + b,
         # which is g ⊙ (W̄ x + ΔW x) + b again when x_d = x
-        y = self.kind.scale_rows(self.kind.linear(self.base, x_d) + delta, g)
-        return self.kind.add_bias(self.base, self.kind.linear(self.base, x - x_d) + y)
+        y = self.kind.linear(self.base, x_d)
+        y = self.kind.scale_rows(y + delta.to(y.dtype), g)
+        return self.kind.add_bias(self.base, self.kind.linear(self.base, x - x_d) + y).to(y.dtype)
 
     @property
     def weight(self) -> Tensor:
@@ -195,7 +213,8 @@ class AdaptedLayer(nn.Module):
         ``factors``: ``self.factors()`` when the caller has them already (in training mode
         they are not cached, and DoRA's norm costs an out × in × R product)."""
         B, A, g = factors or self.factors()
-        V = self.kind.matrix(self.base).to(A.dtype) + B @ A
+        with functional.autocast_off(self._device_type()):  # merged inside an autocast region: still fp32
+            V = self.kind.matrix(self.base).to(A.dtype) + B @ A
         return V if g is None else V * g[:, None]
 
     @torch.no_grad()
@@ -241,7 +260,8 @@ class AdaptedLayer(nn.Module):
         B, A, g = factors = self.factors()
         W = self.kind.matrix(self.base)
         lo, hi = torch.aminmax(W, dim=1)
-        bound = torch.maximum(hi, -lo).to(A.dtype) + B.abs() @ A.abs().amax(dim=1)
+        with functional.autocast_off(self._device_type()):
+            bound = torch.maximum(hi, -lo).to(A.dtype) + B.abs() @ A.abs().amax(dim=1)
         if g is not None:
             bound = bound * g.abs()
         if not (functional.all_finite(bound) and bool(bound.max() < torch.finfo(W.dtype).max / 2)):
@@ -270,7 +290,8 @@ class AdaptedLayer(nn.Module):
         W = self.kind.matrix(self.base).to(A.dtype)
         if g is not None:
             W = W / g[:, None]  # inf/NaN in the rows of g = 0, replaced just below
-        W = (W - B @ A).to(dtype)
+        with functional.autocast_off(self._device_type()):
+            W = (W - B @ A).to(dtype)
         if lost is not None:
             W[lost[0]] = lost[1]
         self.kind.set_matrix(self.base, W)

@@ -115,6 +115,12 @@ class Normalizer(Primitive):
         """Slots this normalizer owns (e.g. a learnable λ, cached weight norms)."""
         return {}
 
+    def slots_at_init(self, weight: Tensor, rank: int, factors: Mapping[str, Tensor]) -> dict[str, Slot]:
+        """Like :meth:`slots`, for a normalizer whose frozen statistics depend on the initial
+        factors (``factors``: the initializer's ``A``, ``B``, ``d``). Core calls this one;
+        :meth:`factors` then only reads its slots, never fills them."""
+        return self.slots(weight, rank)
+
     def initial_scale(self, rank: int) -> float:
         return 1.0
 

@@ -95,31 +95,33 @@ class DeLoRA(Normalizer):
     def slots(self, weight, rank):
         sq = weight.square()
         w = sq.sum(dim=0).sqrt() if self.weight_norm == "column" else sq.sum().sqrt()
-        slots = {
+        return {
             "lambda_": Slot(torch.tensor(float(self.lambda0), dtype=weight.dtype), trainable=True, role=Role.SCALAR),
             "w_norm": Slot(w, trainable=False, role=Role.STATISTIC),
         }
-        if self.residual_lambda == "live":  # N0's factors, filled by the first factors() call
-            out_f, in_f = weight.shape
-            slots["n0_B"] = Slot(weight.new_zeros(out_f, rank), trainable=False, role=Role.STATISTIC)
-            slots["n0_A"] = Slot(weight.new_zeros(rank, in_f), trainable=False, role=Role.STATISTIC)
-            slots["n0_set"] = Slot(weight.new_zeros(()), trainable=False, role=Role.STATISTIC)
+
+    def slots_at_init(self, weight, rank, factors):
+        slots = self.slots(weight, rank)
+        if self.residual_lambda == "live":  # N0's directions, frozen from the initial factors
+            B0_dir, A0_dir = self._directions(factors["B"], factors["d"], factors["A"], slots["w_norm"].value)
+            slots["n0_B"] = Slot(B0_dir, trainable=False, role=Role.STATISTIC)
+            slots["n0_A"] = Slot(A0_dir, trainable=False, role=Role.STATISTIC)
+            # always 1; kept so that checkpoints written when it was a fill-once flag keep their keys
+            slots["n0_set"] = Slot(weight.new_ones(()), trainable=False, role=Role.STATISTIC)
         return slots
 
-    def factors(self, s, rank):
-        B, A = s["B"], s["A"]
+    def _directions(self, B, d, A, w_norm):
+        """``(d_i b_i/‖b_i‖, (a_i/‖a_i‖) ⊙ w)``: the unit-direction factors before λ/r."""
         eps2 = self.eps * self.eps
         b_norm = B.square().sum(dim=0).clamp_min(eps2).sqrt()  # ‖b_i‖, columns of B
         a_norm = A.square().sum(dim=1, keepdim=True).clamp_min(eps2).sqrt()  # ‖a_i‖, rows of A
-        B_dir, A_dir = B * (s["d"] / b_norm), (A / a_norm) * s["w_norm"]
+        return B * (d / b_norm), (A / a_norm) * w_norm
+
+    def factors(self, s, rank):
+        B_dir, A_dir = self._directions(s["B"], s["d"], s["A"], s["w_norm"])
         lam = s["lambda_"]
         if self.residual_lambda == "initial":
             return B_dir * (lam / rank), A_dir
-        B0_dir, A0_dir, filled = s["n0_B"], s["n0_A"], s["n0_set"]
-        if not torch.compiler.is_compiling() and not bool(filled):
-            with torch.no_grad():  # the first call: core's construction, with the initial values
-                B0_dir.copy_(B_dir)
-                A0_dir.copy_(A_dir)
-                filled.fill_(1)
+        B0_dir, A0_dir = s["n0_B"], s["n0_A"]
         return (torch.cat([B_dir * (lam / rank), B0_dir * ((self.lambda0 - lam) / rank)], dim=1),
                 torch.cat([A_dir, A0_dir], dim=0))
