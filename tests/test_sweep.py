@@ -73,3 +73,45 @@ def test_sweep_bad_input(tiny, tmp_path, capsys, extra, message):
     assert main(_sweep(tiny, tmp_path / "bad", *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_learning_rates_that_format_alike_get_their_own_cells(tiny, tmp_path, capsys):
+    out = tmp_path / "alike"
+    assert main(_sweep(tiny, out, "--recipes", "lora", "--lrs", "1e-4,1.000001e-4", "--seeds", "0")) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert [c["lr"] for c in result["cells"]] == [1e-4, 1.000001e-4]  # exact, in order
+    assert sorted(p.name for p in (out / "cells" / "lora").iterdir()) == ["lr0.0001-seed0", "lr0.0001000001-seed0"]
+    assert [r["lr"] for r in result["rows"][0]["per_lr"]] == [1e-4, 1.000001e-4]
+    assert all(r["seeds"] == 1 for r in result["rows"][0]["per_lr"])
+    md = (out / "sweep.md").read_text()
+    assert "| lora | 0.0001 |" in md and "| lora | 0.0001000001 |" in md
+
+
+def test_damaged_cell_records_rerun_that_cell_only_or_are_one_error(tiny, tmp_path, capsys):
+    out = tmp_path / "damaged"
+    argv = _sweep(tiny, out, "--recipes", "lora", "--lrs", "1e-3", "--seeds", "0,1,2")
+    assert main(argv) == 0
+    capsys.readouterr()
+    cells = out / "cells" / "lora"
+    (cells / "lr0.001-seed0" / "cell.json").write_text("[]")
+    record = json.loads((cells / "lr0.001-seed1" / "cell.json").read_text())
+    del record["metric"]
+    (cells / "lr0.001-seed1" / "cell.json").write_text(json.dumps(record))
+    kept = (cells / "lr0.001-seed2" / "cell.json").read_bytes()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "3 runs (1 resumed" in printed
+    assert "lr0.001-seed0/cell.json holds a JSON list, not a cell record; running that cell again" in printed
+    assert "lr0.001-seed1/cell.json lacks ['metric']; running that cell again" in printed
+    assert (cells / "lr0.001-seed2" / "cell.json").read_bytes() == kept
+    assert all(isinstance(c["metric"], float) for c in json.loads((out / "sweep.json").read_text())["cells"])
+
+    # a folder where a record belongs: one error line before any cell runs, nothing written
+    (cells / "lr0.001-seed0" / "cell.json").unlink()
+    (cells / "lr0.001-seed0" / "cell.json").mkdir()
+    before = (out / "sweep.json").read_bytes()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "lr0.001-seed0/cell.json is not a regular file; remove it (that cell is then run again)" in err
+    assert (out / "sweep.json").read_bytes() == before and (cells / "lr0.001-seed2" / "cell.json").read_bytes() == kept

@@ -15,9 +15,11 @@ and, per entry, its best learning rate (highest median metric). A cell whose los
 becomes non-finite is recorded as diverged (its metric counts as missing, and the
 table says how many seeds diverged).
 
-**Resumable.** Each finished cell writes ``cells/<entry>/lr<lr>-seed<seed>/cell.json``;
-a rerun with the same options skips every cell whose ``cell.json`` records the same
-setup, so an interrupted sweep continues where it stopped. The cells' checkpoints
+**Resumable.** Each finished cell writes ``cells/<entry>/lr<lr>-seed<seed>/cell.json``
+(``<lr>`` exact: :func:`lr_text`); a rerun with the same options skips every cell whose
+``cell.json`` records the same setup, so an interrupted sweep continues where it stopped.
+A damaged record (not JSON, not an object, missing or malformed keys) reruns that cell
+only; a folder or other non-file where a record belongs is one error before any cell runs. The cells' checkpoints
 and PEFT exports are deleted once their result is recorded (an OP-LoRA cell's
 optimizer state is ~130 MB) unless ``keep_checkpoints``.
 
@@ -35,6 +37,8 @@ import statistics
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
+
+from lorakit.core.atomic import atomic_write
 
 from .errors import FinetuneError
 from .train import PRIMARY, FinetuneConfig, check_writable, finetune
@@ -68,8 +72,60 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
+def lr_text(lr: float) -> str:
+    """``f"{lr:g}"`` when that reads back as ``lr`` exactly, else ``repr(lr)`` (shortest
+    exact form): distinct rates never share a name (``1e-4`` and ``1.000001e-4`` did)."""
+    short = f"{lr:g}"
+    return short if float(short) == lr else repr(float(lr))
+
+
 def _cell_dir(out: Path, label: str, lr: float, seed: int) -> Path:
-    return out / "cells" / _slug(label) / f"lr{lr:g}-seed{seed}"
+    return out / "cells" / _slug(label) / f"lr{lr_text(lr)}-seed{seed}"
+
+
+#: what a finished cell's record holds, each key with the types downstream code reads
+RECORD_KEYS = {"entry": dict, "lr": float, "seed": int, "setup": dict, "diverged": bool}
+RESULT_KEYS = {"metric": (int, float), "metrics": dict, "losses": list, "auc": (int, float), "trainable": dict,
+               "task": str}
+
+
+def _record_problem(done, entry: dict, lr: float, seed: int) -> str | None:
+    """Why a parsed ``cell.json`` cannot stand for this cell's result (None: it can)."""
+    if not isinstance(done, dict):
+        return f"holds a JSON {type(done).__name__}, not a cell record"
+    wanted = {**RECORD_KEYS, **({} if done.get("diverged") is True else RESULT_KEYS)}
+    missing = sorted(k for k in wanted if k not in done)
+    if missing:
+        return f"lacks {missing}"
+    bad = sorted(k for k, t in wanted.items() if not isinstance(done[k], t)
+                 or (t in (int, dict) and isinstance(done[k], bool)))
+    if bad or (not done["diverged"] and not isinstance(done["trainable"].get("adapter"), int)):
+        return f"has malformed {bad or ['trainable']}"
+    if done["lr"] != lr or done["seed"] != seed:
+        return f"records lr={done['lr']!r}, seed={done['seed']!r} instead of lr={lr!r}, seed={seed!r}"
+    return None
+
+
+def check_cell_paths(out: Path, grid: list) -> None:
+    """Before any cell runs: every cell's folder and record must be writable where they
+    are (a folder where ``cell.json`` belongs would fail only after that cell trained)."""
+    slugs: dict[str, str] = {}
+    for entry, _, _ in grid:
+        other = slugs.setdefault(_slug(entry["label"]), entry["label"])
+        if other != entry["label"]:
+            raise FinetuneError(f"sweep entries {other!r} and {entry['label']!r} share the cell folder "
+                                f"{_slug(entry['label'])!r}; rename one of them")
+    for name in ("sweep.json", "sweep.md", "sweep-lr.png", "sweep-loss.png"):
+        if (out / name).exists() and not (out / name).is_file():
+            raise FinetuneError(f"sweep: {out / name} is not a regular file; remove it or give another --out")
+    for entry, lr, seed in grid:
+        folder = _cell_dir(out, entry["label"], lr, seed)
+        for path, what in ((folder, "folder"), (folder / "cell.json", "file")):
+            if not path.exists() and not path.is_symlink():
+                continue
+            if (what == "folder") != path.is_dir() or (what == "file" and not path.is_file()):
+                raise FinetuneError(f"sweep: {path} is {'not a folder' if what == 'folder' else 'not a regular file'}"
+                                    f"; remove it (that cell is then run again) or give another --out")
 
 
 def _setup(cfg: FinetuneConfig) -> dict:
@@ -90,10 +146,13 @@ def run_cell(entry: dict, lr: float, seed: int, cfg: FinetuneConfig, out: Path, 
     if record.is_file():
         try:
             done = json.loads(record.read_text())
-            if done.get("setup") == setup and done.get("entry") == entry:
-                return {**done, "resumed": True}
-        except (OSError, ValueError):
-            pass  # a damaged record: run the cell again
+            problem = _record_problem(done, entry, lr, seed)
+        except (OSError, ValueError) as exc:
+            problem = f"cannot be read ({exc})"
+        if problem:  # a damaged record: this cell only runs again
+            log(f"sweep: {record} {problem}; running that cell again")
+        elif done["setup"] == setup and done["entry"] == entry:
+            return {**done, "resumed": True}
     parts = {k: entry.get(k) for k in PARTS}
     run_cfg = replace(cfg, recipe=entry["recipe"], **parts, lr=lr, seed=seed, out=str(folder), resume=None,
                       progress=False)
@@ -112,9 +171,7 @@ def run_cell(entry: dict, lr: float, seed: int, cfg: FinetuneConfig, out: Path, 
         for sub in ("checkpoints", "peft"):
             shutil.rmtree(folder / sub, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(".cell.json.tmp")
-    tmp.write_text(json.dumps(cell))
-    tmp.replace(record)  # atomic: a kill leaves the old record or the new one
+    atomic_write(record, lambda tmp: tmp.write_text(json.dumps(cell)))  # a kill leaves the old record or the new
     return cell
 
 
@@ -158,7 +215,7 @@ def table(rows: list[dict], metric: str) -> str:
     for row in rows:
         for r in row["per_lr"]:
             star = " **best**" if r["lr"] == row["best_lr"] else ""
-            lines.append(f"| {row['label']} | {r['lr']:g} | {_fmt(r['metric'])}{star} | {_fmt(r['auc'])} | "
+            lines.append(f"| {row['label']} | {lr_text(r['lr'])} | {_fmt(r['metric'])}{star} | {_fmt(r['auc'])} | "
                          f"{r['diverged']}/{r['seeds']} |")
     lines += ["", f"| entry | trainable (adapter) | best lr | {metric} at best lr | worst median {metric} | "
                   f"lrs within 0.01 of best |", "|---|---:|---:|---|---:|---:|"]
@@ -192,18 +249,19 @@ def sweep(entries: list[str], lrs: list[float], seeds: list[int], cfg: FinetuneC
     check_writable(out)
     from tqdm.auto import tqdm
 
-    grid = [(e, lr, seed) for e in parsed for lr in lrs for seed in seeds]
+    grid = [(e, float(lr), seed) for e in parsed for lr in lrs for seed in seeds]
+    check_cell_paths(out, grid)
     cells = []
     with tqdm(total=len(grid), desc="sweep", unit="run", file=sys.stderr, disable=not cfg.progress,
               dynamic_ncols=True) as bar:
         for entry, lr, seed in grid:
-            bar.set_postfix_str(f"{entry['label']} lr={lr:g} seed={seed}")
+            bar.set_postfix_str(f"{entry['label']} lr={lr_text(lr)} seed={seed}")
             cell = run_cell(entry, lr, seed, cfg, out, keep_checkpoints, log)
             cells.append(cell)
             bar.update()
     task = next((c["task"] for c in cells if not c["diverged"]), "regression")
     metric = PRIMARY[task]
-    rows = aggregate(cells, parsed, list(lrs))
+    rows = aggregate(cells, parsed, [float(lr) for lr in lrs])
     md = table(rows, metric)
     n_resumed = sum(bool(c.get("resumed")) for c in cells)
     setup = (f"{'MiniLM-L6 (embedded)' if cfg.model is None else cfg.model}, "
@@ -216,12 +274,12 @@ def sweep(entries: list[str], lrs: list[float], seeds: list[int], cfg: FinetuneC
     lr_png = sweep_lr_plot(rows, out / "sweep-lr.png", metric)
     loss_png = sweep_loss_plot(rows, cells, out / "sweep-loss.png",
                                "MSE (standardized)" if task == "regression" else "cross-entropy")
-    (out / "sweep.md").write_text(f"{md}\n\n{setup}\n")
+    atomic_write(out / "sweep.md", lambda tmp: tmp.write_text(f"{md}\n\n{setup}\n"))
     result = {"setup": setup, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
               "entries": parsed, "lrs": list(lrs), "seeds": list(seeds), "metric": metric, "rows": rows,
               "table": md, "cells": [{k: v for k, v in c.items() if k != "resumed"} for c in cells],
               "plots": [str(lr_png), str(loss_png)]}
-    (out / "sweep.json").write_text(json.dumps(result, indent=1))
+    atomic_write(out / "sweep.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     log("\n" + md + "\n\n" + setup)
     log(f"\n{len(grid)} runs ({n_resumed} resumed from earlier results)\ntable: {out / 'sweep.md'} "
         f"(and {out / 'sweep.json'})\nplots: {lr_png}, {loss_png}")
