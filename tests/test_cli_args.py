@@ -49,10 +49,10 @@ BAD = [
     ("finetune --threads 0", "--threads 0: the number of threads must be >= 1"),
     ("compare --threads -1", "--threads -1: the number of threads must be >= 1"),
     ("bench --threads -1", "--threads -1: the number of threads must be >= 0"),
-    ("finetune --seed -1", "--seed -1: a seed must be an integer in [0, 4294967295]"),
-    ("finetune --split-seed 4294967296", "--split-seed 4294967296: a seed must be an integer"),
+    ("finetune --seed -1", "--seed -1: a seed must be an integer in [0, 9223372036854775807]"),
+    ("finetune --split-seed 9223372036854775808", "--split-seed 9223372036854775808: a seed must be an integer"),
     ("bench --seed -5", "--seed -5: a seed must be an integer"),
-    ("mf --seed 99999999999", "--seed 99999999999: a seed must be an integer"),
+    ("mf --seed 99999999999999999999", "--seed 99999999999999999999: a seed must be an integer"),
     ("finetune --device cuda:7", "--device cuda:7: "),
     ("finetune --device tpu", "--device 'tpu': not a device; use auto, cpu or cuda (cuda:N for GPU N)"),
     ("bench --device meta", "--device meta: not supported; use cpu or cuda (cuda:N for GPU N)"),
@@ -226,3 +226,20 @@ def test_demo_prints_a_legend_of_its_columns(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "|init-base|" in out.split("columns:")[1] and "|merged-unmerged|" in out.split("columns:")[1]
+
+
+def test_one_seed_range_for_the_api_and_the_cli():
+    """The CLI accepts every seed ``Adapter(seed=)`` accepts, and the largest one trains (the
+    per-epoch shuffle derives its seed from it without overflowing torch's generator)."""
+    import torch
+
+    from lorakit.core import Adapter
+    from lorakit.core.cli import SEED_MAX, check_seed
+    from lorakit.core.validation import MAX_SEED
+    from lorakit.finetune.train import Batches
+
+    assert SEED_MAX == MAX_SEED
+    check_seed(MAX_SEED)
+    Adapter(seed=MAX_SEED)
+    batches = Batches({"input_ids": [[1, 2]] * 4}, torch.zeros(4), 2, MAX_SEED, 0)
+    assert sorted(batches._perm(3)) == [0, 1, 2, 3]

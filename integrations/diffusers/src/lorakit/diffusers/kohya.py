@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lorakit.core import AdapterError
+from lorakit.core import AdapterError, adapter_config
 from lorakit.core.atomic import atomic_write
 from lorakit.core.peft_format import check_exportable, check_no_trained_base, lora_tensors
 from lorakit.core.validation import check_finite_tensors
@@ -84,14 +84,15 @@ def export_kohya(model: nn.Module | None, path: str | os.PathLike, *, text_encod
     ``path`` is the file (``….safetensors``) or a folder to write ``lora.safetensors``
     into. ``max_rank`` / ``energy`` truncate as in :func:`export_peft`, and the
     per-module relative errors go into the ``lorakit_rel_errors`` metadata. DoRA is
-    always folded into plain LoRA (``fold_magnitude=False`` is refused).
+    always folded into plain LoRA (``fold_magnitude=False`` is refused for it).
 
         export_kohya(unet, "my_lora.safetensors", text_encoder=pipe.text_encoder)
         pipe.load_lora_weights("my_lora.safetensors")
     """
-    if not fold_magnitude:
-        raise AdapterError("the kohya format has no DoRA magnitude every client reads; it is written folded "
-                           "(fold_magnitude=True)")
+    components = [m for m in (model, text_encoder, text_encoder_2) if m is not None]
+    if not fold_magnitude and any(adapter_config(m).get("magnitude") for m in components):  # plain LoRA: no fold
+        raise AdapterError("the kohya format has no DoRA magnitude every client reads; a DoRA adapter is written "
+                           "folded (fold_magnitude=True, the default)")
     parts = []
     if model is not None:
         parts.append((model, component_prefix(model)))

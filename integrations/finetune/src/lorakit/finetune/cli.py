@@ -127,7 +127,7 @@ def _check_args(args) -> None:
     model and data takes seconds, training minutes)."""
     from lorakit.core.cli import check_device, check_seed, check_threads
 
-    from .train import check_writable
+    from .train import check_output
 
     check_threads(args.threads)
     check_seed(args.seed)
@@ -136,7 +136,7 @@ def _check_args(args) -> None:
     resume = getattr(args, "resume", None)
     if resume is not None and not Path(resume).is_dir():
         raise FinetuneError(f"--resume {resume}: no such folder; give a checkpoint folder or a run's --out folder")
-    check_writable(Path(args.out))
+    check_output(Path(args.out))
 
 
 def _interrupted(exc: Interrupted) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from lorakit.core import registry
 
 from .errors import FinetuneError
-from .train import PRIMARY, FinetuneConfig, auto_threads, check_writable, finetune
+from .train import PRIMARY, FinetuneConfig, auto_threads, check_output, finetune
 
 DEFAULT_RECIPES = ("lora", "dora", "op-lora", "delora", "loldu", "pissa")
 
@@ -60,7 +60,7 @@ def table(runs: list[dict]) -> str:
 
 def compare(recipes: list[str], cfg: FinetuneConfig, log=print) -> dict:
     out = Path(cfg.out)
-    check_writable(out)
+    check_output(out)  # each run creates its folder (and so this one) once its arguments are known good
     # One thread count for the whole comparison, chosen once: auto_threads() per recipe
     # followed the load average, so recipes of one table ran on different counts.
     threads = cfg.threads or auto_threads()

@@ -65,12 +65,20 @@ class FinetuneConfig:
     extra: dict = field(default_factory=dict)
 
 
+def check_output(out: Path) -> None:
+    """``out`` can be made and written, checked creating nothing: a run refused later for a
+    bad argument leaves no empty --out folder (the run creates it once every check passed)."""
+    from lorakit.core.cli import output_problem
+
+    if problem := output_problem(out):
+        raise FinetuneError(f"output folder {out} is not writable ({problem}); pass another --out")
+
+
 def check_writable(out: Path) -> None:
+    """:func:`check_output`, then the folder is created."""
+    check_output(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as exc:
         raise FinetuneError(f"output folder {out} is not writable ({exc.strerror or exc}); "
                             "pass another --out") from None
@@ -111,7 +119,7 @@ class Batches:
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)  # seeds reach 2**63 - 1
             self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._perms[epoch]
 
@@ -291,7 +299,7 @@ def _device(name: str) -> torch.device:
 def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     _check_numbers(cfg)
     out = Path(cfg.out)
-    check_writable(out)
+    check_output(out)  # created below, once the adapter, data, model and --resume are known good
     adapter, name = build_adapter(cfg.recipe, generator=cfg.generator, normalizer=cfg.normalizer,
                                   init=cfg.init, magnitude=cfg.magnitude, rank=cfg.rank, seed=cfg.seed,
                                   dropout=cfg.dropout)
@@ -348,6 +356,7 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
             group["lr"] = base_lr * factor(start)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     state["run_id"] = uuid.uuid4().hex
+    check_writable(out)
     ckpt_root = out / "checkpoints"
     memory = PeakMemory(device)
     loss_fn = torch.nn.functional.mse_loss if data.task == "regression" else torch.nn.functional.cross_entropy

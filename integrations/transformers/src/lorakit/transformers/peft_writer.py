@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lorakit.core import AdapterError, adapted_layers, adapter_config
-from lorakit.core.atomic import atomic_write
+from lorakit.core.atomic import carry_over, publish, recover, staging_folder
 from lorakit.core.peft_format import DORA_KEY, TRUNCATION_TOL, TruncationWarning, lora_config, lora_tensors
 from lorakit.core.trained import PEFT_BIAS, saved_modules, trained_biases
 from lorakit.core.validation import check_finite_tensors
@@ -46,13 +47,25 @@ class PeftExport:
     rel_errors: dict[str, float]
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": "pt", "lorakit_rel_errors": json.dumps(self.rel_errors, sort_keys=True)}
-        atomic_write(path / PEFT_WEIGHTS, lambda p: save_file(self.tensors, str(p), metadata=metadata))
-        atomic_write(path / PEFT_CONFIG, lambda p: p.write_text(json.dumps(self.config, indent=2, sort_keys=True)))
-        return path
-
+        """Write the folder ``path`` as one unit (``lorakit.core.atomic``, as a checkpoint's
+        ``save``): a kill at any moment leaves the previous export there or this one, never
+        new weights beside an old config. Other files in it (a README) are kept."""
+        given = Path(path)
+        path = Path(os.path.realpath(path))  # a symlinked folder is replaced where it points
+        recover(path)  # an export killed mid-swap: reinstate it, so its other files carry over
+        if os.path.lexists(path) and not path.is_dir():
+            raise AdapterError(f"PEFT export: {given} is a file, not a folder; give a folder")
+        folder = staging_folder(path)
+        try:
+            metadata = {"format": "pt", "lorakit_rel_errors": json.dumps(self.rel_errors, sort_keys=True)}
+            save_file(self.tensors, str(folder / PEFT_WEIGHTS), metadata=metadata)
+            (folder / PEFT_CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True))
+            if path.is_dir():
+                carry_over(path, folder, (PEFT_CONFIG, PEFT_WEIGHTS))
+            publish(folder, path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # gone already once published
+        return given
 
 
 

@@ -11,6 +11,7 @@ import sys
 
 from .plugins import format_spec, registry
 from .primitives import AdapterError
+from .validation import MAX_SEED
 
 # The top-level --help text (the module docstring speaks to developers, in reST).
 DESCRIPTION = ("Composable low-rank adapters: list the registered recipes and plugins, run the demo, and "
@@ -22,12 +23,13 @@ EPILOG = "Run 'lorakit COMMAND --help' for a command's options and defaults."
 # Each raises AdapterError, which main() prints as one "lorakit: error:" line (exit 2),
 # and each runs before the command's work: a bad argument must not cost a training run.
 
-SEED_MAX = 2**32 - 1  # what every seeded generator (torch, numpy, random) accepts
+#: the API's range (``Adapter(seed=)``, what a checkpoint may record): one range everywhere
+SEED_MAX = MAX_SEED
 
 
 def check_seed(value: int, option: str = "--seed") -> None:
     if not 0 <= value <= SEED_MAX:
-        raise AdapterError(f"{option} {value}: a seed must be an integer in [0, {SEED_MAX}]")
+        raise AdapterError(f"{option} {value}: a seed must be an integer in [0, {SEED_MAX}] (the range of Adapter(seed=))")
 
 
 def check_threads(value: int | None, option: str = "--threads", zero: str | None = None) -> None:
