@@ -4,7 +4,10 @@ never imported or linted. Plain string replacement: no template engine needed.""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from lorakit.core import AdapterError, registry
@@ -50,9 +53,18 @@ def new_plugin(name: str, kind: str = "initializer", directory: str | Path = "."
     if taken is not None:
         raise AdapterError(f"{kind} {values['name']!r} is already registered "
                            f"({taken.__module__}); choose another name")
-    target = Path(directory) / values["dist"]
-    if target.exists():
+    parent = Path(directory)
+    if parent.exists() and not parent.is_dir():
+        raise AdapterError(f"--dir {directory}: is not a folder; give the folder to create {values['dist']} in")
+    target = parent / values["dist"]
+    if target.exists() or target.is_symlink():
         raise AdapterError(f"{target} already exists; remove it or choose another --dir")
+    try:  # folders below a file, or unwritable, fail here: before any file is written
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{values['dist']}.partial-", dir=parent))
+    except OSError as exc:
+        raise AdapterError(f"--dir {directory}: cannot create a folder there ({exc.strerror or exc}); "
+                           "give another --dir") from None
     src = template_dir()
     values["kind_tests"] = _fill((src / "kinds" / f"{kind}_test.py.tmpl").read_text(), values)
     files = {src / "kinds" / f"{kind}.py.tmpl": Path("src", values["module"], values["name_py"] + ".py")}
@@ -60,8 +72,20 @@ def new_plugin(name: str, kind: str = "initializer", directory: str | Path = "."
         rel = path.relative_to(src)
         if rel.parts[0] != "kinds":
             files[path] = Path(str(rel).removesuffix(".tmpl").replace("__module__", values["module"]))
-    for path, rel in sorted(files.items()):
-        out = target / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(_fill(path.read_text(), values))
+    try:  # built in a hidden folder, then renamed: a failure leaves no half package
+        for path, rel in sorted(files.items()):
+            out = staging / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(_fill(path.read_text(), values))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

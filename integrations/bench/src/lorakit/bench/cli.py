@@ -65,6 +65,8 @@ def config_from_args(args) -> BenchConfig:
     check_device(args.device, auto=False)
     check_threads(args.threads, zero="torch's default")
     check_seed(args.seed)
+    if args.compile:
+        _check_backend(args.backend)
     if args.sweep:
         from .sweep import parse
 
@@ -84,6 +86,15 @@ def config_from_args(args) -> BenchConfig:
                        repeats=args.repeats, warmup=max(args.warmup, 1 if args.compile else 0),
                        recipes=recipes, peft=peft, seed=args.seed, threads=args.threads,
                        floor=not args.no_floor, quantize=args.quantize, lifecycle=not args.no_load_merge)
+
+
+def _check_backend(name: str) -> None:
+    import torch._dynamo
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):  # debug and experimental ones included
+        common = sorted({*torch._dynamo.list_backends(), "eager", "aot_eager"})
+        raise AdapterError(f"--backend {name!r}: not a torch.compile backend; use one of {', '.join(common)} "
+                           "(all: torch._dynamo.list_backends(exclude_tags=()))")
 
 
 def run(args) -> int:
