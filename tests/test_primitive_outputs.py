@@ -46,6 +46,14 @@ class DropsSlot(Generator):
 
 
 @dataclass
+class DictSlots(Generator):
+    name = "dict-slots"
+
+    def build(self, slots, rng):
+        return {n: s.value for n, s in slots.items()}  # the values, not a SlotsModule
+
+
+@dataclass
 class WrongFactors(Normalizer):
     name = "wrong-factors"
 
@@ -64,7 +72,7 @@ class InfScale(Magnitude):
 class BadPrimitives:
     @hookimpl
     def lorakit_primitives(register):
-        for cls in (BadInit, DropsSlot, WrongFactors, InfScale):
+        for cls in (BadInit, DropsSlot, DictSlots, WrongFactors, InfScale):
             register(cls)
 
 
@@ -82,6 +90,8 @@ CASES = {
     "init-int": (dict(init=BadInit("int")), "returned a torch.int64 tensor for d0"),
     "generator-drops-slot": (dict(generator=DropsSlot()), "generator 'drops-slot' (plugin 'bad-primitives') "
                                                           "does not return the slots ['d']"),
+    "generator-dict": (dict(generator=DictSlots()), "generator 'dict-slots' (plugin 'bad-primitives') returned "
+                                                   "dict from build(), not a SlotsModule"),
     "normalizer-shape": (dict(normalizer=WrongFactors()), "normalizer 'wrong-factors' (plugin 'bad-primitives') "
                                                           "returned A' of shape (6, 2), expected (2, 6)"),
     "magnitude-inf": (dict(magnitude=InfScale()), "magnitude 'inf-scale' (plugin 'bad-primitives') returned "

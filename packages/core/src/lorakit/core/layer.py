@@ -87,7 +87,7 @@ class AdaptedLayer(nn.Module):
         if magnitude is not None:
             self.register_buffer("row_sq_norm", W.square().sum(dim=1))
             slots.update(outputs.expect_slots(magnitude, magnitude.slots(W, self.row_sq_norm)))
-        self.slots = generator.build(slots, rng)
+        self.slots = outputs.expect_slots_module(generator, generator.build(slots, rng))
         with torch.no_grad():
             values = outputs.expect_slots(generator, self.slots(), {n: s.value for n, s in slots.items()})
             B0n, A0n = outputs.expect_tuple(normalizer, "factors()", normalizer.factors(values, rank), 2)

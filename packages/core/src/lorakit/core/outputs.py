@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .primitives import AdapterError, Primitive
+from .primitives import AdapterError, Primitive, SlotsModule
 
 
 def _who(primitive: Primitive) -> str:
@@ -48,6 +48,16 @@ def expect_tuple(primitive: Primitive, what: str, value: Any, n: int) -> tuple:
         raise AdapterError(f"{_who(primitive)} returned {type(value).__name__} for {what}; "
                            f"expected a tuple of {n} tensors")
     return tuple(value)
+
+
+def expect_slots_module(primitive: Primitive, value: Any) -> SlotsModule:
+    """What ``Generator.build`` returns must be a :class:`SlotsModule` (an ``nn.Module``
+    whose ``forward()`` gives the slot values), not a mapping of them."""
+    if not isinstance(value, SlotsModule):
+        raise AdapterError(f"{_who(primitive)} returned {type(value).__name__} from build(), not a SlotsModule; "
+                           "build() must return a SlotsModule (e.g. ParameterSlots(slots)) whose forward() gives "
+                           "the slot values")
+    return value
 
 
 def expect_slots(primitive: Primitive, slots: Any, wanted: Mapping[str, Tensor] | None = None) -> Any:
