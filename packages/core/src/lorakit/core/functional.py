@@ -5,6 +5,7 @@ Convention: ``W`` is out × in, ``B`` is out × R, ``A`` is R × in, ``ΔW = B A
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
@@ -23,6 +24,27 @@ def all_finite(t: Tensor) -> bool:
     first and was ~7× slower on an out × in weight (CPU)."""
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def autocast_on(device_type: str) -> bool:
+    """``torch.autocast`` is active for ``device_type`` (False for a device autocast
+    does not know, such as ``meta``)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a GEMM on ``x`` in, or None where it leaves ``x``
+    as it is: autocast off on ``x``'s device, or ``x`` fp64 or not floating (not cast)."""
+    if x.is_floating_point() and x.dtype != torch.float64 and autocast_on(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``device_type`` where it is on (else nothing to do):
+    the adapter's own math (generators, normalizers, DoRA's row norms, merge) stays in
+    the adapter's dtype; only the GEMMs with activations take the autocast dtype."""
+    return torch.autocast(device_type, enabled=False) if autocast_on(device_type) else contextlib.nullcontext()
 
 
 def dense_times_t(W: Tensor, M: Tensor) -> Tensor:
@@ -95,6 +117,13 @@ class _LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go: Tensor):
+        # forward ran with autocast off (linear_lowrank casts explicitly): so does backward,
+        # wherever loss.backward() is called (what torch.amp.custom_bwd does, for any device)
+        with autocast_off(go.device.type):
+            return _LowRankLinear._backward(ctx, go)
+
+    @staticmethod
+    def _backward(ctx, go: Tensor):
         x2, xl2, W, bias, B, A, h, *gz = ctx.saved_tensors
         need_x, need_xl, need_W, need_b, need_B, need_A, need_g = ctx.needs_input_grad
         g, z = gz if gz else (None, None)
@@ -137,7 +166,27 @@ def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tens
     it fewer, in forward and in backward. In eager training the whole layer is one
     autograd node (:class:`_LowRankLinear`); with ``g`` (DoRA) it keeps the output
     rather than ``y`` (:data:`DORA_SAVES`).
+
+    Under ``torch.autocast`` every operand is cast to the autocast dtype first and the
+    layer runs with autocast off: what ``nn.Linear`` computes under autocast (GEMMs and
+    output in that dtype), with the casts in autograd so that ``B``, ``A`` and ``g``
+    get their gradients in their own (fp32) dtype. Autocast would not cast inside the
+    custom Function, nor ``addmm_`` (in place), by itself.
     """
+    low = autocast_dtype(x)
+    if low is None:
+        return _linear_lowrank(x, W, bias, B, A, g, x_low)
+    own = x_low is None or x_low is x
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(low)
+
+    with torch.autocast(x.device.type, enabled=False):
+        return _linear_lowrank(cast(x), cast(W), cast(bias), cast(B), cast(A), cast(g), None if own else cast(x_low))
+
+
+def _linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
+                    g: Tensor | None, x_low: Tensor | None) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     xl2 = None if x_low is None or x_low is x else x_low.reshape(-1, x.shape[-1])
     if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
