@@ -8,6 +8,8 @@ update here has rank ≤ 2r = 8, so the cap is exact) — DoRA recipes with
 ``(g−1)⊙W̄ + g⊙BA`` has rank min(out, in) = 128 — and served by vLLM's CPU engine
 with ``enable_lora=True, max_lora_rank=128``. vLLM's greedy tokens and their
 logprobs must equal lorakit's own (tokens equal, |Δ logprob| ≤ 1e-4, fp32 both sides).
+LoRA and DoRA are also saved as native checkpoints and exported by the command line
+(``lorakit export --format peft``, served as ``cli:lora`` / ``cli:dora``).
 
     python scripts/vllm_check.py [--out DIR] [--tokens N]
 
@@ -102,6 +104,39 @@ def adapters(base, out: Path) -> dict[str, tuple[Path, dict]]:
     return made
 
 
+CLI_RECIPES = ("lora", "dora")
+
+
+def cli_exports(base, out: Path) -> dict[str, tuple[Path, object]]:
+    """The documented command line as a client sees it: a native checkpoint of the
+    LlamaForCausalLM, exported by ``lorakit export --format peft --base BASE`` (the
+    checkpoint's architecture rebuilds LlamaForCausalLM, so the keys carry its ``model.``
+    level; keys of the bare LlamaModel would be ignored by vLLM, serving the base)."""
+    import torch
+
+    from lorakit.core import Adapter, checkpoint, registry
+    from lorakit.core.cli import main as lorakit
+
+    made = {}
+    for i, recipe in enumerate(CLI_RECIPES):
+        model = copy.deepcopy(base)
+        Adapter.from_recipe(recipe, rank=4, seed=50 + i).apply(model)
+        gen = torch.Generator().manual_seed(200 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen) * (p.abs().mean() + 0.05))
+        model.eval()
+        checkpoint.save(model, out / f"ckpt-{recipe}")
+        dora = registry.load().recipes[recipe].magnitude is not None
+        folder = out / f"cli-{recipe}"
+        argv = ["export", str(out / f"ckpt-{recipe}"), "--format", "peft", "--base", str(out / "base"),
+                "--out", str(folder), *(["--fold-magnitude"] if dora else ["--max-rank", str(MAX_LORA_RANK)])]
+        assert lorakit(argv) == 0, argv
+        made[f"cli:{recipe}"] = (folder, model)
+    return made
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/lorakit-vllm")
@@ -114,6 +149,7 @@ def main() -> int:
 
     base = build_base(out / "base")
     made = adapters(base, out)
+    made.update(cli_exports(base, out))  # lorakit export's folders, served the same way
     expected = {recipe: [lorakit_greedy(model, p, args.tokens) for p in PROMPTS]
                 for recipe, (_, model) in made.items()}
     expected["(base)"] = [lorakit_greedy(base, p, args.tokens) for p in PROMPTS]
