@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from test_diffusers import RECIPES, TOL, one_thread, run, sd_components, sd_pipeline, tiny_unet, train, unet_inputs  # noqa: F401
 
 from lorakit.core import Adapter, AdapterError, adapted_layers, registry
+from lorakit.core.peft_format import lora_tensors
 from lorakit.diffusers import KOHYA_NAME, export_kohya, targets
 
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -156,3 +160,77 @@ def test_diffusers_export_auto_rank_pattern_loads(tmp_path):
     loaded.load_lora_adapter(tmp_path, prefix="unet", weight_name=WEIGHT_NAME)
     ranks = {n: next(iter(m.r.values())) for n, m in loaded.named_modules() if hasattr(m, "lora_A") and m.r}
     assert ranks == {n: report.rank_pattern.get(n, report.rank) for n in adapted_layers(unet)}
+
+
+# -- mixed ranks: one rank per component, read identically by every client ----------------
+def mixed_unet(cross_dim: int):
+    """The tiny UNet with cross-attention from ``cross_dim`` channels: attn2.to_k/to_v are
+    32 × ``cross_dim``, so a folded DoRA exports ranks ``cross_dim`` and 32."""
+    torch.manual_seed(0)
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_dim, norm_num_groups=8, attention_head_dim=8).eval()
+
+
+def kohya_rule(base, file):
+    """``base`` with the file merged as kohya-ss' networks/lora.py and ComfyUI's
+    comfy/weight_adapter/lora.py do: ``W + alpha / lora_down.shape[0] · up @ down``
+    per module (fp64, then the base's dtype)."""
+    model = copy.deepcopy(base)
+    modules = {f"lora_unet_{n.replace('.', '_')}": m for n, m in model.named_modules()}
+    with safe_open(str(file), "pt") as f, torch.no_grad():
+        for key in (k for k in f.keys() if k.endswith(".lora_down.weight")):
+            name = key.split(".")[0]
+            down, up = f.get_tensor(key).double(), f.get_tensor(f"{name}.lora_up.weight").double()
+            scale = float(f.get_tensor(f"{name}.alpha")) / down.shape[0]
+            weight = modules[name].weight
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+            weight.copy_((weight.double() + scale * delta).to(weight.dtype))
+    return model
+
+
+MIXED = [("dora", {}), ("op-dora", {}), ("loldu", {}), ("pissa", {"max_rank": "auto"}),
+         ("dora", {"max_rank": "auto"}), ("lora", {"max_rank": "auto"})]
+
+
+@given(case=st.sampled_from(MIXED), cross_dim=st.sampled_from([16, 24]), conv=st.booleans(),
+       energy=st.floats(0.6, 0.99))
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+def test_kohya_mixed_ranks_read_exactly(tmp_path_factory, sd_parts, case, cross_dim, conv, energy):
+    """Recipes whose modules export at different ranks (folded DoRA: ``cross_dim`` and 32;
+    LoLDU: ~2r; ``max_rank="auto"``: the energy's ranks): diffusers' ``load_lora_weights``
+    gives the output the kohya/ComfyUI rule gives, which is lorakit's when nothing is
+    truncated, to 1e-5 relative."""
+    recipe, options = case
+    tmp_path = tmp_path_factory.mktemp("mixed")
+    base = mixed_unet(cross_dim)
+    unet = copy.deepcopy(base)
+    chosen = ["to_q", "to_k", "to_v", "to_out.0"] + (["conv1", "conv2"] if conv else [])
+    Adapter.from_recipe(recipe, rank=4).apply(unet, targets=chosen)
+    g = torch.Generator().manual_seed(1)
+    inputs = {"sample": torch.randn(2, 4, 8, 8, generator=g), "timestep": torch.tensor([10, 500]),
+              "encoder_hidden_states": torch.randn(2, 6, cross_dim, generator=g)}
+    train(unet, inputs, lr=1e-2)
+    file = tmp_path / "mixed.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_rank="auto" reports its truncation
+        export_kohya(unet, file, energy=energy, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ranks = lora_tensors(unet, fold_magnitude=True, energy=energy, **options)[1]
+    k = max(ranks.values())
+    with safe_open(str(file), "pt") as f:  # one rank, alpha = rank: scale 1 for every client
+        assert {f.get_tensor(n).shape[0] for n in f.keys() if n.endswith(".lora_down.weight")} == {k}
+        assert {float(f.get_tensor(n)) for n in f.keys() if n.endswith(".alpha")} == {float(k)}
+        errors = json.loads(f.metadata()["lorakit_rel_errors"])
+    lorakit_out = run(unet, inputs)
+    reference = run(kohya_rule(base, file), inputs)
+    if max(errors.values()) < 1e-6:  # exact export: the rule gives lorakit's output
+        assert (reference - lorakit_out).abs().max() <= 1e-5 * lorakit_out.abs().max()
+    pipe = sd_pipeline(copy.deepcopy(base), sd_parts)
+    pipe.load_lora_weights(str(file))
+    loaded = run(pipe.unet, inputs)
+    assert (loaded - reference).abs().max() <= 1e-5 * reference.abs().max()

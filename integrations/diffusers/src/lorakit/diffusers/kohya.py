@@ -8,6 +8,16 @@ One ``.safetensors`` file; for each adapted module ``<name>`` of a component:
     lora_<component>_<name with . → _>.lora_up.weight     (out × k), a 1×1 conv for Conv2d
     lora_<component>_<name with . → _>.alpha              scalar k: scale alpha/k = 1
 
+k is one rank per component: every module is zero-padded to the component's
+largest rank (exact: the extra rows of ``lora_down`` and columns of ``lora_up`` are
+0). Diffusers' reader needs it: it turns the per-module alphas into one
+``lora_alpha`` (the most common) plus an ``alpha_pattern`` whose keys for attention
+projections (``…attn1.processor.to_q_lora.down.weight`` in a UNet, the block
+``…self_attn`` in a text encoder) match no PEFT module, so such a module of another
+rank would be scaled by ``alpha_common / k_module`` ≠ 1. kohya-ss' ``networks/lora.py``
+and ComfyUI's ``comfy/weight_adapter/lora.py`` scale each module by ``alpha /
+lora_down.shape[0]`` and read the padded file identically.
+
 ``<component>`` is ``unet`` for a UNet, ``te`` for the text encoder (``te1`` / ``te2``
 when SDXL's second encoder is exported too). kohya-ss trains SD 1.x/2.x on
 diffusers' own UNet and module names, so the names are the diffusers ones; SDXL
@@ -50,27 +60,35 @@ def component_prefix(model: nn.Module, second_encoder: bool = False) -> str:
                        "CLIP text encoders; export other models with export_diffusers")
 
 
+def pad_rank(down: Tensor, up: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(down, up)`` of rank r zero-padded to rank k ≥ r: ``up_k down_k = up down`` exactly.
+
+    ``down`` is ``(r, in, …)`` (a conv's kernel dims after ``in``), ``up`` ``(out, r, …)``.
+    """
+    r = down.shape[0]
+    if r == k:
+        return down, up
+    down = torch.cat([down, down.new_zeros(k - r, *down.shape[1:])], 0)
+    up = torch.cat([up, up.new_zeros(up.shape[0], k - r, *up.shape[2:])], 1)
+    return down, up
+
+
 def kohya_tensors(model: nn.Module, prefix: str, **options) -> tuple[dict[str, Tensor], dict[str, float]]:
     """``(tensors, rel_errors)`` of one component under ``prefix`` (``lora_unet``, …)."""
     check_exportable(model, "kohya", "kohya")
     check_no_trained_base(model, "kohya")
     peft, ranks, _, rel_errors = lora_tensors(model, fold_magnitude=True, **options)
-    # diffusers keys a text encoder's attention alphas by the attention block, not the
-    # projection (``…self_attn.alpha``): with ranks differing inside a block it scales
-    # some projections wrongly. Zero-padding the encoder to one rank k (alpha = k,
-    # scale 1 whichever alpha is picked) loads the same update everywhere.
-    pad_to = max(ranks.values()) if prefix.startswith("lora_te") else None
+    # one rank k per component, alpha = k: diffusers reads one alpha per component
+    # (its per-module alpha_pattern keys match no module), so mixed ranks would be
+    # scaled by alpha_common / k_module; zero-padding is exact for every client
+    pad_to = max(ranks.values())
     tensors = {}
-    for name, k in ranks.items():
+    for name in ranks:
         key = f"{prefix}_{name.replace('.', '_')}"
-        down, up = peft[f"{name}.lora_A.weight"], peft[f"{name}.lora_B.weight"]
-        if pad_to is not None and k < pad_to:
-            down = torch.cat([down, down.new_zeros(pad_to - k, *down.shape[1:])], 0)
-            up = torch.cat([up, up.new_zeros(up.shape[0], pad_to - k, *up.shape[2:])], 1)
-            k = pad_to
+        down, up = pad_rank(peft[f"{name}.lora_A.weight"], peft[f"{name}.lora_B.weight"], pad_to)
         tensors[f"{key}.lora_down.weight"] = down
         tensors[f"{key}.lora_up.weight"] = up
-        tensors[f"{key}.alpha"] = torch.tensor(float(k))
+        tensors[f"{key}.alpha"] = torch.tensor(float(pad_to))
     return tensors, {f"{prefix}_{n}": e for n, e in rel_errors.items()}
 
 
