@@ -260,3 +260,20 @@ def test_export_bad_out_is_refused_before_loading(tmp_path, capsys, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"lorakit: error: --out {out}: ") and message in err[0], err
     assert sorted(tmp_path.rglob("*")) == before  # nothing created, nothing changed
+
+
+# -- a refused run leaves no empty --out folder ------------------------------------------------
+@pytest.mark.parametrize("extra", [["--recipe", "nosuch"], ["--data", "missing.csv"], ["--targets", "nosuch"],
+                                   ["--model", "missing-model"], ["--lr", "-1"]],
+                         ids=["recipe", "data", "targets", "model", "lr"])
+def test_a_refused_finetune_leaves_no_out_folder(tiny, tmp_path, capsys, extra):  # noqa: F811
+    from test_finetune import _args
+
+    argv = _args(tiny, tmp_path / "a" / "run")
+    for flag in extra[::2]:  # the case's value replaces the default one
+        if flag in argv:
+            del argv[argv.index(flag):argv.index(flag) + 2]
+    capsys.readouterr()
+    assert main(argv + [str(tmp_path / v) if v.startswith("missing") else v for v in extra]) == 2
+    assert capsys.readouterr().err.startswith("lorakit: error:")
+    assert not (tmp_path / "a").exists()
