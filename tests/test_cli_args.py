@@ -62,6 +62,8 @@ BAD = [
     ("bench --markdown {tmp}", "is a folder; give a file name"),
     (f"mf --plot {NOT_A_FOLDER}/p.png", f"--plot {NOT_A_FOLDER}/p.png: cannot write there"),
     ("finetune --resume {tmp}/missing", "/missing: no such folder"),
+    ("finetune --weight-decay nan", "--weight-decay nan: must be a finite number >= 0"),
+    ("finetune --lambda-lr nan", "--lambda-lr nan: must be a positive number (omit it to use --lr)"),
     ("bench --compile --backend nosuch", "--backend 'nosuch': not a torch.compile backend; use one of"),
     ("new-plugin my-init --dir /proc/version", "--dir /proc/version: is not a folder"),
     (f"new-plugin my-init --dir {NOT_A_FOLDER}", f"--dir {NOT_A_FOLDER}: cannot create a folder there"),

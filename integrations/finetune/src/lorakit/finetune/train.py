@@ -90,6 +90,10 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
             raise FinetuneError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise FinetuneError(f"--lr {cfg.lr}: must be a positive number")
+    if cfg.lambda_lr is not None and not (cfg.lambda_lr > 0 and math.isfinite(cfg.lambda_lr)):
+        raise FinetuneError(f"--lambda-lr {cfg.lambda_lr}: must be a positive number (omit it to use --lr)")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):  # NaN fails both comparisons
+        raise FinetuneError(f"--weight-decay {cfg.weight_decay}: must be a finite number >= 0")
     if cfg.save_every < 0 or not 0 <= cfg.warmup < 1:
         raise FinetuneError("--save-every must be >= 0 and --warmup in [0, 1)")
 
