@@ -159,7 +159,30 @@ CASES = [
      CheckpointError, "adapter_config.json is a folder"),
     ("ckpt-path-is-file", "a checkpoint path that is a file", lambda m, t: load(m, _file(t)), CheckpointError,
      "is not a folder; give the checkpoint folder"),
+    ("all-linear-none", "targets='all-linear' on a model with no linear layer",
+     lambda m, t: Adapter(rank=1).apply(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()), targets="all-linear"),
+     AdapterError, "targets='all-linear': Sequential has no linear layer outside its output head"),
+    ("quantized-plugin-not-loaded", "a bitsandbytes layer with lorakit-bitsandbytes installed but left out by "
+     "LORAKIT_LOAD_PLUGINS", lambda m, t: _plugin_left_out(), AdapterError,
+     "lorakit-bitsandbytes is installed but its plugin 'bitsandbytes' is not loaded"),
 ]
+
+
+def _plugin_left_out():
+    """What ``LORAKIT_LOAD_PLUGINS=core,generators`` gives: the plugin's layer kinds absent."""
+    pytest.importorskip("bitsandbytes")
+    from lorakit.bitsandbytes import quantize
+    from lorakit.core.plugins import registry
+
+    layers, plugins, env = dict(registry.load().layers), dict(registry.plugins), os.environ.get("LORAKIT_LOAD_PLUGINS")
+    try:
+        registry.layers = {t: k for t, k in layers.items() if not getattr(k, "quantized", False)}
+        registry.plugins.pop("bitsandbytes", None)
+        os.environ["LORAKIT_LOAD_PLUGINS"] = "core,generators"
+        Adapter(rank=1).apply(quantize(nn.Sequential(nn.Linear(8, 8)), "nf4", skip=()), targets=["0"])
+    finally:
+        registry.layers, registry.plugins = layers, plugins
+        os.environ.pop("LORAKIT_LOAD_PLUGINS") if env is None else os.environ.update(LORAKIT_LOAD_PLUGINS=env)
 
 
 def _write(path, text):

@@ -149,9 +149,31 @@ def _quantized_hint(name: str, module: nn.Module, dtype: torch.dtype) -> str:
         return (f"module {name!r} is a {package} {cls.__name__} ({dtype} weight), which no installed layer kind "
                 f"adapts; supported quantized layers: {', '.join(supported)}. Narrow the targets or convert it.")
     install = f"pip install lorakit-{package}" if package in QUANTIZATION_PACKAGES else "register a layer kind"
+    if package in QUANTIZATION_PACKAGES and (unloaded := _unloaded_plugin(package)):
+        return f"module {name!r} is a {package} {cls.__name__} ({dtype} weight): {unloaded}"
     return (f"module {name!r} is a {cls.__name__} with a {dtype} weight (quantized); lorakit adapts it through "
             f"a layer kind: {install} (lorakit_layers hook), or dequantize the model first"
             + (f"; quantized layers supported now: {', '.join(supported)}" if supported else ""))
+
+
+def _unloaded_plugin(package: str) -> str | None:
+    """Why installed ``lorakit-<package>`` registered nothing (not loaded, or failed), or None."""
+    import os
+    from importlib.metadata import entry_points
+
+    ep = next((ep for ep in entry_points(group="lorakit")
+               if getattr(getattr(ep, "dist", None), "name", None) == f"lorakit-{package}"), None)
+    if ep is None or ep.name in registry.plugins:
+        return None
+    if ep.name in registry.failures:
+        return (f"lorakit-{package} is installed but its plugin {ep.name!r} failed to load "
+                f"({registry.failures[ep.name]:.200}); see lorakit plugins")
+    if os.environ.get("LORAKIT_DISABLE_AUTOLOAD", "") not in ("", "0"):
+        why = "LORAKIT_DISABLE_AUTOLOAD is set; unset it, or registry.register_plugin(...) it"
+    else:
+        why = (f"LORAKIT_LOAD_PLUGINS={os.environ.get('LORAKIT_LOAD_PLUGINS', '')!r} leaves it out; add "
+               f"{ep.name} to that list or unset it")
+    return f"lorakit-{package} is installed but its plugin {ep.name!r} is not loaded ({why})"
 
 
 def _is_tensor_subclass(t: torch.Tensor) -> bool:
@@ -283,7 +305,7 @@ class Adapter:
                 f"{type(model).__name__} already has a lorakit adapter; call "
                 "lorakit.core.unload(model) (or merge_and_unload) before applying another"
             )
-        explicit = targets is not None and targets != ALL_LINEAR
+        explicit, asked = targets is not None and targets != ALL_LINEAR, targets
         if targets == ALL_LINEAR:
             targets = _all_linear(model)
         targets = default_targets(model) if targets is None else targets
@@ -291,6 +313,10 @@ class Adapter:
         saved = self._saved_names(model)
         # a module trained whole needs no low-rank update inside it (a default "dense" in a head)
         chosen = {n: m for n, m in chosen.items() if not any(n == s or n.startswith(s + ".") for s in saved)}
+        if not chosen and asked == ALL_LINEAR:  # the regex it expands to would read "'(?:)' match no module"
+            raise AdapterError(f"targets='all-linear': {type(model).__name__} has no linear layer outside its output "
+                               "head (nn.Linear, a quantized linear, Conv1D); name the modules to adapt instead; "
+                               + _target_hint(model))
         if not chosen:
             raise AdapterError(f"targets {targets!r} match no module of {type(model).__name__}; "
                                + _target_hint(model))
