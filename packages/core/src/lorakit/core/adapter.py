@@ -14,16 +14,18 @@ import re
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from . import schema
 from .layer import AdaptedLayer
 from .lora import Direct, Kaiming, Scale
 from .plugins import registry
-from .primitives import COMPOSITION_KINDS, AdapterError, Composition, Generator, Initializer, Magnitude, Normalizer
+from .primitives import AdapterError, Composition, Generator, Initializer, Magnitude, Normalizer
+from .schema import AdapterField, adapter_field
 from .trained import check_bias, check_module_names, trained_biases, wrap_saved
 from .validation import MAX_SEED, check_int, check_probability, safe_regex
 
@@ -186,49 +188,116 @@ QUANTIZATION_PACKAGES = ("bitsandbytes",)
 """Quantization libraries with a lorakit integration (``lorakit-<name>``), named in errors."""
 
 
+# -- the checks of the fields (each named by its ``field``, e.g. "adapter.rank") --------------
+def _composition(kind: str) -> AdapterField:
+    """A primitive field: an instance, a registered name or a spec; JSON is the spec, checked
+    for shape only when read from a file (building it is the loader's step)."""
+    def from_json(value: Any, field: str) -> Any:
+        if value is None and kind == "magnitude":
+            return None
+        if not (isinstance(value, dict) and set(value) == {"name", "args"}
+                and isinstance(value["name"], str) and isinstance(value["args"], dict)):
+            raise AdapterError(f'{field} must be {{"name": str, "args": {{...}}}}, got {value!r:.80}')
+        return value
+
+    return AdapterField(check=lambda value, field: registry.create(kind, value),
+                        to_json=lambda p: None if p is None else p.spec(), from_json=from_json)
+
+
+def _rank(value: Any, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AdapterError(f"{field} must be an integer >= 1 (the rank), not {value!r:.40}")
+    return value
+
+
+def _rank_pattern(value: Any, field: str) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise AdapterError(f"{field}={value!r:.80}: give a dict of module pattern -> rank")
+    for pattern, r in value.items():
+        safe_regex(pattern, f"{field}[{pattern!r:.80}]")
+        _rank(r, f"{field}[{pattern!r:.80}]")
+    return dict(value)
+
+
+_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def _dtype(value: Any, field: str) -> torch.dtype | None:
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise AdapterError(f"{field}={value!r}: the adapter dtype must be a floating torch dtype "
+                           "(torch.float32 is the default for fp16/bf16/fp32 models)")
+    return value
+
+
+def _dtype_from_json(value: Any, field: str) -> torch.dtype | None:
+    if value is None:
+        return None
+    if value not in _DTYPES:
+        raise AdapterError(f"{field}={value!r:.80}: give null or a torch dtype name ({', '.join(_DTYPES)})")
+    return getattr(torch, value)
+
+
+def _recipe(value: Any, field: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise AdapterError(f"{field} must be a string or null, not {value!r:.40}")
+    return value
+
+
+def _layers(value: Any, field: str) -> list[int] | None:
+    """Stored as a sorted list: a range or a set round-trips through JSON."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (int, Iterable)):
+        raise AdapterError(f"{field}={value!r:.40}: give block indices >= 0 (an int or a list)")
+    return sorted({check_int(i, f"{field}[]", 0) for i in ([value] if isinstance(value, int) else value)})
+
+
+def _layers_from_json(value: Any, field: str) -> list[int] | None:
+    if value is not None and not isinstance(value, list):
+        raise AdapterError(f"{field}={value!r:.40}: give block indices >= 0 (a list, or null)")
+    return _layers(value, field)
+
+
 @dataclass
 class Adapter:
-    generator: Any = field(default_factory=Direct)  # LoRA's baseline (lorakit.core.lora)
-    normalizer: Any = field(default_factory=Scale)
-    init: Any = field(default_factory=Kaiming)
-    magnitude: Any = None
-    rank: int = 8
-    rank_pattern: Mapping[str, int] = field(default_factory=dict)
-    seed: int = 0
-    dtype: torch.dtype | None = None
-    recipe: str | None = None
-    dropout: float = 0.0  # PEFT's lora_dropout: on the adapter branch's input, in training only
-    exclude: Targets = None  # module names or a regex, removed from the targets
-    layers: Iterable[int] | int | None = None  # block indices to adapt (PEFT's layers_to_transform)
-    bias: str = "none"  # train the base biases too: "none", "all" or "adapted" (PEFT's bias option)
-    modules_to_save: Iterable[str] | None = None  # modules trained whole (heads, norms), as PEFT's option
+    """A composition of primitives and where and how it applies. Each field is declared once,
+    with its check, JSON form and command-line flag (``lorakit.core.schema``)."""
+
+    generator: Any = adapter_field(_composition("generator"), default_factory=Direct)  # LoRA's baseline
+    normalizer: Any = adapter_field(_composition("normalizer"), default_factory=Scale)
+    init: Any = adapter_field(_composition("initializer"), default_factory=Kaiming)
+    magnitude: Any = adapter_field(_composition("magnitude"), default=None)
+    rank: int = adapter_field(AdapterField(_rank, flag="--rank", type=int, help="rank of every adapted module"),
+                              default=8)
+    rank_pattern: Mapping[str, int] = adapter_field(AdapterField(_rank_pattern), default_factory=dict)
+    # save() writes it and load() must accept it: the range a torch.Generator seeds from
+    seed: int = adapter_field(AdapterField(lambda v, f: check_int(v, f, 0, MAX_SEED), flag="--seed", type=int,
+                                           help="seed of the adapter's initialization and of the run"), default=0)
+    dtype: torch.dtype | None = adapter_field(AdapterField(
+        _dtype, to_json=lambda d: None if d is None else str(d).removeprefix("torch."), from_json=_dtype_from_json),
+        default=None)
+    recipe: str | None = adapter_field(AdapterField(_recipe), default=None)
+    # PEFT's lora_dropout: on the adapter branch's input, in training only
+    dropout: float = adapter_field(AdapterField(check_probability, file_default=0.0, flag="--dropout", type=float,
+                                                help="adapter dropout on the adapted layers' inputs (PEFT's "
+                                                     "lora_dropout)"), default=0.0)
+    # module names or a regex, removed from the targets
+    exclude: Targets = adapter_field(AdapterField(_check_targets, file_default=None), default=None)
+    # block indices to adapt (PEFT's layers_to_transform)
+    layers: Iterable[int] | int | None = adapter_field(AdapterField(_layers, from_json=_layers_from_json,
+                                                                    file_default=None), default=None)
+    # train the base biases too: "none", "all" or "adapted" (PEFT's bias option)
+    bias: str = adapter_field(AdapterField(check_bias, file_default="none"), default="none")
+    # modules trained whole (heads, norms), as PEFT's option
+    modules_to_save: Iterable[str] | None = adapter_field(AdapterField(check_module_names, file_default=None),
+                                                          default=None)
 
     def __post_init__(self) -> None:
-        for field_name, kind in COMPOSITION_KINDS.items():  # names, specs or instances -> instances
-            setattr(self, field_name, registry.create(kind, getattr(self, field_name)))
+        schema.check_all(self)  # names, specs or instances -> instances; every field checked
         self.generator: Generator
         self.normalizer: Normalizer
         self.init: Initializer
         self.magnitude: Magnitude | None
-        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
-            raise AdapterError(f"dtype={self.dtype!r}: the adapter dtype must be a floating torch dtype "
-                               "(torch.float32 is the default for fp16/bf16/fp32 models)")
-        if not isinstance(self.rank_pattern, Mapping):
-            raise AdapterError(f"rank_pattern={self.rank_pattern!r}: give a dict of module pattern -> rank")
-        for name, r in {"rank": self.rank, **self.rank_pattern}.items():
-            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-                raise AdapterError(f"{name}={r!r}: the rank must be an integer >= 1")
-        for pattern in self.rank_pattern:
-            safe_regex(pattern, f"adapter.rank_pattern[{pattern!r:.80}]")
-        # save() writes it and load() must accept it: the range a torch.Generator seeds from
-        check_int(self.seed, "adapter.seed", 0, MAX_SEED)
-        check_probability(self.dropout, "adapter.dropout")
-        self.exclude = _check_targets(self.exclude, "adapter.exclude")
-        check_bias(self.bias)
-        self.modules_to_save = check_module_names(self.modules_to_save)
-        if self.layers is not None:  # stored as a sorted list: a range or a set round-trips through JSON
-            layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
-            self.layers = sorted({check_int(i, "adapter.layers[]", 0) for i in layers})
 
     @property
     def composition(self) -> Composition:
@@ -242,36 +311,13 @@ class Adapter:
     # -- description ----------------------------------------------------------------
     def config(self) -> dict:
         """JSON description: registered names + arguments only (no import paths)."""
-        return {
-            "recipe": self.recipe,
-            "generator": self.generator.spec(),
-            "normalizer": self.normalizer.spec(),
-            "init": self.init.spec(),
-            "magnitude": None if self.magnitude is None else self.magnitude.spec(),
-            "rank": self.rank,
-            "rank_pattern": dict(self.rank_pattern),
-            "seed": self.seed,
-            "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
-            "dropout": self.dropout,
-            "exclude": self.exclude,
-            "layers": self.layers,
-            "bias": self.bias,
-            "modules_to_save": self.modules_to_save,
-        }
+        return schema.to_json(self)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Adapter:
         if not isinstance(config, Mapping):
             raise AdapterError(f"adapter config {config!r:.80}: give a dict like Adapter.config() returns")
-        fields = ("generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "recipe",
-                  "dropout", "exclude", "layers", "bias", "modules_to_save")
-        kwargs = {k: config[k] for k in fields if k in config}
-        if config.get("dtype"):
-            dtype = getattr(torch, config["dtype"], None) if isinstance(config["dtype"], str) else None
-            if not isinstance(dtype, torch.dtype):
-                raise AdapterError(f"adapter.dtype={config['dtype']!r:.80}: give a torch dtype name like 'float32'")
-            kwargs["dtype"] = dtype
-        return cls(**kwargs)
+        return cls(**schema.from_json(cls, dict(config)))
 
     def rank_for(self, name: str) -> int:
         for pattern, r in self.rank_pattern.items():

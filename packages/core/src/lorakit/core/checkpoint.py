@@ -25,13 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import schema
 from .adapter import Adapter, adapted_layers, adapter_config
-from .adapter import _check_targets as check_targets
 from .atomic import carry_over, publish, readable, recover, staging_folder
 from .plugins import registry
 from .primitives import COMPOSITION_KINDS, AdapterError
-from .trained import check_bias, check_module_names, load_trained_base_state, trained_base_state
-from .validation import MAX_SEED, check_probability, check_regular_file, loads_strict, read_regular_file, safe_regex
+from .trained import load_trained_base_state, trained_base_state
+from .validation import check_regular_file, loads_strict, read_regular_file
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -120,8 +120,8 @@ def write_files(model: nn.Module, folder: Path, optimizer: torch.optim.Optimizer
     layers = adapted_layers(model)
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "adapter": {k: v for k, v in adapter_config(model).items()
-                    if k not in ("targets", "merged_peft")},  # where it applies, not what it is
+        # the Adapter's fields only: not where it applies (targets) nor an integration's state
+        "adapter": {k: v for k, v in adapter_config(model).items() if k in schema.fields_of(Adapter)},
         "modules": {n: {"shape": list(layer.kind.matrix(layer.base).shape), "rank": layer.rank}
                     for n, layer in layers.items()},
         "base_model": type(model).__name__,
@@ -170,29 +170,8 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-_DTYPES = {"float32", "float64", "bfloat16", "float16"}
-
-
-def _check_layers(value: Any, field: str) -> None:
-    if value is not None and not (isinstance(value, list) and all(_is_int(i) for i in value)):
-        raise AdapterError(f"{field} must be null or a list of block indices >= 0")
-
-
-# adapter fields a checkpoint may omit: (validator, the value a file without it means)
-_OPTIONAL_FIELDS = {"dropout": (check_probability, 0.0), "exclude": (check_targets, None),
-                    "layers": (_check_layers, None), "bias": (check_bias, "none"),
-                    "modules_to_save": (check_module_names, None)}
-
-
 def _is_int(v: Any, low: int = 0, high: int | None = None) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
-
-
-def _spec_problem(key: str, spec: Any) -> str | None:
-    if not (isinstance(spec, dict) and set(spec) == {"name", "args"}
-            and isinstance(spec["name"], str) and isinstance(spec["args"], dict)):
-        return f"adapter.{key} must be {{\"name\": str, \"args\": {{...}}}}, got {spec!r:.80}"
-    return None
 
 
 def _config_problem(config: Any) -> str | None:
@@ -210,37 +189,8 @@ def _config_problem(config: Any) -> str | None:
     adapter, modules = config.get("adapter"), config.get("modules")
     if not isinstance(adapter, dict) or not isinstance(modules, dict) or not modules:
         return "'adapter' must be an object and 'modules' a non-empty object"
-    required = {"generator", "normalizer", "init", "magnitude", "rank", "rank_pattern", "seed", "dtype", "recipe"}
-    optional = set(_OPTIONAL_FIELDS)  # added after format 1 shipped: older files load with the defaults
-    if not required <= set(adapter) <= required | optional:
-        return f"adapter fields must be {sorted(required)} (optionally {sorted(optional)}); got {sorted(adapter)}"
-    for key, (check, _) in _OPTIONAL_FIELDS.items():
-        try:
-            if key in adapter:
-                check(adapter[key], f"adapter.{key}")
-        except AdapterError as exc:
-            return str(exc)
-    for key in ("generator", "normalizer", "init"):
-        if problem := _spec_problem(key, adapter[key]):
-            return problem
-    if adapter["magnitude"] is not None and (problem := _spec_problem("magnitude", adapter["magnitude"])):
+    if problem := schema.file_problem(Adapter, adapter):  # every field as Adapter declares it
         return problem
-    if not _is_int(adapter["rank"], 1):
-        return f"adapter.rank must be an integer >= 1, not {adapter['rank']!r:.40}"
-    if not _is_int(adapter["seed"], 0, MAX_SEED):
-        return f"adapter.seed must be an integer in [0, 2**63 - 1], not {adapter['seed']!r:.40}"
-    pattern = adapter["rank_pattern"]
-    if not isinstance(pattern, dict) or not all(_is_int(r, 1) for r in pattern.values()):
-        return "adapter.rank_pattern must map module patterns to integers >= 1"
-    for key in pattern:  # a pattern that could hang load, refused before any match
-        try:
-            safe_regex(key, f"adapter.rank_pattern[{key!r:.80}]")
-        except AdapterError as exc:
-            return str(exc)
-    if adapter["dtype"] is not None and not (isinstance(adapter["dtype"], str) and adapter["dtype"] in _DTYPES):
-        return f"adapter.dtype must be null or one of {sorted(_DTYPES)}"
-    if adapter["recipe"] is not None and not isinstance(adapter["recipe"], str):
-        return "adapter.recipe must be a string or null"
     for name, info in modules.items():
         if not (isinstance(info, dict) and set(info) == {"shape", "rank"} and _is_int(info["rank"], 1)
                 and isinstance(info["shape"], list) and len(info["shape"]) == 2
@@ -291,6 +241,7 @@ def load(model: nn.Module, path: str | os.PathLike,
             raise CheckpointError(f"{path / CONFIG}: cannot build the saved adapter: {exc}"
                                   + _install_hint(config.get("primitives"))) from None
     try:
+        _check_untrusted(model, config, tensors, path)
         _check_and_load(model, config, tensors, path, optimizer, opt_state)
     except Exception:
         if applied_here:  # leave the model exactly as it was
@@ -301,6 +252,38 @@ def load(model: nn.Module, path: str | os.PathLike,
                 p.requires_grad_(flag)
         raise
     return model
+
+
+def _check_untrusted(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A checkpoint is untrusted input: refuse NaN/inf tensors and a ``modules`` entry whose
+    ``shape`` or ``rank`` is not the model's (consumers read them), naming the field; warn on
+    an ``adapter.rank_pattern`` entry that matches no saved module (it does nothing)."""
+    for key, value in tensors.items():  # one pass each; a diverged run's save would load silently
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path / WEIGHTS}: {key} has non-finite values (NaN/inf); the checkpoint is "
+                                  "corrupt or from a diverged run: use an earlier checkpoint")
+    layers = adapted_layers(model)
+    for name, info in config["modules"].items():
+        layer = layers.get(name)
+        if layer is None:
+            continue  # a module the model lacks: the module check names it
+        if list(info["shape"]) != list(layer.shape):
+            raise CheckpointError(f"{path / CONFIG}: modules[{name!r}] has shape {list(info['shape'])} in the "
+                                  f"checkpoint but {list(layer.shape)} in the model; the checkpoint was made for "
+                                  "another model")
+        if info["rank"] != layer.rank:
+            raise CheckpointError(f"{path / CONFIG}: modules[{name!r}].rank is {info['rank']} in the checkpoint "
+                                  f"but {layer.rank} in the model (adapter.rank, rank_pattern); the checkpoint was "
+                                  "made with another rank, or its config is inconsistent")
+    from .adapter import _matches
+
+    for pattern in config["adapter"].get("rank_pattern") or {}:
+        if not any(_matches(n, [pattern]) or _matches(n, pattern) for n in config["modules"]):
+            import warnings
+
+            warnings.warn(f"{path / CONFIG}: adapter.rank_pattern[{pattern!r:.80}] matches no saved module "
+                          "(it has no effect); mistyped, or the checkpoint was made for another model",
+                          stacklevel=3)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
@@ -351,10 +334,12 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path: P
 def _check_and_load(model, config, tensors, path, optimizer=None, opt_state=None) -> None:
     """Check every tensor against the model, then load the optimizer state, then the tensors."""
     layers = adapted_layers(model)
-    saved = {k: default for k, (_, default) in _OPTIONAL_FIELDS.items()}
-    saved.update((k, v) for k, v in config["adapter"].items() if k not in ("seed",))
-    current = {k: v for k, v in adapter_config(model).items() if k not in ("seed", "targets", "merged_peft")}
-    current = json.loads(json.dumps(current))  # compare as JSON (tuples become lists)
+    # the adapter's fields as the file and the model have them (a field a file lacks means its
+    # file_default); the seed only drew the initial values, which the checkpoint replaces
+    fields = {n: spec for n, spec in schema.fields_of(Adapter).items() if n != "seed"}
+    saved = {n: config["adapter"].get(n, spec.file_default) for n, spec in fields.items()}
+    model_config = adapter_config(model)
+    current = json.loads(json.dumps({n: model_config.get(n) for n in fields}))  # as JSON: tuples become lists
     if saved != current:
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise CheckpointError(f"{path}: the checkpoint's adapter differs from the model's in {diff}; "
