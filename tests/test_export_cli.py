@@ -277,3 +277,14 @@ def test_a_refused_finetune_leaves_no_out_folder(tiny, tmp_path, capsys, extra):
     assert main(argv + [str(tmp_path / v) if v.startswith("missing") else v for v in extra]) == 2
     assert capsys.readouterr().err.startswith("lorakit: error:")
     assert not (tmp_path / "a").exists()
+
+
+def test_resume_with_another_recipe_names_it(tiny, tmp_path, capsys):  # noqa: F811
+    from test_finetune import _args
+
+    assert main(_args(tiny, tmp_path / "run", steps=2)) == 0
+    capsys.readouterr()
+    assert main(_args(tiny, tmp_path / "again", "--recipe", "dora", "--resume", str(tmp_path / "run"), steps=4)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the checkpoint was trained with recipe lora, magnitude None" in err[0], err
+    assert "this run has recipe dora, magnitude dora" in err[0] and "parameter groups" not in err[0]

@@ -124,6 +124,24 @@ def latest_checkpoint(root: Path) -> Path | None:
     return max(_checkpoints(root), key=lambda p: int(p.name[5:]), default=None)
 
 
+_COMPOSITION = ("recipe", "generator", "normalizer", "init", "magnitude", "rank")
+
+
+def _check_same_adapter(model, path: Path) -> None:
+    """A checkpoint of another recipe, primitive or rank: one error naming them."""
+    from lorakit.core import adapter_config
+    from lorakit.core.plugins import format_spec
+
+    saved = ckpt.read_config(path)["adapter"]
+    current = json.loads(json.dumps(adapter_config(model.backbone)))
+    diff = [k for k in _COMPOSITION if saved.get(k) != current.get(k)]
+    if diff:
+        def show(adapter):
+            return ", ".join(f"{k} {format_spec(v) if isinstance(v := adapter.get(k), dict) else v}" for k in diff)
+        raise FinetuneError(f"--resume {path}: the checkpoint was trained with {show(saved)}, this run has "
+                            f"{show(current)}; resume with the checkpoint's --recipe, parts and --rank")
+
+
 def load_checkpoint(model, optimizer, path: Path) -> dict:
     """Restore adapter, head, optimizer and RNG; return the trainer state."""
     if (path / "checkpoints").is_dir():  # a run folder: take its latest checkpoint
@@ -138,6 +156,7 @@ def load_checkpoint(model, optimizer, path: Path) -> dict:
         raise FinetuneError(f"{path} is not a finetune checkpoint (no trainer_state.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FinetuneError(f"{path / 'trainer_state.json'} is corrupt ({exc})") from None
+    _check_same_adapter(model, path)  # before load, whose optimizer check would speak of group sizes
     ckpt.load(model.backbone, path, optimizer=optimizer)  # checks recipe and shapes first
     try:
         model.head.load_state_dict(load_file(str(path / "head.safetensors")))
