@@ -141,6 +141,7 @@ class AdaptedLayer(nn.Module):
         B, A = self.normalizer.factors(s, self.rank)
         if self.residual:
             B, A = functional.residual_factors(B, A, self.residual_B, self.residual_A)
+        A = self.kind.restrict(self.base, A)  # e.g. an embedding's padding row: its update stays exactly 0
         g = None
         if self.magnitude is not None:
             # W̄ as an operator, not a dense tensor: a quantized kind applies its own

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -101,6 +102,12 @@ class LayerKind:
         """A reason this module cannot be adapted, or None."""
         return None
 
+    def restrict(self, base: nn.Module, A: Tensor) -> Tensor:
+        """The effective ``A'`` (R × in) with the input columns the module never updates
+        set to 0, so ``ΔW = B'A'`` is exactly 0 there in the forward, the gradient, merge
+        and export alike (default: every column is updated, ``A'`` as it is)."""
+        return A
+
     def peft_factors(self, base: nn.Module, B: Tensor, A: Tensor, m: Tensor | None):
         """``(lora_B, lora_A, magnitude)`` shaped as PEFT stores them for this layer type."""
         return B, A, m
@@ -190,7 +197,16 @@ class EmbeddingKind(LayerKind):
     """``nn.Embedding`` as PEFT's embedding LoRA: ``W̄ = weightᵀ`` (embedding_dim ×
     num_embeddings, "in" is the vocabulary), so ``W̄ onehot(x) = weight[x]`` and the
     low-rank term ``B (A onehot(x))`` is ``embedding(x, Aᵀ) Bᵀ``. PEFT stores ``A``
-    (r × num_embeddings) and ``B`` (embedding_dim × r) as they are here."""
+    (r × num_embeddings) and ``B`` (embedding_dim × r) as they are here.
+
+    ``padding_idx = p``: column ``p`` of ``A'`` is 0 (:meth:`restrict`), so
+    ``ΔW[:, p] = B'A'[:, p] = 0`` exactly: the padding row's output, its merged weight
+    and the export keep ``W̄[:, p]`` bit-identical whatever the initializer put in
+    ``A[:, p]`` (PEFT gets the same from ``lora_embedding_A = 0`` at init and no
+    gradient through the padding row; full fine-tuning from the latter). A magnitude
+    head scales the whole output row ``i`` by ``g_i``, padding entry included, as
+    PEFT's DoRA does: ``W_eff[:, p] = g ⊙ W̄[:, p]``, which stays 0 for the zero
+    padding row ``nn.Embedding`` and transformers initialize."""
 
     indices = True
     peft_keys = ("lora_embedding_A", "lora_embedding_B")
@@ -205,8 +221,17 @@ class EmbeddingKind(LayerKind):
         return F.embedding(x, base.weight, base.padding_idx)
 
     def lowrank(self, base, x, B, A):
-        # padding_idx as PEFT: the padding row of A gets no gradient
+        # A's padding column is 0 already (restrict); padding_idx as PEFT's forward
         return F.embedding(x, A.T, base.padding_idx) @ B.T
+
+    def restrict(self, base, A):
+        if base.padding_idx is None:
+            return A
+        return A.index_fill(1, torch.tensor([base.padding_idx], device=A.device), 0)
+
+    def peft_factors(self, base, B, A, m):
+        # the export's A has the padding column exactly 0 too (not an SVD's rounding of 0)
+        return B, self.restrict(base, A), m
 
     def check(self, base):
         if base.max_norm is not None:  # renormalizes the rows it reads in place: no fixed W̄ to adapt
