@@ -159,6 +159,14 @@ CASES = [
      CheckpointError, "adapter_config.json is a folder"),
     ("ckpt-path-is-file", "a checkpoint path that is a file", lambda m, t: load(m, _file(t)), CheckpointError,
      "is not a folder; give the checkpoint folder"),
+    ("ckpt-nan-tensor", "safetensors holding NaN or inf", lambda m, t: load(m, _nan_tensor(saved(t))),
+     CheckpointError, "adapter_model.safetensors: 0.slots.A has non-finite values"),
+    ("ckpt-module-shape", "config whose modules[*].shape is not the model's", lambda m, t: load(m, edit_config(
+        saved(t), lambda c: c["modules"]["0"].update(shape=[8, 7]))), CheckpointError,
+     re.escape("modules['0'] has shape [8, 7] in the checkpoint but [8, 6] in the model")),
+    ("ckpt-module-rank", "config whose modules[*].rank is not the adapter's", lambda m, t: load(m, edit_config(
+        saved(t), lambda c: c["modules"]["2"].update(rank=3))), CheckpointError,
+     re.escape("modules['2'].rank is 3 in the checkpoint but 2 in the model")),
     ("all-linear-none", "targets='all-linear' on a model with no linear layer",
      lambda m, t: Adapter(rank=1).apply(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()), targets="all-linear"),
      AdapterError, "targets='all-linear': Sequential has no linear layer outside its output head"),
@@ -208,6 +216,24 @@ def _extra_tensor(path):
     tensors["0.slots.payload"] = torch.zeros(3)
     save_file(tensors, path / "adapter_model.safetensors")
     return path
+
+
+def _nan_tensor(path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    tensors["0.slots.A"][0, 0] = float("inf")
+    save_file(tensors, path / "adapter_model.safetensors")
+    return path
+
+
+def test_a_rank_pattern_matching_no_saved_module_warns(tmp_path):
+    m = Adapter(rank=2, rank_pattern={"2": 3}).apply(model(), targets=["0", "2"])
+    save(m, tmp_path)
+    edit_config(tmp_path, lambda c: c["adapter"]["rank_pattern"].update({"q_proj": 4}))
+    with pytest.warns(UserWarning, match=re.escape("adapter.rank_pattern['q_proj'] matches no saved module")):
+        loaded = load(model(), tmp_path)
+    assert adapted_layers(loaded)["2"].rank == 3 and adapted_layers(loaded)["0"].rank == 2
 
 
 def _nan_slots(m):
