@@ -6,7 +6,8 @@
 # 1. lorakit bench on CUDA, compiled, bf16 base, hidden 2048 x 8 layers (absolute times
 #    hold only there): OUT/bench-cuda.{json,md}, docs/img/bench-cuda-compile.png;
 # 2. the compile tests (fullgraph, no recompiles, compiled == eager) with the model on CUDA;
-# 3. the conformance kit over every combination on CUDA.
+# 3. the conformance kit over every combination on CUDA;
+# 4. the autocast axis (bf16, fp16; eager and inductor) for every recipe on CUDA.
 # Each step's log goes to OUT/*.txt; the script goes on after a failing step and
 # exits non-zero at the end if any failed. Needs a CUDA build of torch.
 set -uo pipefail
@@ -29,4 +30,5 @@ run bench lorakit bench --device cuda --compile --dtype bfloat16 --hidden 2048 -
     --json "$OUT/bench-cuda.json" --markdown "$OUT/bench-cuda.md" --plot docs/img/bench-cuda-compile.png
 run compile-tests env LORAKIT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_compile.py
 run conformance env LORAKIT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_conformance.py
+run autocast env LORAKIT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_autocast.py -k cuda
 exit $status

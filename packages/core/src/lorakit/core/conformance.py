@@ -19,6 +19,7 @@ restricts it to the combinations containing the given primitives.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -80,7 +81,7 @@ def combinations(include: Sequence[Primitive] = ()) -> list[Combo]:
 
 @dataclass
 class Case:
-    layer: str  # "linear", "conv1d", "conv2d" or "conv3d"
+    layer: str  # "linear", "conv1d", "conv2d", "conv3d" or "embedding" (in_f is the vocabulary; not drawn by cases())
     in_f: int
     hidden: int
     out_f: int
@@ -114,6 +115,9 @@ def build_model(case: Case, device: str = "cpu") -> tuple[nn.Module, torch.Tenso
     if case.layer == "linear":
         model = nn.Sequential(nn.Linear(case.in_f, case.hidden), nn.Tanh(), nn.Linear(case.hidden, case.out_f))
         x = torch.randn(case.batch, case.in_f, generator=g)
+    elif case.layer == "embedding":  # a vocabulary of in_f, sequences of 6 indices
+        model = nn.Sequential(nn.Embedding(case.in_f, case.hidden), nn.Tanh(), nn.Linear(case.hidden, case.out_f))
+        x = torch.randint(0, case.in_f, (case.batch, 6), generator=g)
     else:  # a 3-wide kernel then a 1-wide one, of the case's dimension
         dims = _CONV_DIMS[case.layer]
         conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
@@ -123,7 +127,7 @@ def build_model(case: Case, device: str = "cpu") -> tuple[nn.Module, torch.Tenso
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 if p.dim() > 1 else
                     torch.randn(p.shape, generator=g) * 0.1)
-    return model.to(device, case.dtype), x.to(device, case.dtype)
+    return model.to(device, case.dtype), x.to(device, case.dtype if x.is_floating_point() else x.dtype)
 
 
 def assert_close(actual, expected, dtype, what: str, scale: float = 1.0) -> None:
@@ -364,6 +368,156 @@ def _row_condition(layer) -> float:
     W = layer.kind.matrix(layer.base)
     V_norm = (W + B @ A).norm(dim=1)
     return float((W.norm(dim=1) / V_norm.clamp_min(1e-300)).max().clamp_min(1.0))
+
+
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+AUTOCAST_RTOL = 4  # × eps of the autocast dtype, elementwise, relative to _magnitude_scale
+GRAD_RTOL = 16  # × eps of the autocast dtype × the gradient's fp32 condition, in norm
+
+
+def check_autocast(combo: Combo, case: Case, dtype: torch.dtype = torch.bfloat16, compile_backend: str | None = None,
+                   device: str = "cpu") -> None:
+    """The fp32 adapted model trains and evaluates under ``torch.autocast(device, dtype)``
+    as ``nn.Linear``/``nn.Conv*`` do there: the GEMMs with activations in ``dtype``, the
+    adapter's parameters fp32 masters with fp32 gradients.
+
+    1. Each adapted layer's output has the dtype its base module gives under autocast
+       and is within ``AUTOCAST_RTOL·eps(dtype)`` of the fp64 output from the same
+       values, elementwise, relative to the magnitude of what it sums,
+       ``S = |g| ⊙ (|W̄||x| + |B'|(|A'||x|)) + |b|`` (:func:`_magnitude_scale`): rounding
+       each operand and each GEMM's result to ``dtype`` (unit roundoff ``eps/2``) errs
+       by a few ``eps/2·S``. In the autograd path (grad enabled) and the eval path
+       (``no_grad``, cached factors).
+    2. Training (dropout included): every trainable parameter gets a finite gradient in
+       its own dtype, non-zero where fp64's is, within ``GRAD_RTOL·eps(dtype)·κ`` of fp64's
+       in norm, ``κ = max(1, ‖g32 − g64‖ / (eps32·‖g64‖))`` the condition fp32 itself
+       shows (DeLoRA's λ gradient is a sum that cancels to ~1e-5 of its terms); with
+       ``backward`` called outside the autocast region and inside it (where torch runs
+       the backward of built-in ops in the autocast dtype too).
+    3. ``merge`` inside an autocast region writes exactly what it writes outside.
+    4. With ``compile_backend``: ``torch.compile(fullgraph=True)`` under autocast computes
+       what eager does under autocast: outputs within ``AUTOCAST_RTOL·eps`` of their
+       largest value, gradients as in 2.
+    """
+    case = dataclasses.replace(case, dtype=torch.float32)
+    model, x = build_model(case, device)
+    combo.adapter(case.rank, seed=case.seed, dropout=case.dropout, bias=case.bias).apply(model, targets=["0", "2"])
+    perturb(model, case.seed)  # a non-zero update: at init B' = 0 for most initializers
+    exact = freeze_generators(copy.deepcopy(model)).double().eval()
+    x64 = x.double() if x.is_floating_point() else x
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+
+    def autocast(on: bool = True):
+        return torch.autocast(device, dtype=dtype, enabled=on)
+
+    # 1. per layer, on the input the fp32 model gives it, against fp64 from the same values
+    model.eval()
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(lambda _m, args, n=name: inputs.__setitem__(n, args[0]))
+             for name, layer in adapted_layers(model).items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for name, layer in adapted_layers(model).items():
+        x_in, ref_layer = inputs[name], adapted_layers(exact)[name]
+        with torch.no_grad():
+            x_ref = x_in.double() if x_in.is_floating_point() else x_in
+            ref, scale = ref_layer(x_ref), _magnitude_scale(ref_layer, x_ref)
+            with autocast():
+                want = layer.base(x_in).dtype
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), autocast():
+                out = layer(x_in)
+            what = f"{combo}: {name} under autocast({dtype}, grad={grad})"
+            assert out.dtype == want, f"{what}: output is {out.dtype}, the base module gives {want}"
+            ratio = ((out.detach().double() - ref).abs() / (scale + 1e-300)).max().item() / eps
+            assert ratio <= AUTOCAST_RTOL, f"{what}: differs from fp64 by {ratio:.2f}·eps of its magnitude"
+
+    # 2. training: gradients reach every trainable parameter, in fp32, close to fp64's
+    model.train()
+    g64, g32 = _grads(copy.deepcopy(model).double(), x64), _grads(model, x)  # generators live: their gradients too
+    kappa = {n: max(1.0, (_rel(g32[n], g) / eps32)) for n, g in g64.items() if bool(g.abs().max() > 0)}
+    params = dict(model.named_parameters())
+    for inside in (False, True):
+        for n, g in _grads(model, x, autocast, inside).items():
+            what = f"{combo}: gradient of {n} under autocast({dtype}), backward {'in' if inside else 'out'}side it"
+            assert g is not None and g.dtype == params[n].dtype and torch.isfinite(g).all(), \
+                f"{what}: missing, non-finite or not {params[n].dtype}"
+            if n in kappa:
+                err = _rel(g, g64[n]) / eps
+                assert err <= GRAD_RTOL * kappa[n], f"{what}: {err:.1f}·eps from fp64's in norm (κ = {kappa[n]:.1f})"
+
+    # 3. merge inside autocast: the fp32 W_eff, as outside
+    merged = []
+    for on in (False, True):
+        net = copy.deepcopy(model).eval()
+        with autocast(on), torch.no_grad():
+            merge(net)
+        merged.append({n: layer.base.weight for n, layer in adapted_layers(net).items()})
+    for n, W in merged[0].items():
+        assert torch.equal(merged[1][n], W), f"{combo}: merge inside autocast({dtype}) writes another {n}"
+
+    # 4. compiled = eager, under autocast
+    if compile_backend is not None:
+        torch._dynamo.reset()  # a fresh cache: one combination after another would reach the recompile limit
+        compiled = torch.compile(copy.deepcopy(model), backend=compile_backend, fullgraph=True)
+        model.eval()
+        with autocast(), torch.no_grad():
+            y_eager, y_comp = model(x), compiled.eval()(x)
+        what = f"{combo}: compiled vs eager under autocast({dtype})"
+        assert y_comp.dtype == y_eager.dtype, f"{what}: output dtype {y_comp.dtype} != {y_eager.dtype}"
+        err = (y_comp.double() - y_eager.double()).abs().max().item() / (eps * (1 + y_eager.abs().max().item()))
+        assert err <= AUTOCAST_RTOL, f"{what}: {err:.2f}·eps of the output's largest value"
+        model.train()
+        same_masks = case.dropout == 0 or compile_backend in ("eager", "aot_eager")  # inductor draws its own
+        for n, g in _grads(compiled.train(), x, autocast).items():
+            n = n.removeprefix("_orig_mod.")
+            assert g is not None and torch.isfinite(g).all(), f"{what}: gradient of {n} missing or not finite"
+            if n in kappa and same_masks:
+                err = _rel(g, g64[n]) / eps
+                assert err <= GRAD_RTOL * kappa[n], f"{what}: gradient of {n} is {err:.1f}·eps from fp64's"
+
+
+def _grads(net: nn.Module, x: torch.Tensor, autocast=None, inside: bool = False) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's gradient of :func:`_loss`, forward under ``autocast()``
+    if given, ``backward`` inside that region when ``inside``."""
+    net.zero_grad(set_to_none=True)
+    with autocast() if autocast else contextlib.nullcontext():
+        loss = _loss(net, x)
+        if inside:
+            loss.backward()
+    if not inside:
+        loss.backward()
+    got = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+    net.zero_grad(set_to_none=True)
+    return got
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def _magnitude_scale(layer, x: torch.Tensor) -> torch.Tensor:
+    """Per output element, the magnitude of what the layer sums:
+
+        S = |g| ⊙ (|W̄||x| + |B'|(|A'||x|)) + |b|
+
+    with the factors ``factors()`` gives (the residual form's stacked ones), evaluated
+    by the layer's own kind on absolute values (an embedding's indices as they are).
+    Rounding every operand and GEMM result to a dtype of unit roundoff ``u`` errs by
+    at most a few ``u·S``; this bounds it elementwise, cancellation included.
+    """
+    with torch.no_grad():
+        B, A, g = layer.factors()
+        base = copy.deepcopy(layer.base)
+        for p in base.parameters():
+            p.abs_()
+        xa = x if layer.indices else x.abs()
+        s = layer.kind.linear(base, xa) + layer.kind.lowrank(base, xa, B.abs(), A.abs())
+        if g is not None:
+            s = layer.kind.scale_rows(s, g.abs())
+        return layer.kind.add_bias(base, s)
 
 
 QUANTIZED_CASE = Case("linear", in_f=64, hidden=64, out_f=32, rank=4, dtype=torch.float32, batch=3, seed=0)

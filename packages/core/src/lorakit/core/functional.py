@@ -170,8 +170,8 @@ def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tens
     Under ``torch.autocast`` every operand is cast to the autocast dtype first and the
     layer runs with autocast off: what ``nn.Linear`` computes under autocast (GEMMs and
     output in that dtype), with the casts in autograd so that ``B``, ``A`` and ``g``
-    get their gradients in their own (fp32) dtype. Autocast would not cast inside the
-    custom Function, nor ``addmm_`` (in place), by itself.
+    get their gradients in their own (fp32) dtype. Left to autocast, ``F.linear`` would
+    give bf16 while the in-place ``addmm_`` adding ``B h`` is not cast (a dtype error).
     """
     low = autocast_dtype(x)
     if low is None:
