@@ -80,3 +80,35 @@ def test_adding_a_field_is_one_declaration():
     schema.add_cli_arguments(parser, WithAlpha)
     args = parser.parse_args(["--alpha-share", "0.125", "--rank", "4"])
     assert (args.alpha_share, args.rank, args.seed, args.dropout) == (0.125, 4, 0, 0.0)
+
+
+# -- the adapter's record: immutable, shared by the layers, with integrations' extensions ---------------
+def test_the_record_is_immutable_and_extensions_are_namespaced(tmp_path):
+    import copy
+
+    from lorakit.core import adapted_layers, adapter_config, extension, freeze_generators, set_extension
+
+    model = Adapter(generator="mlp", rank=2).apply(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)),
+                                                   targets=["0", "1"])
+    config = adapter_config(model)
+    config["rank"] = 99  # a copy: changing it changes nothing
+    config["generator"]["name"] = "nope"
+    assert adapter_config(model)["rank"] == 2 and adapter_config(model)["generator"]["name"] == "mlp"
+    with pytest.raises(TypeError):
+        adapted_layers(model)["0"].adapter_config["rank"] = 3  # the record itself is read-only
+    set_extension(model, "my-integration", {"note": [1, 2]})
+    set_extension(model, "other", 1)
+    assert extension(model, "my-integration") == {"note": [1, 2]} and extension(model, "absent") is None
+    assert adapter_config(model)["extensions"] == {"my-integration": {"note": [1, 2]}, "other": 1}
+    records = {id(layer.adapter_config) for layer in adapted_layers(model).values()}
+    assert len(records) == 1  # replaced as a whole, on every layer
+    freeze_generators(model)
+    assert adapter_config(model)["generator"]["name"] == "direct" and extension(model, "other") == 1
+    clone = copy.deepcopy(model)
+    assert adapter_config(clone) == adapter_config(model)
+    set_extension(model, "other", None)
+    assert "other" not in adapter_config(model)["extensions"] and extension(clone, "other") == 1
+    save(model, tmp_path)  # core carries extensions but never interprets or saves them
+    assert "extensions" not in json.loads((tmp_path / "adapter_config.json").read_text())["adapter"]
+    with pytest.raises(AdapterError, match="namespace"):
+        set_extension(model, "", 1)

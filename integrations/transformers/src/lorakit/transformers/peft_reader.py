@@ -40,14 +40,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lorakit.core import Adapter, AdapterError, Role, adapted_layers, adapter_config, registry
+from lorakit.core import Adapter, AdapterError, Role, adapted_layers, registry, set_extension
 from lorakit.core.checkpoint import MAX_CONFIG_BYTES
 from lorakit.core.lora import Direct, Kaiming, Scale
 from lorakit.core.peft_format import most_common_rank
 from lorakit.core.validation import loads_strict, read_regular_file
 from lorakit.magnitudes import DoRA
 
-from .peft_writer import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
+from .peft_writer import EXTENSION, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 
 _KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
 # LoraConfig fields that change what the adapter computes, with the value lorakit supports.
@@ -222,5 +222,6 @@ def _merge_then_apply(model, updates, adapter, targets, path):
                 kind = updates[name][0]
                 kind.set_matrix(model.get_submodule(name), W)
         raise
-    adapter_config(model)["merged_peft"] = str(path)  # export_peft warns: the base is no longer the pretrained one
+    # export_peft warns: the base is no longer the pretrained one
+    set_extension(model, EXTENSION, {"merged_peft": str(path)})
     return model

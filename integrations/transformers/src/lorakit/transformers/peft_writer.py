@@ -23,12 +23,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lorakit.core import AdapterError, adapted_layers, adapter_config
+from lorakit.core import AdapterError, adapted_layers, adapter_config, extension
 from lorakit.core.atomic import carry_over, publish, recover, staging_folder
 from lorakit.core.peft_format import DORA_KEY, TRUNCATION_TOL, TruncationWarning, lora_config, lora_tensors
 from lorakit.core.trained import PEFT_BIAS, saved_modules, trained_biases
 from lorakit.core.validation import check_finite_tensors
 
+#: this integration's namespace in the adapter's record (lorakit.core.set_extension)
+EXTENSION = "transformers"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -90,7 +92,7 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
     layers = adapted_layers(model)
     if not layers:
         raise AdapterError(f"{type(model).__name__} has no lorakit adapter to export; apply one first")
-    if merged := adapter_config(model).get("merged_peft"):
+    if merged := (extension(model, EXTENSION) or {}).get("merged_peft"):
         warnings.warn(f"this model's base has the PEFT adapter {merged} merged in "
                       "(import_peft with a recipe); the export is relative to that merged base, so load it "
                       "on a base with the same PEFT adapter merged", UserWarning, stacklevel=3)

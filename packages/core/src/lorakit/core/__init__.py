@@ -4,7 +4,15 @@ Core knows no primitive: generators, normalizers, initializers and magnitude hea
 arrive through the plugin registry (``lorakit.core.plugins``), built-ins included.
 """
 
-from .adapter import Adapter, adapted_layers, adapter_config, default_targets
+from .adapter import (
+    Adapter,
+    adapted_layers,
+    adapter_config,
+    default_targets,
+    extension,
+    replace_adapter_config,
+    set_extension,
+)
 from .checkpoint import CheckpointError, load, load_optimizer, save
 from .hookspecs import hookimpl
 from .layer import AdaptedLayer
@@ -44,7 +52,8 @@ __all__ = [
     "Composition", "DORA_MAGNITUDE", "Role", "SlotInfo", "SlotsModule",
     "Adapter", "AdaptedLayer", "AdapterError", "CheckpointError", "ExportedLayer", "Generator",
     "Initializer", "Magnitude", "MergeError", "Normalizer", "ParameterSlots", "Primitive", "Slot",
-    "adapted_layers", "adapter_config", "default_targets", "disabled", "export_factors", "freeze_generators",
+    "adapted_layers", "adapter_config", "default_targets", "disabled", "export_factors", "extension",
+    "freeze_generators", "replace_adapter_config", "set_extension",
     "hookimpl", "load", "load_optimizer", "merge", "param_groups", "merge_and_unload", "parameter_report",
     "register_plugin",
     "registry", "save", "set_enabled", "trainable_parameters", "unload", "unmerge",

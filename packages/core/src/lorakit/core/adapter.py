@@ -10,6 +10,7 @@ takes a registered recipe.
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 import zlib
@@ -36,11 +37,70 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLayer)}
 
 
+class AdapterRecord(Mapping):
+    """The adapter's description as its layers hold it: read-only, replaced as a whole.
+    Copies of a model share it (nothing can change it); it pickles as its JSON."""
+
+    def __init__(self, data: Mapping[str, Any] = ()) -> None:
+        self._data = copy.deepcopy(dict(data))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __deepcopy__(self, memo: dict) -> AdapterRecord:
+        return self
+
+    def __reduce__(self):
+        return (AdapterRecord, (self._data,))
+
+    def __repr__(self) -> str:
+        return f"AdapterRecord({self._data!r})"
+
+
+def _record(model: nn.Module) -> Mapping[str, Any]:
+    return next((layer.adapter_config for layer in adapted_layers(model).values()), AdapterRecord())
+
+
 def adapter_config(model: nn.Module) -> dict:
-    """The JSON description of ``model``'s adapter (``Adapter.config()`` + ``targets``),
-    ``{}`` without one. It lives on the adapted layers (one dict they share), not on the
-    user's model object, so it is found through DDP/FSDP wrappers and goes with unload."""
-    return next((layer.adapter_config for layer in adapted_layers(model).values()), {})
+    """The JSON description of ``model``'s adapter (``Adapter.config()`` + ``targets``, and
+    ``extensions`` when an integration set one), ``{}`` without one: a fresh copy, whose
+    changes change nothing. The record itself is immutable and lives on the adapted layers,
+    not on the user's model object, so it is found through DDP/FSDP wrappers and goes with
+    unload; it is replaced as a whole (:func:`set_extension`, ``freeze_generators``)."""
+    return copy.deepcopy(dict(_record(model)))
+
+
+def replace_adapter_config(model: nn.Module, **changes: Any) -> None:
+    """Give every adapted layer of ``model`` a new record: the current one with ``changes``."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise AdapterError(f"{type(model).__name__} has no lorakit adapter")
+    record = AdapterRecord({**_record(model), **changes})
+    for layer in layers.values():
+        layer.adapter_config = record
+
+
+def set_extension(model: nn.Module, namespace: str, value: Any) -> None:
+    """Keep an integration's own JSON state under ``extensions[namespace]`` of the adapter's
+    record (``None`` removes it). Core carries it with the adapter and never interprets it;
+    it is not a field of the adapter and checkpoints do not hold it."""
+    if not (isinstance(namespace, str) and namespace):
+        raise AdapterError(f"set_extension: namespace {namespace!r} must be a non-empty string (the integration)")
+    extensions = {k: v for k, v in _record(model).get("extensions", {}).items() if k != namespace}
+    if value is not None:
+        extensions[namespace] = value
+    replace_adapter_config(model, extensions=extensions)
+
+
+def extension(model: nn.Module, namespace: str) -> Any:
+    """What :func:`set_extension` keeps under ``namespace`` (a copy), None if nothing."""
+    return copy.deepcopy(_record(model).get("extensions", {}).get(namespace))
 
 
 def _check_targets(targets: Targets, field: str) -> str | list[str] | None:
@@ -383,9 +443,9 @@ class Adapter:
             for layer in new.values():
                 for p in layer.slots.parameters():
                     p.requires_grad_(True)
-        config = {**self.config(), "targets": sorted(new)}
+        record = AdapterRecord({**self.config(), "targets": sorted(new)})
         for layer in new.values():
-            layer.adapter_config = config  # one dict, shared: see adapter_config(model)
+            layer.adapter_config = record  # one immutable record, shared: see adapter_config(model)
         for p in trained_biases(model).values():
             p.requires_grad_(True)
         for module in wrap_saved(model, saved, _matches).values():

@@ -13,6 +13,7 @@ cancels in fp32 (``functional.residual_factors``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -49,7 +50,8 @@ class AdaptedLayer(nn.Module):
         self.normalizer = normalizer
         self.magnitude = magnitude
         self.merged = False
-        self.adapter_config: dict[str, Any] = {}  # set by Adapter.apply: one dict all its layers share
+        # set by Adapter.apply: one immutable record all its layers share (adapter_config(model))
+        self.adapter_config: Mapping[str, Any] = {}  # empty until apply; never changed in place
         self.disabled = False
         self._cache: tuple[tuple, tuple[Tensor, Tensor, Tensor | None]] | None = None
         # A plain nn.Linear gets the fused path (functional.linear_lowrank); any

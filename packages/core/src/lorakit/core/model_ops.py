@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .adapter import adapted_layers, adapter_config
+from .adapter import adapted_layers, adapter_config, replace_adapter_config
 from .functional import reduce_dense, reduce_lowrank
 from .lora import Direct
 from .primitives import DORA_MAGNITUDE, AdapterError, MergeError, ParameterSlots, Role, Slot
@@ -182,9 +182,8 @@ def freeze_generators(model: nn.Module) -> nn.Module:
         info = layer.slots.slot_info
         layer.slots = ParameterSlots({n: Slot(v, info[n].trainable, info[n].role, info[n].exported_as)
                                       for n, v in values.items()})
-    config = adapter_config(model)
-    if config:
-        config["generator"] = Direct().spec()
+    if adapter_config(model):
+        replace_adapter_config(model, generator=Direct().spec())
     return model
 
 
