@@ -1,6 +1,6 @@
 """Your own primitive as a plugin, composed with the built-in ones.
 
-    python examples/custom_primitive_plugin.py
+    python examples/custom_primitive_plugin.py [--steps 10] [--rank 4]
 
 ``Gated`` is a normalizer: ΔW = tanh(g) · B diag(d) A with one trainable gate ``g`` per
 layer, so each layer learns how much of its update to use. Registered through the
@@ -13,6 +13,7 @@ scaffolds one (entry point in the ``lorakit`` group, conformance tests included)
 
 from __future__ import annotations
 
+import argparse
 import copy
 import tempfile
 from dataclasses import dataclass
@@ -69,16 +70,23 @@ class GatedPlugin:
                  description="DoRA with a learned per-layer gate on the low-rank update")
 
 
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--steps", type=int, default=10, help="AdamW steps per composition (default: 10)")
+parser.add_argument("--rank", type=int, default=4, help="adapter rank (default: 4)")
+args = parser.parse_args()  # --help prints the options and exits here, before anything runs
+if args.steps < 1 or not 1 <= args.rank <= 32:
+    parser.error("--steps must be >= 1 and --rank in [1, 32] (the layers are 32 x 64)")
+
 if "gated" not in registry.load().plugins:
     register_plugin(GatedPlugin, name="gated")
     if "gated" in registry.failures:  # a plugin that fails registers nothing and is reported, not raised
         raise SystemExit(f"plugin failed: {registry.failures['gated']}")
 
 compositions = {
-    "recipe gated-dora": Adapter.from_recipe("gated-dora", rank=4),
+    "recipe gated-dora": Adapter.from_recipe("gated-dora", rank=args.rank),
     "mlp + gated + pissa": Adapter(generator="mlp", normalizer={"name": "gated", "args": {"gate": 0.5}},
-                                   init="pissa", rank=4),
-    "diagonal + gated + ldu": Adapter(generator="diagonal", normalizer="gated", init="ldu", rank=4),
+                                   init="pissa", rank=args.rank),
+    "diagonal + gated + ldu": Adapter(generator="diagonal", normalizer="gated", init="ldu", rank=args.rank),
 }
 for label, adapter in compositions.items():
     torch.manual_seed(0)
@@ -88,7 +96,7 @@ for label, adapter in compositions.items():
     model = adapter.apply(copy.deepcopy(base), targets=["0", "2"])
     assert torch.allclose(model(x), before, atol=1e-5), "every adapter starts as the identity"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(10):
+    for _ in range(args.steps):
         loss = (model(x) - x.flip(0)).square().mean()
         optimizer.zero_grad()
         loss.backward()

@@ -54,3 +54,35 @@ def test_example_runs(script, tmp_path, monkeypatch, capsys):
     assert expected in out
     if "largest" in expected:  # the exported adapter computes what lorakit's does
         assert float(out.split("difference")[-1].split()[-1].strip(")")) < 1e-4
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_example_help_prints_its_options_without_running(script, tmp_path, monkeypatch, capsys):
+    """examples/README.md promises ``python examples/NAME.py --help``: usage, exit 0, no work."""
+    from lorakit.core import registry
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    plugins = set(registry.load().plugins)
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    finally:
+        for name in set(registry.plugins) - plugins:
+            registry.unregister(name)
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: ") and "--help" in out
+    assert set(registry.plugins) == plugins and not list(tmp_path.iterdir())  # nothing registered or written
+    assert RUNS[script][1] not in out
+
+
+def test_the_examples_outputs_are_git_ignored():
+    import shutil
+    import subprocess
+
+    root = EXAMPLES.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["out/peft/adapter_model.safetensors", "examples/out/classifier/x"]
+    done = subprocess.run(["git", "check-ignore", *paths], cwd=root, capture_output=True, text=True)
+    assert done.stdout.split() == paths
