@@ -123,8 +123,11 @@ class AdaptedLayer(nn.Module):
         dtype (fp32 masters; DoRA's row norms in fp32, as PEFT's): only the GEMMs with
         activations take the autocast dtype (:func:`functional.linear_lowrank`).
         """
-        with functional.autocast_off(self._device_type()):
-            return self._factors()
+        device = self._device_type()
+        if functional.autocast_on(device):  # no context manager otherwise: this runs every forward
+            with torch.autocast(device, enabled=False):
+                return self._factors()
+        return self._factors()
 
     def _device_type(self) -> str:
         """Where the adapter computes: the base weight's device (every built-in kind has one)."""
