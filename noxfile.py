@@ -187,7 +187,7 @@ def typecheck(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """The mkdocs site with warnings as errors (the API pages import lorakit)."""
     install_lorakit(session, TORCH[0])
-    session.install("mkdocs-material", "mkdocstrings[python]")
+    session.install("-r", str(ROOT / "docs" / "requirements.txt"))  # the file docs/development.md names
     session.run("mkdocs", "build", "--strict", "--site-dir", str(Path(session.create_tmp()) / "site"))
 
 
