@@ -18,6 +18,7 @@ from lorakit.core import Magnitude, Role, Slot
 @dataclass
 class IA3Gain(Magnitude):
     name = "ia3"
+    uses_row_norms = False  # a gain needs nothing from W̄
 
     def slots(self, weight, row_sq_norm):
         return {"gain": Slot(weight.new_ones(weight.shape[0]), trainable=True, role=Role.MAGNITUDE)}

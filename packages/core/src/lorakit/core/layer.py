@@ -27,7 +27,7 @@ from .primitives import FACTOR_NAMES, Composition, MergeError, Role, Slot, Slots
 
 class AdaptedLayer(nn.Module):
     # buffers registered in __init__ (declared so type checkers know they are tensors)
-    row_sq_norm: Tensor
+    row_sq_norm: Tensor | None
     residual_B: Tensor
     residual_A: Tensor
     base: Any
@@ -86,8 +86,10 @@ class AdaptedLayer(nn.Module):
                  for (role, name), value in zip(FACTOR_NAMES.items(), (A0, B0, d0))}
         initial_factors = {name: slot.value for name, slot in slots.items()}
         slots.update(outputs.expect_slots(normalizer, normalizer.slots_at_init(W, rank, initial_factors)))
+        # ‖W̄_i‖², kept only for a magnitude head that declares it needs them (a None buffer is not saved)
+        self.register_buffer("row_sq_norm", W.square().sum(dim=1) if magnitude is not None
+                             and magnitude.uses_row_norms else None)
         if magnitude is not None:
-            self.register_buffer("row_sq_norm", W.square().sum(dim=1))
             slots.update(outputs.expect_slots(magnitude, magnitude.slots(W, self.row_sq_norm)))
         self.slots = outputs.expect_slots_module(generator, generator.build(slots, rng))
         with torch.no_grad():

@@ -131,13 +131,18 @@ class Normalizer(Primitive):
 
 class Magnitude(Primitive):
     kind = "magnitude"
+    #: what the head needs from W̄ besides the operator ``row_scale`` gets: its row norms
+    #: ``‖W̄_i‖²``, which core then computes once at apply and keeps with the adapter (one
+    #: read of a quantized weight per layer, not per step). DoRA's normalization needs them;
+    #: a plain gain does not, and gets ``row_sq_norm=None``.
+    uses_row_norms: ClassVar[bool] = True
 
-    def slots(self, weight: Tensor, row_sq_norm: Tensor) -> dict[str, Slot]:
+    def slots(self, weight: Tensor, row_sq_norm: Tensor | None) -> dict[str, Slot]:
         """Slots of the head, e.g. DoRA's ``m``; ``row_sq_norm`` is ``‖W̄_i‖²``."""
         return {}
 
     def row_scale(
-        self, s: Mapping[str, Tensor], weight: FrozenWeight, row_sq_norm: Tensor, B: Tensor, A: Tensor
+        self, s: Mapping[str, Tensor], weight: FrozenWeight, row_sq_norm: Tensor | None, B: Tensor, A: Tensor
     ) -> Tensor:
         """Per-output-row multiplier ``g`` with ``W_eff = diag(g)·(W̄ + B A)``."""
         raise NotImplementedError
