@@ -173,7 +173,17 @@ CASES = [
     ("quantized-plugin-not-loaded", "a bitsandbytes layer with lorakit-bitsandbytes installed but left out by "
      "LORAKIT_LOAD_PLUGINS", lambda m, t: _plugin_left_out(), AdapterError,
      "lorakit-bitsandbytes is installed but its plugin 'bitsandbytes' is not loaded"),
+    ("ldu-rank-deficient", "LoLDU at a rank above the weight's numerical rank",
+     lambda m, t: Adapter.from_recipe("loldu", rank=2).apply(_rank_one(), targets=["0"]), AdapterError,
+     r"module '0'.*numerical rank 1 < rank 2.*use rank <= 1"),
 ]
+
+
+def _rank_one():
+    layer = nn.Linear(8, 4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.outer(torch.arange(1.0, 5.0), torch.arange(1.0, 9.0)))
+    return nn.Sequential(layer)
 
 
 def _plugin_left_out():

@@ -1,15 +1,19 @@
 """LDU initializer and learnable Scale (LoLDU, arXiv:2410.13618, §III): the
-decomposition, the six init options, zero pivots, and the paper's parameter count."""
+decomposition, the six init options, zero pivots (the pivoted LDU P W Q = L D U), and
+the paper's parameter count."""
 
 import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lorakit.core import Adapter, AdapterError, parameter_report
 from lorakit.initializers import LDU
 from lorakit.initializers.ldu import INITS
+from lorakit.initializers.pivoted_ldu import complete_pivoting_ldu
 from lorakit.normalizers import Scale
 
 F64 = torch.float64
@@ -96,21 +100,107 @@ def test_every_init_is_identity_at_init(init, dtype):
     assert layer.slots.sigma.grad.isfinite().all()
 
 
-def test_zero_pivot_is_a_clear_error_and_model_unchanged():
+def test_rank_deficient_weight_is_a_clear_error_and_model_unchanged():
+    """Only a weight of numerical rank k < r has no rank-r LDU: the error names k and the
+    fix, and nothing is half-applied."""
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
     with torch.no_grad():
-        model[2].weight[:, 0] = 0  # the leading column vanishes: pivot 0 is zero
+        model[2].weight.copy_(torch.randn(4, 2) @ torch.randn(2, 5))  # rank 2
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(AdapterError, match=r"module '2'.*pivot 0.*rank <= 0|module '2'.*pivot 0"):
+    with pytest.raises(AdapterError, match=r"module '2'.*numerical rank 2 < rank 3.*use rank <= 2"):
         loldu_adapter(rank=3).apply(model, targets=["0", "2"])
     assert isinstance(model[0], nn.Linear) and isinstance(model[2], nn.Linear)  # nothing half-applied
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    singular = nn.Sequential(nn.Linear(4, 4))
+    loldu_adapter(rank=2).apply(copy.deepcopy(model), targets=["0", "2"])  # rank(W̄) = 2 pivots exist
+    zero = nn.Sequential(nn.Linear(4, 4))
     with torch.no_grad():
-        singular[0].weight.copy_(torch.randn(4, 2) @ torch.randn(2, 4))  # rank 2
-    loldu_adapter(rank=2).apply(copy.deepcopy(singular), targets=["0"])  # the first 2 pivots are fine
-    with pytest.raises(AdapterError, match=r"pivot 2 .*singular at rank 3"):
-        loldu_adapter(rank=3).apply(singular, targets=["0"])
+        zero[0].weight.zero_()
+    with pytest.raises(AdapterError, match=r"numerical rank 0 < rank 1.*leave this layer out"):
+        loldu_adapter(rank=1).apply(zero, targets=["0"])
+
+
+def check_pivoted(W, r):
+    """``P W Q = L D U + [[0, 0], [0, S]]`` with unit-trapezoidal ``|L|, |U| <= 1``, and
+    LDU's factors are that decomposition mapped back to W̄'s order."""
+    tol = float(torch.finfo(W.dtype).eps * max(W.shape) * W.abs().max())
+    L, D, U, rows, cols = complete_pivoting_ldu(W, r, tol)
+    assert len(D) == r and (D.abs() > tol).all()
+    assert torch.equal(torch.tril(L), L) and torch.equal(L.diagonal(), torch.ones(r, dtype=W.dtype))
+    assert torch.equal(torch.triu(U), U) and torch.equal(U.diagonal(), torch.ones(r, dtype=W.dtype))
+    assert L.abs().max() <= 1 and U.abs().max() <= 1
+    PWQ = W[rows][:, cols]
+    LDU_ = L @ torch.diag(D) @ U
+    torch.testing.assert_close(LDU_[:r], PWQ[:r], rtol=0, atol=1e-12)  # the first r rows and
+    torch.testing.assert_close(LDU_[:, :r], PWQ[:, :r], rtol=0, atol=1e-12)  # columns are exact
+    B0, d0, A0 = LDU().decompose_pivoted(W, r, tol)
+    torch.testing.assert_close(B0 @ torch.diag(d0) @ A0, W - (PWQ - LDU_)[torch.argsort(rows)][:, torch.argsort(cols)],
+                               rtol=0, atol=1e-12)
+    return B0, d0, A0
+
+
+@given(out_f=st.integers(1, 9), in_f=st.integers(1, 9), data=st.data())
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_pivoted_ldu_every_weight_of_rank_at_least_r(out_f, in_f, data):
+    """Random shapes with zero rows/columns and any rank: every r <= rank(W̄) works
+    (P W̄ Q = L D U), and at r = rank(W̄) the LDU part is all of W̄."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    k = data.draw(st.integers(0, min(out_f, in_f)), label="rank(W)")
+    W = torch.randn(out_f, k, generator=g, dtype=F64) @ torch.randn(k, in_f, generator=g, dtype=F64)
+    W[data.draw(st.lists(st.integers(0, out_f - 1), max_size=2), label="zero rows")] = 0
+    W[:, data.draw(st.lists(st.integers(0, in_f - 1), max_size=2), label="zero cols")] = 0
+    k = int(torch.linalg.matrix_rank(W))
+    if k == 0:
+        with pytest.raises(AdapterError, match="numerical rank 0"):
+            LDU().factors(W, 1, 1.0, g)
+        return
+    r = data.draw(st.integers(1, k), label="r")
+    check_pivoted(W, r)
+    B0, d0, A0 = check_pivoted(W, k)
+    torch.testing.assert_close(B0 @ torch.diag(d0) @ A0, W, rtol=0, atol=1e-12)
+    zero_cols = (W == 0).all(dim=0)
+    assert not A0[:, zero_cols].any() and not B0[(W == 0).all(dim=1)].any()  # zero stays exactly zero
+    if k < min(out_f, in_f):
+        with pytest.raises(AdapterError, match=rf"numerical rank {k} < rank {k + 1}"):
+            LDU().factors(W, k + 1, 1.0, g)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_zero_leading_column_is_identity_at_init(dtype):
+    """A zero leading column (partial pivoting's pivot 0 is zero) at every rank up to
+    min(out, in): the pivoted LDU, identity at init, trainable, no inf/NaN."""
+    g = torch.Generator().manual_seed(0)
+    for out_f, in_f in ((5, 6), (6, 5), (6, 6)):
+        model = nn.Sequential(nn.Linear(in_f, out_f)).to(dtype)
+        with torch.no_grad():
+            model[0].weight[:, 0] = 0
+        x = torch.randn(3, in_f, generator=g, dtype=dtype)
+        y0 = model(x)
+        rank = min(out_f, in_f - 1)  # rank(W̄) with the zero column
+        loldu_adapter(rank=rank).apply(model, targets=["0"])
+        torch.testing.assert_close(model(x), y0, rtol=0, atol=1e-12 if dtype == F64 else 2e-5)
+        layer = model[0]
+        assert not layer.residual_A[:, 0].any()  # the zero column takes no update direction
+        model(x).square().sum().backward()
+        assert layer.slots.d.grad.isfinite().all() and layer.slots.d.grad.abs().sum() > 0
+
+
+def test_embedding_with_padding_row_zero():
+    """``nn.Embedding(padding_idx=0)``: ``W̄ = weightᵀ`` has a zero leading column. LoLDU
+    applies, is the identity at init, and the padding row stays bit-identical in training."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(12, 6, padding_idx=0))
+    ids = torch.tensor([[0, 3, 5, 0, 11]])
+    y0 = model(ids)
+    Adapter.from_recipe("loldu", rank=6).apply(model, targets=["0"])
+    torch.testing.assert_close(model(ids), y0, rtol=0, atol=2e-6)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(20):
+        opt.zero_grad()
+        (model(ids) - 1).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids)[0, 1], y0[0, 1])
+        assert torch.equal(model(ids)[0, 0], y0[0, 0]) and not y0[0, 0].any()
 
 
 def test_rectangular_weights_are_identity_and_exact():

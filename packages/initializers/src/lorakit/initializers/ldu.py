@@ -37,9 +37,18 @@ Reference-code variants (github.com/SKDDJ/LoLDU, ``minloldu/loldu.py``):
 initial update, so the adapted layer equals the pretrained one at step 0 (the
 reference code breaks the pretrained function for ``ones``/``zeros``).
 
-A zero (or numerically zero) pivot among the first r — ``W̄``'s leading columns
-are linearly dependent after pivoting — makes ``U ← D⁻¹U`` undefined: that is an
-``AdapterError`` naming the pivot and the fix, never inf/NaN.
+Where partial pivoting meets a small pivot among the first r (|D_k| ≤ √ε·max|W̄|:
+zero, or rounding — a zero leading column, such as an embedding's padding row at
+index 0 (``W̄ = weightᵀ``), or leading columns dependent after pivoting), ``U ← D⁻¹U``
+is undefined or rounding noise. LDU then takes the pivoted LDU of complete pivoting
+(Gaussian elimination choosing the largest remaining entry, ``pivoted_ldu``)
+
+    P W̄ Q = L D U,   B0 = P⁻¹ L[:, :r],   A0 = U[:r] Q⁻¹   (both as index maps)
+
+which exists for every r ≤ rank(W̄), with |L|, |U| ≤ 1. Only a weight of numerical rank
+k < r (the largest entry left after k steps is ≤ ε·max(out, in)·max|W̄|; a zero weight
+has k = 0) has no rank-r LDU: that is an ``AdapterError`` naming k and the fix, never
+inf/NaN.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.core import AdapterError, Initializer
+
+from .pivoted_ldu import complete_pivoting_ldu
 
 INITS = ("lu", "constant", "uniform", "normal", "ones", "zeros", "s_uniform", "s_normal")
 
@@ -75,24 +86,36 @@ class LDU(Initializer):
             raise AdapterError(f"LDU(unbiased_std={self.unbiased_std!r}): must be true or false")
 
     def decompose(self, weight: torch.Tensor, rank: int):
-        """``(P L[:, :r], D[:r], U[:r])`` with unit-triangular L and U."""
+        """``(P L[:, :r], D[:r], U[:r])`` with unit-triangular L and U: LU with partial
+        pivoting (the paper's), or the completely pivoted ``P W̄ Q = L D U`` where that
+        meets a zero pivot among the first r."""
         out_f, in_f = weight.shape
         LU, pivots, _ = torch.linalg.lu_factor_ex(weight)  # zero pivots are checked below
         D = LU.diagonal()[:rank]
-        tol = torch.finfo(weight.dtype).eps * max(out_f, in_f) * weight.abs().max()
-        small = (D.abs() <= tol).nonzero()
-        if small.numel():
-            i = int(small[0])
-            raise AdapterError(
-                f"LDU: pivot {i} of the LU factorization of the {out_f}x{in_f} weight is zero "
-                f"(the weight is singular at rank {rank}); use rank <= {i} for this layer "
-                "(rank_pattern) or another initializer such as PiSSA"
-            )
+        eps, top = torch.finfo(weight.dtype).eps, float(weight.abs().max())
+        # partial pivoting's pivots cannot tell rounding from rank (a rank-k product's
+        # (k+1)-th pivot reaches 1e3·ε·max|W̄|): below √ε·max|W̄|, complete pivoting decides
+        if not bool((D.abs() > eps ** 0.5 * top).all()):  # NaN-safe
+            return self.decompose_pivoted(weight, rank, eps * max(out_f, in_f) * top)
         eye = torch.eye(out_f, rank, dtype=weight.dtype, device=weight.device)
         L = torch.tril(LU[:, :rank], diagonal=-1) + eye
         U = torch.triu(LU[:rank]) / D[:, None]
         inverse = torch.argsort(permutation_from_pivots(pivots, out_f))
         return L[inverse], D, U  # (P L)[i] = L[perm⁻¹[i]]
+
+    def decompose_pivoted(self, weight: torch.Tensor, rank: int, tol: float):
+        """``(P⁻¹ L, D, U Q⁻¹)`` of complete pivoting, or the error saying why none exists."""
+        out_f, in_f = weight.shape
+        L, D, U, rows, cols = complete_pivoting_ldu(weight, rank, tol)
+        if len(D) < rank:
+            k = len(D)
+            fix = (f"use rank <= {k} for this layer (rank_pattern) or another initializer such as PiSSA" if k
+                   else "leave this layer out of the targets or use the kaiming initializer (LoRA's)")
+            raise AdapterError(
+                f"LDU: the {out_f}x{in_f} weight has numerical rank {k} < rank {rank} (the largest entry left after "
+                f"{k} of {rank} completely pivoted elimination steps, P W Q = L D U, is <= {tol:.3g}): it has no "
+                f"rank-{rank} LDU; {fix}")
+        return L[torch.argsort(rows)], D, U[:, torch.argsort(cols)]
 
     def diagonal(self, D: torch.Tensor, scale: float, rng: torch.Generator) -> torch.Tensor:
         if self.init == "ones":
