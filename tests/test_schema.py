@@ -112,3 +112,15 @@ def test_the_record_is_immutable_and_extensions_are_namespaced(tmp_path):
     assert "extensions" not in json.loads((tmp_path / "adapter_config.json").read_text())["adapter"]
     with pytest.raises(AdapterError, match="namespace"):
         set_extension(model, "", 1)
+
+
+def test_finetune_sets_every_adapter_field_that_has_a_flag():
+    """``lorakit finetune``'s adapter flags are the declared ones; its run config carries each."""
+    from lorakit.finetune.cli import configure_finetune
+    from lorakit.finetune.train import FinetuneConfig
+
+    parser = argparse.ArgumentParser()
+    configure_finetune(parser)
+    options = {o for a in parser._actions for o in a.option_strings}
+    for name, spec in schema.cli_fields(Adapter).items():
+        assert spec.flag in options and name in FinetuneConfig.__dataclass_fields__, name

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from lorakit.core import Adapter, schema
+
 from .errors import FinetuneError, Interrupted
 from .train import FinetuneConfig
 
@@ -29,16 +31,14 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--targets", nargs="+", help="module names (or one regex) to adapt; default: the "
                    "model family's registered targets (BERT: query key value dense)")
-    g.add_argument("--rank", type=int, default=D.rank)
+    # the Adapter's own fields that a run sets (--rank, --seed, --dropout), as Adapter declares them
+    schema.add_cli_arguments(g, Adapter, D)
     g.add_argument("--steps", type=int, default=D.steps)
     g.add_argument("--lr", type=float, default=D.lr)
     g.add_argument("--lambda-lr", type=float, help="learning rate of scalar slots (DeLoRA λ, LoLDU σ)")
     g.add_argument("--weight-decay", type=float, default=D.weight_decay)
-    g.add_argument("--dropout", type=float, default=D.dropout,
-                   help="adapter dropout on the adapted layers' inputs (PEFT's lora_dropout; default 0)")
     g.add_argument("--warmup", type=float, default=D.warmup, help="warm-up share of the steps (then linear decay)")
     g.add_argument("--batch-size", type=int, default=D.batch_size)
-    g.add_argument("--seed", type=int, default=D.seed)
     g.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (0: at the end)")
     g.add_argument("--device", default=D.device, help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--quantize", choices=("nf4", "fp4", "int8"),

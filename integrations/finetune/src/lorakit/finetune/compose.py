@@ -14,10 +14,11 @@ from typing import Any
 
 from lorakit.core import Adapter, AdapterError, registry
 from lorakit.core.plugins import format_spec
+from lorakit.core.primitives import COMPOSITION_KINDS
 
 from .errors import FinetuneError
 
-PARTS = {"generator": "generator", "normalizer": "normalizer", "init": "initializer", "magnitude": "magnitude"}
+PARTS = COMPOSITION_KINDS  # each part of a composition and the kind of primitive it holds
 
 
 def _value(text: str) -> Any:
@@ -50,9 +51,9 @@ def parse_spec(kind: str, text: str) -> dict | None:
 
 
 def build_adapter(recipe: str | None = None, *, generator: str | None = None, normalizer: str | None = None,
-                  init: str | None = None, magnitude: str | None = None, rank: int = 8,
-                  seed: int = 0, dropout: float = 0.0) -> tuple[Adapter, str]:
-    """``(adapter, label)``: the recipe (default ``lora``) with any part replaced."""
+                  init: str | None = None, magnitude: str | None = None, **fields: Any) -> tuple[Adapter, str]:
+    """``(adapter, label)``: the recipe (default ``lora``) with any part replaced; ``fields``:
+    other Adapter fields (``rank``, ``seed``, ``dropout``: what the command line sets)."""
     parts = {"generator": generator, "normalizer": normalizer, "init": init, "magnitude": magnitude}
     composition = dict(registry.recipe(recipe or "lora").composition())
     given = {k: v for k, v in parts.items() if v is not None}
@@ -64,7 +65,7 @@ def build_adapter(recipe: str | None = None, *, generator: str | None = None, no
     else:
         label = name = recipe or "lora"
     try:
-        adapter = Adapter(**composition, rank=rank, seed=seed, recipe=name, dropout=dropout)
+        adapter = Adapter(**composition, **fields, recipe=name)
     except AdapterError:
         raise
     except (TypeError, ValueError) as exc:  # a primitive rejecting its arguments

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import lorakit.core as core
+from lorakit.core import Adapter, schema
 
 from .checkpoints import checkpoint_path, keep_only, latest_checkpoint, load_checkpoint, save_checkpoint, written_by
 from .compose import build_adapter
@@ -305,8 +306,8 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     out = Path(cfg.out)
     check_output(out)  # created below, once the adapter, data, model and --resume are known good
     adapter, name = build_adapter(cfg.recipe, generator=cfg.generator, normalizer=cfg.normalizer,
-                                  init=cfg.init, magnitude=cfg.magnitude, rank=cfg.rank, seed=cfg.seed,
-                                  dropout=cfg.dropout)
+                                  init=cfg.init, magnitude=cfg.magnitude,
+                                  **{n: getattr(cfg, n) for n in schema.cli_fields(Adapter)})  # --rank, --seed, ...
     label = label or name
     data = load_data(cfg.data, cfg.text_column, cfg.label_column, cfg.task)
     train, test = split(data, cfg.test_fraction, cfg.split_seed)

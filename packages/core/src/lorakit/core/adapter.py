@@ -327,8 +327,7 @@ class Adapter:
     normalizer: Any = adapter_field(_composition("normalizer"), default_factory=Scale)
     init: Any = adapter_field(_composition("initializer"), default_factory=Kaiming)
     magnitude: Any = adapter_field(_composition("magnitude"), default=None)
-    rank: int = adapter_field(AdapterField(_rank, flag="--rank", type=int, help="rank of every adapted module"),
-                              default=8)
+    rank: int = adapter_field(AdapterField(_rank, flag="--rank", type=int), default=8)
     rank_pattern: Mapping[str, int] = adapter_field(AdapterField(_rank_pattern), default_factory=dict)
     # save() writes it and load() must accept it: the range a torch.Generator seeds from
     seed: int = adapter_field(AdapterField(lambda v, f: check_int(v, f, 0, MAX_SEED), flag="--seed", type=int,
