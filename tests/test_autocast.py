@@ -186,21 +186,36 @@ def test_hf_trainer_bf16(tmp_path, recipe):
             assert p.dtype == torch.float32 and not torch.equal(p.detach(), before[n]), f"{n} did not train"
 
 
+def _tokenizer():
+    """A 64-token word-level tokenizer built in memory (the tiny model has no hub files)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1")
+
+
 @pytest.mark.slow
 def test_trl_sft_trainer_bf16(tmp_path):
-    """TRL's SFTTrainer (bf16, its default for a config) runs its first steps on a lorakit adapter."""
+    """TRL's SFTTrainer with bf16=True runs its first steps on a lorakit adapter, the adapted
+    layers under autocast (``pip install trl==1.16.*``: it keeps torch and transformers as they are)."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
 
     model = Adapter.from_recipe("lora", rank=2).apply(tiny_llama())
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     g = torch.Generator().manual_seed(0)
+    seen = set()
+    for layer in adapted_layers(model).values():
+        layer.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
     data = datasets.Dataset.from_dict({"input_ids": torch.randint(0, 64, (8, 8), generator=g).tolist()})
     config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=5e-2,
                            bf16=True, use_cpu=True, save_strategy="no", report_to=[], logging_steps=1,
                            disable_tqdm=True, dataloader_num_workers=0, seed=0)
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=_tokenizer())
     trainer.train()
+    assert seen == {torch.bfloat16}, f"adapted layers gave {seen} under SFTTrainer(bf16=True)"
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
     assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if p.requires_grad)
