@@ -120,6 +120,13 @@ def test_padding_row_update_stays_zero(tmp_path, recipe, row):
     base = padded_llama(row)
     expected = base.model.embed_tokens.weight[PAD].detach().clone()
     model = sgd_steps(adapter.apply(copy.deepcopy(base), targets=["embed_tokens"]))
+    model.train()
+    logits(model).square().mean().backward()  # IDS hold the padding token too
+    layer = model.model.embed_tokens
+    A = layer.slots.A if isinstance(getattr(layer.slots, "A", None), nn.Parameter) else None
+    if A is not None and A.grad is not None and adapter.normalizer.name == "scale":  # DeLoRA reads A's row norms
+        assert not A.grad[:, PAD].any()  # as PEFT: no gradient into A's padding column
+    model.eval()
     assert not torch.equal(model.get_input_embeddings()(IDS), base.get_input_embeddings()(IDS))  # it trained
     assert torch.equal(bits(padding_row(model)), bits(expected))
     merged = merge_and_unload(copy.deepcopy(model))
