@@ -5,6 +5,7 @@ from lorakit.core import hookimpl
 from transformers.pytorch_utils import Conv1D
 
 from .conv1d import Conv1DKind
+from .moe import DecoratedExperts, TransformersExpertsKind
 from .peft_writer import export_peft
 from .targets import DEFAULT_TARGETS
 
@@ -12,6 +13,7 @@ from .targets import DEFAULT_TARGETS
 @hookimpl
 def lorakit_layers(register):
     register(Conv1D, Conv1DKind())
+    register(DecoratedExperts, TransformersExpertsKind())  # fused MoE expert tensors (target_parameters)
 
 
 @hookimpl

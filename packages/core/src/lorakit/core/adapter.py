@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import schema
+from . import experts, schema
 from .layer import AdaptedLayer
 from .lora import Direct, Kaiming, Scale
 from .plugins import registry
@@ -385,8 +385,8 @@ class Adapter:
         return self.rank
 
     # -- apply -------------------------------------------------------------------------
-    def apply(self, model: nn.Module, targets: Targets = None, *, train_only_adapter: bool = True,
-              verbose: bool = False, restore: Mapping[str, bool] | None = None,
+    def apply(self, model: nn.Module, targets: Targets = None, *, target_parameters: str | Iterable[str] | None = None,
+              train_only_adapter: bool = True, verbose: bool = False, restore: Mapping[str, bool] | None = None,
               freeze_base: bool | None = None) -> nn.Module:
         """Wrap every target module of ``model`` in place and return ``model``.
 
@@ -395,6 +395,12 @@ class Adapter:
         head, as PEFT), or None for the model family's registered defaults. The
         adapter's ``exclude`` and ``layers`` then narrow that set.
         All checks run before anything is replaced: on error the model is unchanged.
+
+        ``target_parameters``: fused expert tensors to adapt in place (PEFT's option and
+        matching rule: a name matches a parameter's full name or any ``*.name``), or
+        ``"experts"`` for every fused expert tensor of the model; an ``(E, out, in)`` tensor
+        gets E independent adapters (``lorakit.core.experts``). With it, ``targets=None``
+        adapts no module (as PEFT's ``target_modules=None``).
 
         ``train_only_adapter`` (default): every parameter of ``model`` is frozen except
         the adapter's, the biases ``bias=`` trains and the ``modules_to_save`` copies;
@@ -413,16 +419,22 @@ class Adapter:
         explicit, asked = targets is not None and targets != ALL_LINEAR, targets
         if targets == ALL_LINEAR:
             targets = _all_linear(model)
-        targets = default_targets(model) if targets is None else targets
-        chosen = self._narrow({n: m for n, m in model.named_modules() if n and _matches(n, targets)}, model)
+        only_parameters = target_parameters is not None and (targets is None or targets == [])
+        targets = default_targets(model) if targets is None and not only_parameters else targets
+        chosen = {} if only_parameters else self._narrow(
+            {n: m for n, m in model.named_modules() if n and _matches(n, targets)}, model)
         saved = self._saved_names(model)
         # a module trained whole needs no low-rank update inside it (a default "dense" in a head)
         chosen = {n: m for n, m in chosen.items() if not any(n == s or n.startswith(s + ".") for s in saved)}
-        if not chosen and asked == ALL_LINEAR:  # the regex it expands to would read "'(?:)' match no module"
+        # fused expert tensors: built (every check) before anything is replaced
+        wrappers = {} if target_parameters is None else experts.build_parameter_targets(
+            model, target_parameters, registry, self._wrap, None if restore is None else dict(restore))
+        # the regex all-linear expands to would read "'(?:)' match no module"
+        if not chosen and not only_parameters and asked == ALL_LINEAR:
             raise AdapterError(f"targets='all-linear': {type(model).__name__} has no linear layer outside its output "
                                "head (nn.Linear, a quantized linear, Conv1D); name the modules to adapt instead; "
                                + _target_hint(model))
-        if not chosen:
+        if not chosen and not only_parameters:
             raise AdapterError(f"targets {targets!r} match no module of {type(model).__name__}; "
                                + _target_hint(model))
         if explicit and not isinstance(targets, str):  # defaults may list names of several versions
@@ -433,16 +445,21 @@ class Adapter:
         # restore (lorakit.core.load): module -> has residual buffers; no initializer runs
         new = {name: self._wrap(name, module, None if restore is None else restore.get(name, False))
                for name, module in chosen.items()}
-        for name, layer in new.items():
+        for name, layer in [*new.items(), *wrappers.items()]:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
+        targeted = sorted(new)
+        new.update({f"{owner}.{sub}": layer for owner, wrapper in wrappers.items()
+                    for sub, layer in adapted_layers(wrapper).items()})
         if train_only_adapter:
             for p in model.parameters():
                 p.requires_grad_(False)
             for layer in new.values():
                 for p in layer.slots.parameters():
                     p.requires_grad_(True)
-        record = AdapterRecord({**self.config(), "targets": sorted(new)})
+        record = AdapterRecord({**self.config(), "targets": targeted,
+                                **({"target_parameters": sorted(experts.split_layer_names(new)[1])}
+                                   if wrappers else {})})
         for layer in new.values():
             layer.adapter_config = record  # one immutable record, shared: see adapter_config(model)
         for p in trained_biases(model).values():

@@ -1,6 +1,7 @@
 """Core's own plugin: the layer kinds torch itself provides (Linear, Conv2d) and the
 LoRA baseline (``lorakit.core.lora``) with the recipes built on it alone."""
 
+from .experts import EXPERT_KIND, ExpertMatrix
 from .hookspecs import hookimpl
 from .layer_kinds import BUILTIN_KINDS
 from .lora import Direct, Kaiming, Scale
@@ -10,6 +11,7 @@ from .lora import Direct, Kaiming, Scale
 def lorakit_layers(register):
     for module_type, kind in BUILTIN_KINDS.items():
         register(module_type, kind)
+    register(ExpertMatrix, EXPERT_KIND)  # one expert of a fused tensor (lorakit.core.experts)
 
 
 @hookimpl

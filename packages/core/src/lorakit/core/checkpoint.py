@@ -28,6 +28,7 @@ from torch import nn
 from . import schema
 from .adapter import Adapter, adapted_layers, adapter_config
 from .atomic import carry_over, publish, readable, recover, staging_folder
+from .experts import split_layer_names
 from .plugins import registry
 from .primitives import COMPOSITION_KINDS, AdapterError
 from .trained import load_trained_base_state, trained_base_state
@@ -235,7 +236,9 @@ def load(model: nn.Module, path: str | os.PathLike,
             adapter = Adapter.from_config(config["adapter"])
             # the checkpoint holds every slot and residual buffer: build without running the
             # initializers (a PiSSA/LoLDU SVD or LU per layer), then copy them in
-            adapter.apply(model, targets="(?:" + "|".join(re.escape(n) for n in modules) + ")",
+            names, parameters = split_layer_names(modules)  # fused expert tensors: per-expert layers
+            adapter.apply(model, targets="(?:" + "|".join(re.escape(n) for n in names) + ")" if names else None,
+                          target_parameters=sorted(parameters) or None,
                           restore={n: f"{n}.residual_B" in tensors for n in modules})
         except Exception as exc:  # e.g. a primitive rejecting its arguments, or one not installed
             raise CheckpointError(f"{path / CONFIG}: cannot build the saved adapter: {exc}"

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import adapted_layers, adapter_config, replace_adapter_config
+from .experts import unwrap_parameters
 from .functional import reduce_dense, reduce_lowrank
 from .lora import Direct
 from .primitives import DORA_MAGNITUDE, AdapterError, MergeError, ParameterSlots, Role, Slot
@@ -68,6 +69,7 @@ def unload(model: nn.Module) -> nn.Module:
         layer.unmerge()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.base)
+    unwrap_parameters(model)  # fused expert tensors: their module back in place
     unwrap_saved(model, keep="original")
     return model
 
@@ -111,6 +113,7 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, modules.get(name, layer.base))
             swapped.append(name)
+        unwrap_parameters(model)
         unwrap_saved(model, keep="trained")
     except BaseException:
         for name, module in saved.items():  # modules_to_save wrappers back in place
