@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lorakit.core import AdapterError, adapted_layers, adapter_config, extension
 from lorakit.core.atomic import carry_over, publish, recover, staging_folder
+from lorakit.core.experts import split_layer_names
 from lorakit.core.peft_format import DORA_KEY, TRUNCATION_TOL, TruncationWarning, lora_config, lora_tensors
 from lorakit.core.trained import PEFT_BIAS, saved_modules, trained_biases
 from lorakit.core.validation import check_finite_tensors
@@ -102,7 +103,8 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
     check_finite_tensors(tensors.items(), "PEFT export refused")  # e.g. overflow when cast to fp16
     config = lora_config(ranks, use_dora=use_dora, fan_in_fan_out=any(m.kind.fan_in_fan_out for m in layers.values()),
                          base_model_name_or_path=base_model_name_or_path, task_type=task_type,
-                         dropout=max(layer.dropout for layer in layers.values()))
+                         dropout=max(layer.dropout for layer in layers.values()),
+                         parameters=split_layer_names(layers)[1])  # fused expert tensors (target_parameters)
     config["bias"] = PEFT_BIAS[adapter_config(model).get("bias", "none")]
     config["modules_to_save"] = sorted(saved_modules(model)) or None
     return PeftExport(tensors, config, rel_errors)

@@ -39,7 +39,7 @@ from .primitives import AdapterError
 #: the child of :class:`AdaptedParameters` holding the per-expert layers: a layer's name is
 #: ``<module>.param_adapters.<parameter>.<expert>``
 CONTAINER = "param_adapters"
-_LAYER_NAME = re.compile(rf"^(?P<module>.+)\.{CONTAINER}\.(?P<param>[^.]+)\.(?P<expert>\d+)$")
+LAYER_NAME = re.compile(rf"^(?P<module>.+)\.{CONTAINER}\.(?P<param>[^.]+)\.(?P<expert>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def split_layer_names(names: Iterable[str]) -> tuple[list[str], dict[str, int]]:
     """Adapted-layer names as ``(module targets, {full parameter name: experts})``."""
     modules, params = [], {}
     for name in names:
-        match = _LAYER_NAME.match(name)
+        match = LAYER_NAME.match(name)
         if match is None:
             modules.append(name)
         else:
