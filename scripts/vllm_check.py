@@ -1,4 +1,4 @@
-"""vLLM as a real client of lorakit's PEFT export (issue 15, item 4; ``nox -s vllm``).
+"""vLLM as a real client of lorakit's PEFT export (``nox -s vllm``).
 
 For every registered recipe: a tiny Llama (MiniLM's fast WordPiece tokenizer saved
 beside it) gets the adapter with every trainable tensor perturbed, is exported with

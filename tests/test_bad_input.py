@@ -128,7 +128,7 @@ CASES = [
      lambda m, t: _disabled_export(Adapter(rank=2).apply(m, targets=["0"])), AdapterError, "is disabled"),
     ("save-no-adapter", "saving a model without adapter", lambda m, t: save(m, t), AdapterError,
      "has no lorakit adapter"),
-    # hostile or odd input (issue 11 §3); tests/test_hostile_input.py covers the variants
+    # hostile or odd input; tests/test_hostile_input.py covers the variants
     ("bad-regex", "targets that are not a valid regex", lambda m, t: Adapter().apply(m, targets="(0|2"),
      AdapterError, r"targets '\(0\|2' is not a valid regex"),
     ("catastrophic-regex", "a rank_pattern that backtracks catastrophically",

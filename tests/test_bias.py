@@ -1,4 +1,4 @@
-"""Bias training (issue 14, item 3): ``bias="all"`` trains every bias (PEFT's "all"),
+"""Bias training: ``bias="all"`` trains every bias (PEFT's "all"),
 ``"adapted"`` those of the adapted layers (PEFT's "lora_only"); the native
 checkpoint keeps them and PEFT's loader reproduces the outputs from the export."""
 

@@ -1,4 +1,4 @@
-"""Quantized bases (issue 13): bitsandbytes Linear4bit (nf4/fp4) and Linear8bitLt on CPU.
+"""Quantized bases: bitsandbytes Linear4bit (nf4/fp4) and Linear8bitLt on CPU.
 
 Every recipe on nf4 and int8: exact identity at init, only adapter slots train, the
 quantized base never changes a byte, merge semantics, save/load (conformance kit),

@@ -137,7 +137,7 @@ def test_recipes_and_primitives_compile_without_breaks_or_recompiles():
 
 
 def test_recipes_compile_with_dropout():
-    """Dropout on the adapter branch (issue 14): still one train and one eval graph, no
+    """Dropout on the adapter branch: still one train and one eval graph, no
     break, no recompile, and the same masks give the same loss and gradients."""
     check_compiles(list(recipe_combos().values()), steps=3, dropout=0.2)
 

@@ -1,4 +1,4 @@
-"""Layer kinds (issue 14, item 4, part): ``nn.Conv1d`` and ``nn.Conv3d`` next to
+"""Layer kinds: ``nn.Conv1d`` and ``nn.Conv3d`` next to
 ``Conv2d``: every recipe passes the conformance kit on them, and PEFT's loader
 reproduces the outputs of the exported adapter."""
 

@@ -1,4 +1,4 @@
-"""Distributed training on PyTorch's own engine (issue 8, docs/distributed.md).
+"""Distributed training on PyTorch's own engine (docs/distributed.md).
 
 Two gloo ranks on CPU run every registered recipe under DDP, under FSDP2
 (``fully_shard``) and from a meta-device construction (tests/distributed/worker.py);

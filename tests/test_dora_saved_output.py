@@ -1,4 +1,4 @@
-"""The memory-light DoRA linear (``functional._DoRALinear``, issue 16): it keeps the
+"""The memory-light DoRA linear (``functional._DoRALinear``): it keeps the
 layer's output ``z`` instead of the pre-scale ``y`` and recovers ``y = (z − b)/g``.
 Gradients equal the pre-scale form's (plain autograd) in fp64, also where ``g = 0``
 or ``g`` is tiny (rows recomputed), with a bias and with a trained base weight."""

@@ -1,4 +1,4 @@
-"""Adapter dropout (issue 14, item 1): PEFT's ``lora_dropout`` — the adapter branch
+"""Adapter dropout: PEFT's ``lora_dropout`` — the adapter branch
 sees ``drop(x)`` in training, nothing changes in eval, merge/export ignore it, the
 native checkpoint and the PEFT export keep it, and PEFT's own loader computes the
 same training-mode outputs (DoRA included) from the same random masks."""

@@ -1,4 +1,4 @@
-"""``nn.Embedding`` layer kind (issue 14): every recipe on a tiny Llama's
+"""``nn.Embedding`` layer kind: every recipe on a tiny Llama's
 ``embed_tokens`` is the identity at init, merges to what it computes unmerged, and
 the PEFT export (``lora_embedding_A``/``lora_embedding_B``) reproduces it in PEFT."""
 

@@ -1,4 +1,4 @@
-"""Export rank caps and DoRA folding (issue 15, items 1–2): ``max_rank=k``,
+"""Export rank caps and DoRA folding: ``max_rank=k``,
 ``max_rank="auto"`` and ``fold_magnitude`` for every recipe, loaded by PEFT's and
 transformers' own readers on a tiny Llama, plus the diffusers exporter."""
 

@@ -1,4 +1,4 @@
-"""``lorakit export`` (issue 15, item 5): a native checkpoint written in every
+"""``lorakit export``: a native checkpoint written in every
 registered format, for every recipe, read back by the format's own client."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The diffusers and kohya formats hold LoRA factors only: an adapter that also trained
 base biases (``bias=``) or whole modules (``modules_to_save``) is refused with one
-error naming the option, instead of an export that silently drops them (issue 14)."""
+error naming the option, instead of an export that silently drops them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fast load (issue 14, item 6): ``load`` restores frozen slots and residual buffers
+"""Fast load: ``load`` restores frozen slots and residual buffers
 from the checkpoint instead of re-running the initializers (PiSSA's SVD per layer)."""
 
 from __future__ import annotations

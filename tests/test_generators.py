@@ -247,7 +247,7 @@ def test_cli_rejects_bad_mlp_width(capsys):
     assert "width" in capsys.readouterr().err
 
 
-# -- MLP: the authors' start and the stable head (issue 17) -------------------------------------
+# -- MLP: the authors' start and the stable head -------------------------------------
 @pytest.mark.parametrize("init,normalizer,magnitude", [("kaiming", "scale", None), ("pissa", "scale", "dora"),
                                                        ("ldu", "delora", None), ("kaiming", "delora", "dora")])
 def test_mlp_start_from_its_own_output(init, normalizer, magnitude):

@@ -1,4 +1,4 @@
-"""Hostile or odd input (issue 11 §3): a clear one-line error naming the field, never a
+"""Hostile or odd input: a clear one-line error naming the field, never a
 hang, a huge allocation, a raw exception or a blocked read. docs/bad-inputs.md has one
 row per class (tests/test_bad_input.py ``CASES``); this file covers the variants."""
 

@@ -1,4 +1,4 @@
-"""kohya / A1111 / ComfyUI export (issue 15, item 3): every recipe on a tiny SD UNet
+"""kohya / A1111 / ComfyUI export: every recipe on a tiny SD UNet
 and its CLIP text encoder, written by ``export_kohya`` and read by diffusers' own
 kohya reader (``pipeline.load_lora_weights(file)``); outputs equal lorakit's to 1e-5."""
 

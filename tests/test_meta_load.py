@@ -1,4 +1,4 @@
-"""Meta-device build, then load (issue 14): ``load`` on a model built on meta builds the
+"""Meta-device build, then load: ``load`` on a model built on meta builds the
 adapter's structure there (no initializer runs); after ``to_empty``, the base weights
 and a second ``load``, the model computes what the saved one did (FSDP2's flow)."""
 

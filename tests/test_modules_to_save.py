@@ -1,4 +1,4 @@
-"""modules_to_save (issue 14, item 2): whole modules (classifier heads, ``score``,
+"""modules_to_save: whole modules (classifier heads, ``score``,
 ``lm_head``, norms) trained as copies next to the adapter; the originals come back
 with ``unload``/``disabled()``; the native checkpoint keeps the copies, and the PEFT
 export loads in ``PeftModel.from_pretrained`` and transformers' ``load_adapter`` with

@@ -245,7 +245,7 @@ def test_cli_recipes_json(capsys):
     assert recipes["olora"]["init"]["name"] == "olora"
 
 
-# -- a plugin must not break lorakit (issue 11 §3) ----------------------------------------------------
+# -- a plugin must not break lorakit ----------------------------------------------------
 BAD_PLUGINS = '''
 import sys
 from lorakit.core import hookimpl

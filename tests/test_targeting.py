@@ -1,4 +1,4 @@
-"""Targeting (issue 14, item 5): ``targets="all-linear"`` (PEFT's set), ``exclude=``,
+"""Targeting: ``targets="all-linear"`` (PEFT's set), ``exclude=``,
 ``layers=``, and the registered default targets of each model family, checked on a
 tiny config of every family the installed transformers has: the defaults apply,
 export, and PEFT's loader reproduces the outputs."""

@@ -1,4 +1,4 @@
-"""Nothing lost (issue 11 §2): save, load, merge and finetune are all-or-nothing.
+"""Nothing lost: save, load, merge and finetune are all-or-nothing.
 
 The SIGKILL checks run in one subprocess (``python tests/test_transactions.py kill``)
 that imports torch once and forks a tiny saver per kill, so each kill costs

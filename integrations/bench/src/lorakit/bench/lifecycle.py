@@ -1,6 +1,6 @@
 """Load and merge times of a trained adapter: lorakit's ``load`` and
 ``merge_and_unload`` against PEFT's ``PeftModel.from_pretrained`` and
-``merge_and_unload`` (issue 16 item 4).
+``merge_and_unload``.
 
 Each method's adapter, as it stands after the timed steps, is saved once; then, in
 ``repeats`` rounds, a fresh copy of the base model (its own weights: merging writes

@@ -26,8 +26,8 @@ the default bench model's 28 projections: forward + backward CPU time.
 
 ``dora-saved-output``: DoRA's magnitude gradient needs the pre-scale output
 ``y = W̄x + B'A'x`` of every adapted layer (``dL/dm_i ∝ Σ_t go_ti·y_ti``), one
-tokens × out tensor per layer that LoRA does not keep. The shipped form (issue 16,
-``lorakit.core.functional.DORA_SAVES = "output"``) keeps the output ``z = g ⊙ y + b``
+tokens × out tensor per layer that LoRA does not keep. The shipped form
+(``lorakit.core.functional.DORA_SAVES = "output"``) keeps the output ``z = g ⊙ y + b``
 instead, which the next op often keeps anyway, and rebuilds ``y = (z − b) / g`` in
 backward (rows with ``g_i = 0`` recomputed exactly). This measures the peak memory
 of both forms on the default model, next to PEFT's LoRA.

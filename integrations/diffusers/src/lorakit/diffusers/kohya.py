@@ -1,4 +1,4 @@
-"""Export to the kohya-ss / A1111 / ComfyUI LoRA file (issue 15): the format the
+"""Export to the kohya-ss / A1111 / ComfyUI LoRA file: the format the
 Stable Diffusion community shares, which diffusers reads with
 ``pipeline.load_lora_weights(file)`` (``lora_conversion_utils._convert_non_diffusers_lora_to_diffusers``).
 

@@ -1,4 +1,4 @@
-"""Base tensors an adapter trains besides its own slots (issue 14): biases (``bias=``)
+"""Base tensors an adapter trains besides its own slots: biases (``bias=``)
 and whole modules (``modules_to_save``).
 
 Biases are the base model's own parameters, trained in place as PEFT's ``bias``
