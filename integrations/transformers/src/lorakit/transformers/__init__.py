@@ -11,6 +11,7 @@ _EXPORTS = {
     "Conv1DKind": "conv1d",
     "DEFAULT_TARGETS": "targets",
     "PeftExport": "peft_writer",
+    "delora_export": "delora_peft",
     "TruncationWarning": "peft_writer",
     "export_peft": "peft_writer",
     "lora_config": "peft_writer",

@@ -59,6 +59,7 @@ _UNSUPPORTED = {"bias": "none", "lora_bias": False, "modules_to_save": None, "la
 # as a LoRA on the original W̄ would silently add B0 A0 back. EVA, MiCA, "gaussian" and
 # "orthogonal" leave the base untouched and import as they are.
 _BASE_REWRITING_INITS = re.compile(r"pissa.*|olora|corda.*|loftq|lora_ga", re.IGNORECASE)
+PEFT_TYPES = ("LORA", "DELORA")  # DeLoRA: delora_peft
 
 
 class PeftImportError(AdapterError):
@@ -73,18 +74,43 @@ def _pattern_value(pattern: dict, name: str, default: Any) -> Any:
     return default
 
 
-def read_peft(path: str | os.PathLike, prefix: str = PEFT_PREFIX) -> tuple[dict, dict[str, dict[str, Tensor]]]:
-    """``(config, {module: {"A", "B"[, "m"]}})`` from a PEFT adapter folder, validated."""
+def read_config(path: str | os.PathLike) -> dict:
+    """``adapter_config.json`` of a PEFT adapter folder, read strictly (untrusted input: no NaN,
+    duplicate keys, huge numbers; a bounded regular file)."""
     path = Path(path)
-    try:  # untrusted input: the strict reader (no NaN, duplicate keys, huge numbers; a bounded regular file)
+    try:
         config = loads_strict(read_regular_file(path / PEFT_CONFIG, MAX_CONFIG_BYTES, PeftImportError),
                               str(path / PEFT_CONFIG), PeftImportError)
     except FileNotFoundError:
         raise PeftImportError(f"{path / PEFT_CONFIG} not found; is {path} a PEFT adapter folder?") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    if not isinstance(config, dict) or config.get("peft_type") not in PEFT_TYPES:
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise PeftImportError(f"{path}: peft_type {kind!r} is not supported; lorakit imports LoRA and DoRA "
-                              "adapters (peft_type 'LORA')")
+                              "adapters (peft_type 'LORA') and DeLoRA adapters ('DELORA')")
+    return config
+
+
+def load_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Tensor]]:
+    """``(file, tensors)`` of the folder's ``adapter_model.safetensors``; one error if absent or corrupt."""
+    weights = Path(path) / PEFT_WEIGHTS
+    if not weights.is_file():
+        extra = " (only a pickled adapter_model.bin is there; lorakit reads safetensors only: re-save it " \
+                "with PeftModel.save_pretrained(..., safe_serialization=True))" \
+            if (Path(path) / "adapter_model.bin").is_file() else ""
+        raise PeftImportError(f"{weights} not found{extra}")
+    try:
+        return weights, load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PeftImportError(f"{weights} is truncated or corrupt ({exc})") from None
+
+
+def read_peft(path: str | os.PathLike, prefix: str = PEFT_PREFIX) -> tuple[dict, dict[str, dict[str, Tensor]]]:
+    """``(config, {module: {"A", "B"[, "m"]}})`` from a PEFT LoRA/DoRA adapter folder, validated."""
+    path = Path(path)
+    config = read_config(path)
+    if config["peft_type"] != "LORA":
+        raise PeftImportError(f"{path}: peft_type {config['peft_type']!r}: read_peft reads LoRA and DoRA "
+                              "adapters; import_peft imports it")
     odd = {k: config[k] for k, ok in _UNSUPPORTED.items()
            if k in config and config[k] != ok and config[k] not in (None, [], {})}
     if odd:
@@ -99,16 +125,7 @@ def read_peft(path: str | os.PathLike, prefix: str = PEFT_PREFIX) -> tuple[dict,
             "peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=<folder saved right "
             "after get_peft_model, before training>) (pissa/olora/corda/lora_ga), or load it in PEFT on the "
             "base it was made for and use merge_and_unload()'s model as the base to import into")
-    weights = path / PEFT_WEIGHTS
-    if not weights.is_file():
-        extra = " (only a pickled adapter_model.bin is there; lorakit reads safetensors only: re-save it " \
-                "with PeftModel.save_pretrained(..., safe_serialization=True))" \
-            if (path / "adapter_model.bin").is_file() else ""
-        raise PeftImportError(f"{weights} not found{extra}")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PeftImportError(f"{weights} is truncated or corrupt ({exc})") from None
+    weights, tensors = load_weights(path)
 
     modules: dict[str, dict[str, Tensor]] = {}
     unknown = []
@@ -159,7 +176,11 @@ def import_peft(model: nn.Module, path: str | os.PathLike, recipe: Adapter | str
     """Load the PEFT LoRA/DoRA adapter at ``path`` into ``model`` (a plain base model)
     as a lorakit adapter and return ``model``; see the module docstring for the two
     semantics (``recipe=None``: keep training the same adapter; a recipe: train it on
-    top of the merged PEFT update). On any error the model is unchanged."""
+    top of the merged PEFT update). A PEFT DeLoRA folder imports as lorakit's DeLoRA
+    (``delora_peft``). On any error the model is unchanged."""
+    if (config := read_config(path))["peft_type"] == "DELORA":
+        from .delora_peft import import_delora
+        return import_delora(model, path, config, recipe, prefix=prefix)
     config, modules = read_peft(path, prefix)
     if adapted_layers(model):
         raise PeftImportError(f"{type(model).__name__} already has a lorakit adapter; import into the base "
@@ -179,7 +200,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, recipe: Adapter | str
     if recipe is None:
         return _continue_same_adapter(model, config, updates, targets)
     adapter = Adapter.from_recipe(recipe) if isinstance(recipe, str) else recipe
-    return _merge_then_apply(model, updates, adapter, targets, path)
+    return merge_then_apply(model, updates, adapter, targets, path)
 
 
 def _continue_same_adapter(model, config, updates, targets):
@@ -203,7 +224,7 @@ def _continue_same_adapter(model, config, updates, targets):
     return model
 
 
-def _merge_then_apply(model, updates, adapter, targets, path):
+def merge_then_apply(model, updates, adapter, targets, path):
     saved = {}
     try:
         with torch.no_grad():

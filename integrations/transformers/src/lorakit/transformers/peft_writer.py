@@ -35,6 +35,7 @@ EXTENSION = "transformers"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+FORMATS = ("lora", "delora")  # export_peft(format=): PEFT's LoRA/DoRA, or its DeLoRA (delora_peft)
 __all__ = ["DORA_KEY", "TRUNCATION_TOL", "PeftExport", "TruncationWarning", "export_peft", "lora_config",
            "peft_export", "peft_state_dict"]
 
@@ -93,10 +94,7 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
     layers = adapted_layers(model)
     if not layers:
         raise AdapterError(f"{type(model).__name__} has no lorakit adapter to export; apply one first")
-    if merged := (extension(model, EXTENSION) or {}).get("merged_peft"):
-        warnings.warn(f"this model's base has the PEFT adapter {merged} merged in "
-                      "(import_peft with a recipe); the export is relative to that merged base, so load it "
-                      "on a base with the same PEFT adapter merged", UserWarning, stacklevel=3)
+    warn_if_merged_base(model)
     tensors, ranks, use_dora, rel_errors = lora_tensors(model, rank, prefix=prefix, dtype=dtype, max_rank=max_rank,
                                                         energy=energy, fold_magnitude=fold_magnitude)
     tensors.update(_trained_base_tensors(model, prefix, dtype))
@@ -108,6 +106,13 @@ def peft_export(model: nn.Module, rank: int | None = None, *, prefix: str = PEFT
     config["bias"] = PEFT_BIAS[adapter_config(model).get("bias", "none")]
     config["modules_to_save"] = sorted(saved_modules(model)) or None
     return PeftExport(tensors, config, rel_errors)
+
+
+def warn_if_merged_base(model: nn.Module) -> None:
+    if merged := (extension(model, EXTENSION) or {}).get("merged_peft"):
+        warnings.warn(f"this model's base has the PEFT adapter {merged} merged in "
+                      "(import_peft with a recipe); the export is relative to that merged base, so load it "
+                      "on a base with the same PEFT adapter merged", UserWarning, stacklevel=4)
 
 
 def _trained_base_tensors(model: nn.Module, prefix: str, dtype: torch.dtype | None) -> dict[str, Tensor]:
@@ -134,8 +139,10 @@ def peft_state_dict(model: nn.Module, rank: int | None = None,
 def export_peft(model: nn.Module, path: str | os.PathLike, *, max_rank: int | str | None = None,
                 energy: float = 0.999, fold_magnitude: bool = False, rank: int | None = None,
                 base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
-                task_type: str | None = None) -> Path:
-    """Write ``model``'s adapter to ``path`` as a PEFT LoRA (or DoRA) adapter.
+                task_type: str | None = None, format: str = "lora") -> Path:
+    """Write ``model``'s adapter to ``path`` as a PEFT LoRA (or DoRA) adapter, or with
+    ``format="delora"`` as PEFT's DeLoRA adapter (``delora_peft``: a DeLoRA adapter on
+    ``nn.Linear`` modules, always exact; the truncation and folding options are LoRA's).
 
     Loads with ``PeftModel.from_pretrained(base, path)`` or ``base.load_adapter(path)``.
     Exact by default; ``max_rank=k`` (≤ k per module) or ``"auto"`` (the fewest
@@ -147,6 +154,15 @@ def export_peft(model: nn.Module, path: str | os.PathLike, *, max_rank: int | st
     if rank is not None:
         warnings.warn("export_peft(rank=) is deprecated; use max_rank=", DeprecationWarning, stacklevel=2)
         max_rank, rank = (rank if max_rank is None else max_rank), None
+    if format not in FORMATS:
+        raise AdapterError(f"export_peft(format={format!r}): use one of {FORMATS}")
+    if format == "delora":
+        if max_rank is not None or fold_magnitude:
+            raise AdapterError("export_peft(format='delora') writes the update exactly; max_rank= and "
+                               "fold_magnitude= apply to format='lora'")
+        from .delora_peft import delora_export
+        return delora_export(model, base_model_name_or_path=base_model_name_or_path, dtype=dtype,
+                             task_type=task_type).save(path)
     export = peft_export(model, base_model_name_or_path=base_model_name_or_path, dtype=dtype,
                          task_type=task_type, max_rank=max_rank, energy=energy, fold_magnitude=fold_magnitude)
     return export.save(path)
