@@ -496,6 +496,8 @@ class Adapter:
 
     def _wrap(self, name: str, module: nn.Module, restore_residual: bool | None = None) -> AdaptedLayer:
         kind = registry.layer_kind(module)
+        if kind is None and (fused := experts.owner_kind(registry, module)) is not None:
+            raise AdapterError(f"module {name!r}: {fused.check(module)}")  # fused experts: target_parameters
         if kind is None:
             types = ", ".join(sorted(t.__name__ for t in registry.layers))
             raise AdapterError(

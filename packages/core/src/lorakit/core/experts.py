@@ -213,7 +213,7 @@ EXPERTS_PRESET = "experts"
 whose layer kind is a :class:`FusedExpertsKind`, the parameters its :meth:`layout` takes)."""
 
 
-def _owner_kind(registry, module: nn.Module) -> FusedExpertsKind | None:
+def owner_kind(registry, module: nn.Module) -> FusedExpertsKind | None:
     """The module type's registered kind, else a registered fused kind that :meth:`accepts` it."""
     kind = registry.layer_kind(module)
     if kind is not None:
@@ -228,7 +228,7 @@ def resolve_parameters(model: nn.Module, targets: str | Iterable[str], registry)
     if targets == EXPERTS_PRESET:
         found = {}
         for module_name, module in model.named_modules():
-            if (kind := _owner_kind(registry, module)) is not None:
+            if (kind := owner_kind(registry, module)) is not None:
                 found.update({f"{module_name}.{p}": (module_name, p) for p in kind.parameter_names(module)})
         if not found:
             raise AdapterError(f"target_parameters='experts': {type(model).__name__} has no fused expert tensors "
@@ -241,14 +241,14 @@ def resolve_parameters(model: nn.Module, targets: str | Iterable[str], registry)
     found = matching_parameters(model, targets)
     unmatched = [t for t in targets if not any(full == t or full.endswith("." + t) for full in found)]
     if unmatched:
-        names = sorted({full.rpartition(".")[2] for m in model.modules() if _owner_kind(registry, m)
+        names = sorted({full.rpartition(".")[2] for m in model.modules() if owner_kind(registry, m)
                         for full, _ in m.named_parameters(recurse=False)})
         raise AdapterError(f"target_parameters {unmatched} match no parameter of {type(model).__name__}; fused "
                            f"expert tensors here: {names or 'none'}")
     for full, (module_name, pname) in found.items():
         module = model.get_submodule(module_name)
         shape = tuple(getattr(module, pname).shape)
-        kind = _owner_kind(registry, module)
+        kind = owner_kind(registry, module)
         if len(shape) != 3 or kind is None:
             raise AdapterError(f"parameter {full!r} {shape} of a {type(module).__name__}: lorakit adapts fused 3-D "
                                "expert tensors of a registered layout here; adapt a 2-D weight through its module "
@@ -268,7 +268,7 @@ def build_parameter_targets(model: nn.Module, targets: str | Iterable[str], regi
     built = {}
     for module_name, pnames in by_module.items():
         module = model.get_submodule(module_name)
-        kind = _owner_kind(registry, module)
+        kind = owner_kind(registry, module)
         assert kind is not None  # resolve_parameters checked
         order = [p for p, _ in module.named_parameters(recurse=False) if p in pnames]  # declaration order
         layers = {}

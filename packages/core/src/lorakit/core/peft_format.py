@@ -123,8 +123,8 @@ def _expert_tensors(model: nn.Module, factors: Mapping[str, ExportedLayer], pref
                     dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Fused expert tensors in PEFT's ``target_parameters`` layout (``lora.ParamWrapper``).
 
-    For a parameter of E experts exported at rank k (the largest expert's; the others are
-    zero-padded, which adds nothing), with ``lora_alpha = k`` (scale 1):
+    For a parameter of E experts exported at rank k (the largest of any expert's exact rank;
+    the others are zero-padded, which adds nothing), with ``lora_alpha = k`` (scale 1):
 
         <module>.[base_layer.]*lora_A.weight   (E·k, in)   row e·k + j   = A_e[j]
         <module>.[base_layer.]*lora_B.weight   (out, k·E)  column j·E + e = B_e[:, j]
@@ -144,12 +144,14 @@ def _expert_tensors(model: nn.Module, factors: Mapping[str, ExportedLayer], pref
     for full in by_param:
         module, _, param = full.rpartition(".")
         per_module.setdefault(module, []).append(param)
+    # one rank for every fused tensor (zero padding is exact): no rank_pattern entry for a
+    # parameter, which PEFT (0.21) would honour but also warn "did not match any targeted module"
+    k = max(f.A.shape[0] for fs in by_param.values() for _, f in fs) if by_param else 1
     for module, params in per_module.items():
         base = model.get_submodule(module).base
         order = [p for p, _ in base.named_parameters(recurse=False) if p in params]
         for i, param in enumerate(order):
             experts = [f for _, f in sorted(by_param[f"{module}.{param}"], key=lambda ef: ef[0])]
-            k = max(1, *(f.A.shape[0] for f in experts))
             A = torch.cat([_pad(f.A, k, 0) for f in experts])  # (E·k, in)
             B = torch.stack([_pad(f.B, k, 1) for f in experts], dim=2).flatten(1)  # (out, k·E)
             key = f"{prefix}{module}." + "base_layer." * (len(order) - 1 - i)

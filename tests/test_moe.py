@@ -1,0 +1,188 @@
+"""Fused mixture-of-experts tensors as parameter targets (lorakit.core.experts, lorakit.transformers.moe):
+every recipe on tiny Qwen3-MoE and Mixtral models, PEFT's loader on the export, bad input."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
+
+from lorakit.core import (  # noqa: E402
+    Adapter,
+    AdapterError,
+    adapted_layers,
+    load,
+    merge,
+    merge_and_unload,
+    save,
+    unload,
+    unmerge,
+)
+from lorakit.core.experts import AdaptedParameters  # noqa: E402
+from lorakit.core.plugins import registry  # noqa: E402
+from lorakit.transformers import export_peft  # noqa: E402
+
+TINY = dict(vocab_size=48, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=8, num_experts_per_tok=2)
+
+
+def qwen3(experts=4, impl="grouped_mm"):
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY, intermediate_size=32, moe_intermediate_size=8,
+                                               num_experts=experts)).eval()
+    model.set_experts_implementation(impl)
+    return model
+
+
+def mixtral(experts=4, impl="eager"):
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**TINY, intermediate_size=8, num_local_experts=experts)).eval()
+    model.set_experts_implementation(impl)
+    return model
+
+
+FAMILIES = {"qwen3-grouped": qwen3, "qwen3-eager": lambda: qwen3(impl="eager"), "mixtral-eager": mixtral,
+            "mixtral-grouped": lambda: mixtral(impl="grouped_mm")}
+RECIPES = sorted(registry.load().recipes)
+X = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def fused(model):
+    return {n: p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))}
+
+
+def step(model, opt):
+    model.train()
+    loss = model(X, labels=X).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    model.eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_on_experts(tmp_path, family, recipe):
+    base = FAMILIES[family]()
+    ref, W0 = logits(base), {n: p.detach().clone() for n, p in fused(base).items()}
+    model = copy.deepcopy(base)
+    Adapter.from_recipe(recipe, rank=2).apply(model, target_parameters=["gate_up_proj", "down_proj"])
+    assert torch.equal(logits(model), ref)  # identity at init, exactly
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, AdaptedParameters) and len(experts.param_adapters["gate_up_proj"]) == 4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".param_adapters." in n and ".slots." in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step(model, opt)
+    after = logits(model)
+    assert not torch.equal(after, ref)
+    assert all(torch.equal(p, W0[n.replace(".base.", ".")]) for n, p in fused(model).items())  # base untouched
+    # save -> load -> identical outputs and next step
+    save(model, tmp_path / "ckpt", opt)
+    again = copy.deepcopy(base)
+    load(again, tmp_path / "ckpt")
+    opt2 = torch.optim.AdamW([p for p in again.parameters() if p.requires_grad], lr=1e-2)
+    load(again, tmp_path / "ckpt", opt2)  # the adapter it has: checked, then the optimizer state
+    assert torch.equal(logits(again), after)
+    step(model, opt)
+    step(again, opt2)
+    assert torch.equal(logits(again), logits(model))
+    after = logits(model)
+    # merge == unmerged; unmerge restores the base tensors (to rounding); merge_and_unload is the plain model
+    merge(model)
+    torch.testing.assert_close(logits(model), after, atol=1e-5, rtol=0)
+    unmerge(model)
+    for n, p in fused(model).items():
+        torch.testing.assert_close(p, W0[n.replace(".base.", ".")], atol=1e-6, rtol=0)
+    plain = merge_and_unload(copy.deepcopy(model))
+    assert type(plain.model.layers[0].mlp.experts) is type(base.model.layers[0].mlp.experts)
+    assert not adapted_layers(plain)
+    torch.testing.assert_close(logits(plain), after, atol=1e-5, rtol=0)
+    # PEFT's target_parameters loader on the export (magnitudes folded: PEFT has no parameter DoRA)
+    export_peft(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded), after, atol=1e-5, rtol=0)
+    # unload of a never-merged model: the pretrained model, its tensors bit-identical
+    unload(again)
+    assert all(torch.equal(p, W0[n]) for n, p in fused(again).items())
+    assert torch.equal(logits(again), ref)
+
+
+def test_modules_and_experts_together_export_to_peft(tmp_path):
+    base = qwen3()
+    model = copy.deepcopy(base)
+    Adapter.from_recipe("dora", rank=2, modules_to_save=["gate"]).apply(model, targets="all-linear",
+                                                                        target_parameters="experts")
+    step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    export_peft(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=0)
+    import json
+
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                           for p in ("down_proj", "gate_up_proj")]
+    assert "model.layers.0.self_attn.q_proj" in config["target_modules"] and config["use_dora"] is False
+
+
+def test_adapter_term_only_on_routed_tokens():
+    """An expert no token is routed to computes no adapter term (its factors get no gradient)."""
+    model = qwen3(experts=8)
+    Adapter.from_recipe("lora", rank=2).apply(model, target_parameters="experts")
+    model.train()
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            layer.slots.B.normal_()
+    x = X[:1, :1]  # one token: top-2 of 8 experts
+    model(x).logits.sum().backward()
+    experts = model.model.layers[0].mlp.experts.param_adapters["gate_up_proj"]
+    got = [e for e, layer in enumerate(experts) if layer.slots.B.grad is not None]
+    assert len(got) == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["gate_up_projj"], "target_parameters ['gate_up_projj'] match no parameter"),
+    (["q_proj.weight"], "lorakit adapts fused 3-D expert tensors"),
+    ("gate_up_proj", "give parameter names"),
+])
+def test_bad_parameter_targets(bad, message):
+    model = qwen3()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(AdapterError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        Adapter(rank=2).apply(model, target_parameters=bad)
+    assert not adapted_layers(model) and model.state_dict().keys() == before.keys()
+
+
+def test_unknown_layout_is_refused():
+    model = qwen3()
+    experts = model.model.layers[0].mlp.experts
+    experts.extra = torch.nn.Parameter(torch.zeros(4, 3, 3))
+    with pytest.raises(AdapterError, match=r"parameter 'model\.layers\.0\.mlp\.experts\.extra' \(4, 3, 3\): .* "
+                                           "layout lorakit does not know"):
+        Adapter(rank=2).apply(model, target_parameters=["extra"])
+    assert not adapted_layers(model)
+
+
+def test_module_target_on_experts_says_use_target_parameters():
+    with pytest.raises(AdapterError, match="target_parameters"):
+        Adapter(rank=2).apply(qwen3(), targets=["experts"])
+
+
+def test_checkpoint_with_another_expert_count_is_refused(tmp_path):
+    model = qwen3(experts=4)
+    Adapter(rank=2).apply(model, target_parameters="experts")
+    save(model, tmp_path / "ckpt")
+    other = qwen3(experts=8)
+    with pytest.raises(AdapterError, match=r"parameter 'model\.layers\.0\.mlp\.experts\.gate_up_proj': the "
+                                           "checkpoint has 4 experts, the model 8"):
+        load(other, tmp_path / "ckpt")
+    assert not adapted_layers(other)
