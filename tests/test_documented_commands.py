@@ -267,6 +267,8 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
         ("lorakit bench --quantize nf4 --recipes lora,dora --peft lora,dora --markdown bench-nf4.md", RUN),
     ],
     "docs/papers/delora.md": [
+        ("python - <<'EOF'  # body 75707ba0", Run(output=True, slow="50 Adam steps in a Python process of its own "
+                                                                     "(imports torch and peft)")),
         ("python -m pytest -q -p no:warnings tests/test_delora.py", SUITE),
         ("lorakit sweep --out runs/sweep-delora", Run(slow=GRID)),
         ("mkdir -p runs/sweep-delora-l1/cells", Run(slow="its block has the default grid")),
