@@ -1,6 +1,6 @@
 """Mixed precision: every registered composition trains and evaluates under ``torch.autocast``
 (bf16 and fp16; CPU here, CUDA by the same code), eager and compiled, on Linear, Conv,
-Embedding and the bitsandbytes kinds (``lorakit.core.conformance.check_autocast``).
+Embedding and the bitsandbytes kinds (``lorakit.conformance.check_autocast``).
 
 Semantics (PEFT's): the base GEMM and the low-rank term run in the autocast dtype, the output
 has the dtype the base module gives under autocast, the adapter's parameters stay fp32 masters
@@ -15,19 +15,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 
-from lorakit.core import Adapter, adapted_layers, registry
-from lorakit.core.conformance import (
+from lorakit.conformance import (
     AUTOCAST_DTYPES,
     QUANTIZED_CASE,
     Case,
     Combo,
-    _loss,
     build_model,
     cases,
     check_autocast,
     combinations,
     perturb,
 )
+from lorakit.conformance.kit import _loss
+from lorakit.core import Adapter, adapted_layers, registry
 
 DTYPES = {str(d).removeprefix("torch."): d for d in AUTOCAST_DTYPES}
 RECIPES = {name: Combo(**r.composition()) for name, r in sorted(registry.load().recipes.items())}

@@ -26,7 +26,7 @@ from torch import nn
 from torch._dynamo.backends.registry import lookup_backend
 
 from lorakit.core import adapted_layers, merge, registry, set_enabled, unmerge
-from lorakit.core.conformance import Combo, combinations
+from lorakit.conformance import Combo, combinations
 
 STEPS = 10
 DEVICE = os.environ.get("LORAKIT_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh compiles on cuda

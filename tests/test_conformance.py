@@ -10,7 +10,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from lorakit.core.conformance import cases, check_combination, combinations
+from lorakit.conformance import cases, check_combination, combinations
 
 EXAMPLES = 40 if os.environ.get("LORAKIT_SLOW") == "1" else 5
 DEVICE = os.environ.get("LORAKIT_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh runs the kit on cuda

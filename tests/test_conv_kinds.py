@@ -12,7 +12,7 @@ from peft import PeftModel
 from torch import nn
 
 from lorakit.core import Adapter, AdapterError, registry
-from lorakit.core.conformance import Case, Combo, check_combination
+from lorakit.conformance import Case, Combo, check_combination
 from lorakit.transformers import export_peft
 
 RECIPES = sorted(registry.load().recipes)

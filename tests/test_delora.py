@@ -238,7 +238,7 @@ def _delora_combos():
     factors Kaiming, residualized) under every generator."""
     from dataclasses import replace
 
-    from lorakit.core.conformance import combinations
+    from lorakit.conformance import combinations
     from lorakit.core.plugins import registry
 
     combos = [c for c in combinations() if c.normalizer["name"] == "delora" and c.magnitude is None]
@@ -259,7 +259,7 @@ def test_bound_holds_after_aggressive_fp32_training(combo, seed, lr):
     stays within ``|λ|·max w·max|d| + ‖B0'A0'‖`` for every generator and initializer,
     however far training drifts the scale of the factors (the MLP generator moves
     ‖a_i‖ by 1e6 in a few steps at lr 1)."""
-    from lorakit.core.conformance import train_aggressively
+    from lorakit.conformance import train_aggressively
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 12))

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lorakit.core import Adapter, adapted_layers, registry
-from lorakit.core.conformance import Combo, combinations
+from lorakit.conformance import Combo, combinations
 
 OUT, IN = 512, 384
 TOKENS = (3, 2)  # batch × sequence: activations stay far below out × in

@@ -107,7 +107,7 @@ def test_export_loads_in_peft_and_transformers(tmp_path, kind, recipe):
 
 
 def _combos():
-    from lorakit.core.conformance import combinations
+    from lorakit.conformance import combinations
 
     return {str(c): c for c in combinations()}
 

@@ -7,7 +7,7 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
 
 from lorakit.core import Adapter, registry
-from lorakit.core.conformance import perturb
+from lorakit.conformance import perturb
 from lorakit.core.peft_format import lora_config, lora_tensors
 
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorakit.core import functional
-from lorakit.core.conformance import cases, check_precision, combinations
+from lorakit.conformance import cases, check_precision, combinations
 
 EXAMPLES = 20 if os.environ.get("LORAKIT_SLOW") == "1" else 2
 

@@ -9,7 +9,7 @@ from lorakit_ia3 import IA3Gain
 from torch import nn
 
 from lorakit.core import Adapter, AdapterError, adapted_layers, export_factors, registry
-from lorakit.core.conformance import cases, check_combination, combinations
+from lorakit.conformance import cases, check_combination, combinations
 
 EXAMPLES = int(os.environ.get("LORAKIT_CONFORMANCE_EXAMPLES", "3"))
 

@@ -10,7 +10,7 @@ from lorakit_lorafa import LoRAFA
 from torch import nn
 
 from lorakit.core import Adapter, Generator, ParameterSlots, Slot, adapted_layers, registry
-from lorakit.core.conformance import cases, check_combination, check_slot_contract, combinations
+from lorakit.conformance import cases, check_combination, check_slot_contract, combinations
 
 EXAMPLES = int(os.environ.get("LORAKIT_CONFORMANCE_EXAMPLES", "3"))
 

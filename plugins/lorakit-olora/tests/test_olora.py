@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from lorakit_olora import OLoRA
 
 from lorakit.core import Adapter, registry
-from lorakit.core.conformance import cases, check_combination, combinations
+from lorakit.conformance import cases, check_combination, combinations
 
 # conformance examples per combination (tests/test_plugins_thirdparty.py runs 1 in CI)
 EXAMPLES = int(os.environ.get("LORAKIT_CONFORMANCE_EXAMPLES", "3"))

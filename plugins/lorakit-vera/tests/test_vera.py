@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from lorakit_vera import SharedRandom, VeRA
 
 from lorakit.core import Adapter, adapted_layers, parameter_report, registry
-from lorakit.core.conformance import cases, check_combination, combinations
+from lorakit.conformance import cases, check_combination, combinations
 
 
 def model_and_input():
