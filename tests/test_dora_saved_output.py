@@ -26,11 +26,7 @@ def _inputs(g_values=None, bias=True, train_W=False, seed=0):
 
 
 def _grads(saves, x, W, b, B, A, g):
-    old, functional.DORA_SAVES = functional.DORA_SAVES, saves
-    try:
-        z = functional.linear_lowrank(x, W, b, B, A, g)
-    finally:
-        functional.DORA_SAVES = old
+    z = functional.linear_lowrank(x, W, b, B, A, g, saves=saves)
     go = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
     leaves = [t for t in (x, W, b, B, A, g) if t is not None and t.requires_grad]
     return z, torch.autograd.grad(z, leaves, go)
@@ -62,14 +58,11 @@ def test_keeps_the_output_not_the_pre_scale_output():
     x = torch.randn(128, 32)
 
     def kept(saves):
-        old, functional.DORA_SAVES = functional.DORA_SAVES, saves
+        model[0].dora_saves = saves  # an argument of the layer's fused linear, not a global switch
         sizes = {}
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.setdefault(t.untyped_storage().data_ptr(),
-                                                                                      t.numel()) and t, lambda t: t):
-                model(x).sum().backward()
-        finally:
-            functional.DORA_SAVES = old
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.setdefault(t.untyped_storage().data_ptr(),
+                                                                                  t.numel()) and t, lambda t: t):
+            model(x).sum().backward()
         return sum(n for n in sizes.values() if n >= 128 * 64)
 
     assert kept("output") == 128 * 64  # SiLU's input is the layer's output: one tensor

@@ -27,7 +27,7 @@ the default bench model's 28 projections: forward + backward CPU time.
 ``dora-saved-output``: DoRA's magnitude gradient needs the pre-scale output
 ``y = W̄x + B'A'x`` of every adapted layer (``dL/dm_i ∝ Σ_t go_ti·y_ti``), one
 tokens × out tensor per layer that LoRA does not keep. The shipped form
-(``lorakit.core.functional.DORA_SAVES = "output"``) keeps the output ``z = g ⊙ y + b``
+(``AdaptedLayer.dora_saves = "output"``) keeps the output ``z = g ⊙ y + b``
 instead, which the next op often keeps anyway, and rebuilds ``y = (z − b) / g`` in
 backward (rows with ``g_i = 0`` recomputed exactly). This measures the peak memory
 of both forms on the default model, next to PEFT's LoRA.
@@ -115,7 +115,7 @@ def mlp_batching(layers: int = 4, rank: int = 8, width: int = 32, embed: int = 1
 
 
 def dora_saved_output() -> dict:
-    from lorakit.core import functional
+    from lorakit.core import adapted_layers
 
     from .measure import step_peak_bytes
     from .methods import Method, adapt, build_base, resident_bytes
@@ -124,8 +124,10 @@ def dora_saved_output() -> dict:
     base = build_base(256, 4, 688, 1000, 128, seed=0, dtype=torch.float32, device="cpu")
     ids = torch.randint(0, 1000, (8, 128), generator=torch.Generator().manual_seed(1))
 
-    def peak(method: Method) -> float:
+    def peak(method: Method, dora_saves: str = "output") -> float:
         model = adapt(method, base, rank=8, seed=0)
+        for layer in adapted_layers(model).values():
+            layer.dora_saves = dora_saves
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
 
         def step():
@@ -137,11 +139,7 @@ def dora_saved_output() -> dict:
         return (step_peak_bytes(step, "cpu") + resident_bytes(model, opt)) / 2**20
 
     out = {"PEFT LoRA": peak(Method("peft", "lora")), "lorakit dora (output kept)": peak(Method("lorakit", "dora"))}
-    functional.DORA_SAVES = "pre-scale"
-    try:
-        out["lorakit dora, y kept"] = peak(Method("lorakit", "dora"))
-    finally:
-        functional.DORA_SAVES = "output"
+    out["lorakit dora, y kept"] = peak(Method("lorakit", "dora"), dora_saves="pre-scale")
     return out
 
 

@@ -68,14 +68,14 @@ def row_sq_norms_of_sum(W: Tensor | WeightOperator, W_row_sq: Tensor, B: Tensor,
     return (W_row_sq + 2 * cross + quad).clamp_min(0)
 
 
-#: What the fused DoRA linear keeps for the magnitude's gradient (docs/design.md,
-#: "Work and memory per forward"): ``"output"`` keeps the layer's output ``z`` (often
-#: kept by the next op anyway, then free) and recovers ``y = (z − b) / g`` in
-#: backward; ``"pre-scale"`` keeps ``y`` itself (tokens × out per layer; the form
-#: before issue 16, for models that edit a layer's output in place). Under
-#: ``torch.compile`` the traced autograd form is used and AOTAutograd's partitioner
-#: chooses what to keep.
-DORA_SAVES = "output"
+#: What the fused DoRA linear can keep for the magnitude's gradient (docs/design.md,
+#: "Work and memory per forward"), the ``saves`` argument of :func:`linear_lowrank`:
+#: ``"output"`` (default) keeps the layer's output ``z`` (often kept by the next op
+#: anyway, then free) and recovers ``y = (z − b) / g`` in backward; ``"pre-scale"`` keeps
+#: ``y`` itself (tokens × out per layer; the earlier form, for models that edit a layer's
+#: output in place). Under ``torch.compile`` the traced autograd form is used and
+#: AOTAutograd's partitioner chooses what to keep.
+DORA_SAVES_OPTIONS = ("output", "pre-scale")
 
 
 class _LowRankLinear(torch.autograd.Function):
@@ -157,7 +157,7 @@ class _LowRankLinear(torch.autograd.Function):
 
 
 def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
-                   g: Tensor | None = None, x_low: Tensor | None = None) -> Tensor:
+                   g: Tensor | None = None, x_low: Tensor | None = None, saves: str = "output") -> Tensor:
     """``g ⊙ (W x + B (A x_low)) + b`` for a linear layer (``g = 1`` when None;
     ``x_low``, the adapter branch's input after dropout, is ``x`` when None).
 
@@ -165,7 +165,7 @@ def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tens
     of being formed and added separately: one out × tokens tensor and one pass over
     it fewer, in forward and in backward. In eager training the whole layer is one
     autograd node (:class:`_LowRankLinear`); with ``g`` (DoRA) it keeps the output
-    rather than ``y`` (:data:`DORA_SAVES`).
+    rather than ``y`` (``saves``, one of :data:`DORA_SAVES_OPTIONS`).
 
     Under ``torch.autocast`` every operand is cast to the autocast dtype first and the
     layer runs with autocast off: what ``nn.Linear`` computes under autocast (GEMMs and
@@ -175,22 +175,23 @@ def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tens
     """
     low = autocast_dtype(x)
     if low is None:
-        return _linear_lowrank(x, W, bias, B, A, g, x_low)
+        return _linear_lowrank(x, W, bias, B, A, g, x_low, saves)
     own = x_low is None or x_low is x
 
     def cast(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(low)
 
     with torch.autocast(x.device.type, enabled=False):
-        return _linear_lowrank(cast(x), cast(W), cast(bias), cast(B), cast(A), cast(g), None if own else cast(x_low))
+        return _linear_lowrank(cast(x), cast(W), cast(bias), cast(B), cast(A), cast(g), None if own else cast(x_low),
+                               saves)
 
 
 def _linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
-                    g: Tensor | None, x_low: Tensor | None) -> Tensor:
+                    g: Tensor | None, x_low: Tensor | None, saves: str) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     xl2 = None if x_low is None or x_low is x else x_low.reshape(-1, x.shape[-1])
     if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and (g is None or (xl2 is None and DORA_SAVES == "output"))):
+            and (g is None or (xl2 is None and saves == "output"))):
         z = _LowRankLinear.apply(x2, xl2, W, bias, B, A, g)
         return z.view(*x.shape[:-1], z.shape[-1])
     h = (A @ (x2 if xl2 is None else xl2).T).T  # tokens × R, as _LowRankLinear computes it (faster too)

@@ -53,6 +53,9 @@ class AdaptedLayer(nn.Module):
         # set by Adapter.apply: one immutable record all its layers share (adapter_config(model))
         self.adapter_config: Mapping[str, Any] = {}  # empty until apply; never changed in place
         self.disabled = False
+        # what the fused DoRA linear keeps for backward (functional.DORA_SAVES_OPTIONS): an argument
+        # per layer, not a global; "pre-scale" for a model that edits a layer's output in place
+        self.dora_saves = "output"
         self._cache: tuple[tuple, tuple[Tensor, Tensor, Tensor | None]] | None = None
         # A plain nn.Linear gets the fused path (functional.linear_lowrank); any
         # other module goes through its layer kind. A static decision.
@@ -180,26 +183,36 @@ class AdaptedLayer(nn.Module):
         if self.merged or self.disabled:
             return self.base(x)
         B, A, g = self.factors()
-        # a static decision (the training flag is a guard under torch.compile); x_d is x otherwise
+        # static decisions (the training flag is a guard under torch.compile); x_d is x otherwise
         dropping = self.training and self.dropout > 0 and not self.indices
         x_d = F.dropout(x, self.dropout, training=True) if dropping else x
         if self.fused and x.dtype == A.dtype and (g is None or not dropping):
-            return functional.linear_lowrank(x, self.base.weight, self.base.bias, B, A, g, x_low=x_d)
-        # Generic path; also an adapter kept in fp32 on a bf16/fp16 base: the
-        # low-rank term is computed in the adapter's dtype (under autocast: in the
-        # autocast dtype, its ops cast), then cast to the base term's dtype, so the
-        # output has the dtype the base module gives (under autocast too).
-        # Integer inputs (an embedding) are neither cast nor dropped.
+            return functional.linear_lowrank(x, self.base.weight, self.base.bias, B, A, g, x_low=x_d,
+                                             saves=self.dora_saves)
+        # An adapter kept in fp32 on a bf16/fp16 base computes its term in its own dtype
+        # (under autocast: in the autocast dtype, its ops cast); the sum takes the dtype the
+        # base module gives. Integer inputs (an embedding) are neither cast nor dropped.
         delta = self.kind.lowrank(self.base, x if self.indices else x_d.to(A.dtype), B, A)
         if g is None:
-            y = self.base(x)
-            return y + delta.to(y.dtype)
+            return self._added(x, delta)
         if not dropping:
-            y = self.kind.linear(self.base, x)
-            return self.kind.add_bias(self.base, self.kind.scale_rows(y + delta.to(y.dtype), g)).to(y.dtype)
-        # DoRA with dropout as PEFT defines it (peft/tuners/lora/dora.py): only the dropped
-        # input takes the magnitude-scaled path, y = W̄(x − x_d) + g ⊙ (W̄ x_d + ΔW x_d) + b,
-        # which is g ⊙ (W̄ x + ΔW x) + b again when x_d = x
+            return self._row_scaled(x, delta, g)
+        return self._row_scaled_dropped(x, x_d, delta, g)
+
+    def _added(self, x: Tensor, delta: Tensor) -> Tensor:
+        """``base(x) + ΔW x``."""
+        y = self.base(x)
+        return y + delta.to(y.dtype)
+
+    def _row_scaled(self, x: Tensor, delta: Tensor, g: Tensor) -> Tensor:
+        """``g ⊙ (W̄ x + ΔW x) + b``: a magnitude head."""
+        y = self.kind.linear(self.base, x)
+        return self.kind.add_bias(self.base, self.kind.scale_rows(y + delta.to(y.dtype), g)).to(y.dtype)
+
+    def _row_scaled_dropped(self, x: Tensor, x_d: Tensor, delta: Tensor, g: Tensor) -> Tensor:
+        """DoRA with dropout as PEFT defines it (peft/tuners/lora/dora.py): only the dropped
+        input takes the magnitude-scaled path, ``W̄(x − x_d) + g ⊙ (W̄ x_d + ΔW x_d) + b``,
+        which is :meth:`_row_scaled` again when ``x_d = x``."""
         y = self.kind.linear(self.base, x_d)
         y = self.kind.scale_rows(y + delta.to(y.dtype), g)
         return self.kind.add_bias(self.base, self.kind.linear(self.base, x - x_d) + y).to(y.dtype)
