@@ -15,12 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .plugins import registry
 from .primitives import AdapterError, Primitive, SlotsModule
 
 
 def _who(primitive: Primitive) -> str:
-    from .plugins import registry  # plugins imports the layer machinery; late import avoids a cycle
-
     plugin = registry.plugin_of(primitive)
     who = f"{primitive.kind} {primitive.name!r}"
     return f"{who} (plugin {plugin!r})" if plugin else who
