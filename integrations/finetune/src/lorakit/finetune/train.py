@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -302,6 +303,8 @@ def _device(name: str) -> torch.device:
 
 
 def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
+    """Every check first (nothing is written until the adapter, data, model and --resume
+    are known good), then train, evaluate and write the run's files."""
     _check_numbers(cfg)
     out = Path(cfg.out)
     check_output(out)  # created below, once the adapter, data, model and --resume are known good
@@ -313,59 +316,104 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     train, test = split(data, cfg.test_fraction, cfg.split_seed)
     torch.set_num_threads(cfg.threads or auto_threads())
     device = _device(cfg.device)
+    run = _build(cfg, adapter, data, train, test, device)
+    optimizer, scheduler = _optimizer(run.model, cfg)
+    state = {"label": label, "task": data.task, "norm": run.norm, "model": str(run.folder), "data": data.source,
+             "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "losses": []}
+    start = _resume(cfg, run.model, optimizer, scheduler, state) if cfg.resume else 0
+    state["run_id"] = uuid.uuid4().hex
+    check_writable(out)
+    memory = PeakMemory(device)
+    timing = _train(cfg, run, optimizer, scheduler, state, start, out / "checkpoints", label)
+    summary = _finish(cfg, run, optimizer, state, memory, timing, start, out, label, adapter)
+    log(f"{label}: {summary['metric']['name']}={summary['metric']['value']:.4f} "
+        + " ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items() if k != summary["metric"]["name"])
+        + f"  trainable={summary['trainable_parameters']['adapter']:,}+{run.head_params:,} head"
+        + f"  {summary['steps_per_second']:.2f} steps/s"
+        + (f"  frozen base {run.base_mb['quantized']:.1f} MB {cfg.quantize} (fp32 {run.base_mb['fp32']:.1f} MB)"
+           if cfg.quantize else "") + f"  -> {out}")
+    return summary
 
+
+@dataclass
+class _Built:
+    """The adapted model of a run and what its steps read."""
+
+    backbone: Any
+    model: TextModel
+    folder: Path
+    base_mb: dict
+    norm: dict
+    head_params: int
+    report: dict
+    batches: Batches
+    test_batches: Batches
+    loss_fn: Any
+    device: torch.device
+    data: Dataset
+    train: Dataset
+    test: Dataset
+
+
+def _build(cfg: FinetuneConfig, adapter: Adapter, data: Dataset, train: Dataset, test: Dataset,
+           device: torch.device) -> _Built:
+    """The backbone (quantized if asked) with its head, the adapter applied, and the batches."""
     torch.manual_seed(cfg.seed)
     backbone, tokenizer, folder = load_backbone(cfg.model)
     base_mb = _frozen_base_mb(backbone, cfg.quantize)
-    targets = cfg.targets or None
     y_train, norm = _targets(data, train)
     n_out = 1 if data.task == "regression" else len(data.classes)
     # the head inside the backbone, trained as a module to save: the PEFT export holds it
     attach_head(backbone, n_out, torch.Generator().manual_seed(cfg.seed))
     adapter.modules_to_save = [HEAD]
-    adapter.apply(backbone, targets=targets)
+    adapter.apply(backbone, targets=cfg.targets or None)
     model = TextModel(backbone).to(device)
     model.train()
     head_params = sum(p.numel() for p in model.head.trained.parameters())
     report = core.parameter_report(backbone)
     report["trainable"] -= head_params  # the adapter's own, reported apart from the head
-
-    groups = _param_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups)
-    warm = max(1, round(cfg.warmup * cfg.steps)) if cfg.warmup else 0
-    schedule = lambda k: min((k + 1) / warm, 1.0) if k < warm else max(0.0, (cfg.steps - k) / max(1, cfg.steps - warm))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
     pad_id = tokenizer.pad_token_id
     batches = Batches(_encode(tokenizer, train.texts, cfg.max_length), y_train, cfg.batch_size, cfg.seed, pad_id)
     y_test = torch.tensor(test.labels, dtype=torch.float32 if data.task == "regression" else torch.long)
     test_batches = Batches(_encode(tokenizer, test.texts, cfg.max_length), y_test, cfg.batch_size, 0, pad_id)
-
-    state = {"label": label, "task": data.task, "norm": norm, "model": str(folder), "data": data.source,
-             "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "losses": []}
-    start = 0
-    if cfg.resume:
-        restored = load_checkpoint(model, optimizer, Path(cfg.resume))
-        start = restored.get("step") if isinstance(restored, dict) else None
-        losses = restored.get("losses", []) if isinstance(restored, dict) else None
-        if not isinstance(start, int) or isinstance(start, bool) or start < 0 or not isinstance(losses, list):
-            raise FinetuneError(f"--resume {cfg.resume}: its trainer_state.json is damaged (no valid step or "
-                                "losses); resume from another checkpoint or start again")
-        state["losses"] = losses[:start]
-        if start >= cfg.steps:
-            raise FinetuneError(f"--resume {cfg.resume}: it is at step {start}, not before --steps {cfg.steps}")
-        # The learning rate of step `start`, set directly: scheduler.step() before any
-        # optimizer.step() would make PyTorch warn about the call order.
-        scheduler.last_epoch = start
-        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base_lr * factor(start)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    state["run_id"] = uuid.uuid4().hex
-    check_writable(out)
-    ckpt_root = out / "checkpoints"
-    memory = PeakMemory(device)
     loss_fn = torch.nn.functional.mse_loss if data.task == "regression" else torch.nn.functional.cross_entropy
+    return _Built(backbone, model, folder, base_mb, norm, head_params, report, batches, test_batches, loss_fn,
+                  device, data, train, test)
 
+
+def _optimizer(model: TextModel, cfg: FinetuneConfig):
+    """AdamW over the per-slot groups, linear warm-up then linear decay to 0."""
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg))
+    warm = max(1, round(cfg.warmup * cfg.steps)) if cfg.warmup else 0
+    schedule = lambda k: min((k + 1) / warm, 1.0) if k < warm else max(0.0, (cfg.steps - k) / max(1, cfg.steps - warm))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _resume(cfg: FinetuneConfig, model: TextModel, optimizer, scheduler, state: dict) -> int:
+    """Load ``--resume`` into the model and optimizer; set the schedule at its step; return it."""
+    restored = load_checkpoint(model, optimizer, Path(cfg.resume))
+    start = restored.get("step") if isinstance(restored, dict) else None
+    losses = restored.get("losses", []) if isinstance(restored, dict) else None
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0 or not isinstance(losses, list):
+        raise FinetuneError(f"--resume {cfg.resume}: its trainer_state.json is damaged (no valid step or "
+                            "losses); resume from another checkpoint or start again")
+    state["losses"] = losses[:start]
+    if start >= cfg.steps:
+        raise FinetuneError(f"--resume {cfg.resume}: it is at step {start}, not before --steps {cfg.steps}")
+    # The learning rate of step `start`, set directly: scheduler.step() before any
+    # optimizer.step() would make PyTorch warn about the call order.
+    scheduler.last_epoch = start
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(start)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return start
+
+
+def _train(cfg: FinetuneConfig, run: _Built, optimizer, scheduler, state: dict, start: int, ckpt_root: Path,
+           label: str) -> dict:
+    """Steps ``start`` … ``cfg.steps - 1`` with periodic checkpoints; a Ctrl-C reports the
+    last checkpoint this run wrote. Returns the wall and CPU time and the running loss."""
+    model, batches, device = run.model, run.batches, run.device
     train_time, cpu_time, ema = 0.0, 0.0, None
     bar = _progress(cfg.steps, start, label, cfg.progress)
     last_ckpt = None
@@ -373,7 +421,7 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
         for step in range(start, cfg.steps):
             t0, c0 = time.perf_counter(), time.process_time()
             idx = batches.indices(step)
-            loss = loss_fn(model(batches.collate(idx, device)), batches.labels[idx].to(device))
+            loss = run.loss_fn(model(batches.collate(idx, device)), batches.labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -394,42 +442,51 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
         latest = latest_checkpoint(ckpt_root)  # Ctrl-C may land between the rename and the assignment
         raise Interrupted(latest if written_by(latest, state["run_id"]) else last_ckpt) from None
     bar.close()
+    return {"train": train_time, "cpu": cpu_time, "ema": ema}
 
+
+def _finish(cfg: FinetuneConfig, run: _Built, optimizer, state: dict, memory: PeakMemory, timing: dict,
+            start: int, out: Path, label: str, adapter: Adapter) -> dict:
+    """Evaluate, then write the final checkpoint, the PEFT export, the loss plot and
+    ``summary.json``; the run's older checkpoints go only once all of it succeeded."""
+    model, batches, device, data = run.model, run.batches, run.device, run.data
+    ckpt_root = out / "checkpoints"
     t_eval = time.perf_counter()
-    metrics = evaluate(model, test_batches, data.task, norm, device)
+    metrics = evaluate(model, run.test_batches, data.task, run.norm, device)
     eval_seconds = time.perf_counter() - t_eval
     peak_mb, peak_kind = memory.read_mb()  # CPU: replaced below by one measured step (after the saves)
     # None when another run's checkpoint has this name: replaced only once this run has succeeded
     saved = save_checkpoint(model, optimizer, ckpt_root, cfg.steps, state)
     ckpt = checkpoint_path(ckpt_root, cfg.steps)
-    peft_path, peft_error = _export_peft(backbone, out / "peft", folder)  # the head included
+    peft_path, peft_error = _export_peft(run.backbone, out / "peft", run.folder)  # the head included
     if device.type == "cpu":
         idx = batches.indices(0)
-        step_mb = _step_peak_mb(model, optimizer, lambda: loss_fn(model(batches.collate(idx, device)),
-                                                                  batches.labels[idx].to(device)))
+        step_mb = _step_peak_mb(model, optimizer, lambda: run.loss_fn(model(batches.collate(idx, device)),
+                                                                      batches.labels[idx].to(device)))
         if step_mb is not None:
             peak_mb, peak_kind = step_mb, "one training step, measured as lorakit bench does"
     primary = PRIMARY[data.task]
     steps_done = cfg.steps - start
+    train_time, cpu_time = timing["train"], timing["cpu"]
     summary = {
-        "label": label, "recipe": adapter.recipe, "adapter": dict(core.adapter_config(backbone)),
-        "model": str(folder), "data": data.source, "task": data.task,
-        "n_train": len(train), "n_test": len(test), "steps": cfg.steps, "batch_size": cfg.batch_size,
+        "label": label, "recipe": adapter.recipe, "adapter": dict(core.adapter_config(run.backbone)),
+        "model": str(run.folder), "data": data.source, "task": data.task,
+        "n_train": len(run.train), "n_test": len(run.test), "steps": cfg.steps, "batch_size": cfg.batch_size,
         "lr": cfg.lr, "rank": cfg.rank, "seed": cfg.seed, "split_seed": cfg.split_seed,
         "metric": {"name": primary, "value": metrics[primary], "higher_is_better": True},
         "metrics": metrics,
-        "trainable_parameters": {"adapter": report["trainable"], "head": head_params,
-                                 "total": report["trainable"] + head_params},
+        "trainable_parameters": {"adapter": run.report["trainable"], "head": run.head_params,
+                                 "total": run.report["trainable"] + run.head_params},
         # less the head's untouched initial copy, which the saved-module wrapper keeps
-        "total_parameters": sum(p.numel() for p in model.parameters()) - head_params,
+        "total_parameters": sum(p.numel() for p in model.parameters()) - run.head_params,
         "steps_per_second": steps_done / train_time if train_time else None,
         "train_seconds": train_time, "eval_seconds": eval_seconds,
         # CPU time (all threads) per step: comparable across runs even on a busy machine
         "cpu_ms_per_step": 1000 * cpu_time / steps_done if device.type == "cpu" else None,
         "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
-        "quantize": cfg.quantize, "frozen_base_mb": base_mb,
+        "quantize": cfg.quantize, "frozen_base_mb": run.base_mb,
         "device": str(device), "threads": torch.get_num_threads(),
-        "final_loss": ema, "losses": state["losses"],
+        "final_loss": timing["ema"], "losses": state["losses"],
         "checkpoint": str(ckpt), "peft_export": peft_path, "peft_export_error": peft_error,
         "loss_plot": str(out / "loss.png"), "versions": {"torch": torch.__version__},
     }
@@ -441,10 +498,4 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
         save_checkpoint(model, optimizer, ckpt_root, cfg.steps, state, replace=True)
     keep_only(ckpt_root, ckpt)  # this run succeeded: the other checkpoints go
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    log(f"{label}: {primary}={metrics[primary]:.4f} "
-        + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != primary)
-        + f"  trainable={summary['trainable_parameters']['adapter']:,}+{head_params:,} head"
-        + f"  {summary['steps_per_second']:.2f} steps/s"
-        + (f"  frozen base {base_mb['quantized']:.1f} MB {cfg.quantize} (fp32 {base_mb['fp32']:.1f} MB)"
-           if cfg.quantize else "") + f"  -> {out}")
     return summary
