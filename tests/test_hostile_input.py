@@ -250,3 +250,22 @@ def test_diffusers_export_of_a_non_finite_adapter_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="non-finite"):
         export_diffusers(nan_adapter(), tmp_path, prefix="unet")
     assert not list(tmp_path.iterdir())
+
+
+def test_every_json_from_outside_is_read_strictly(tmp_path):
+    """A run's trainer_state.json, a sweep's cell.json, a model folder's config.json: the
+    same strict reader as checkpoints (no NaN, duplicate keys, FIFOs or huge files)."""
+    from lorakit.core.validation import read_json
+    from lorakit.finetune.checkpoints import load_checkpoint
+    from lorakit.finetune.errors import FinetuneError
+
+    file = tmp_path / "trainer_state.json"
+    file.write_text('{"step": 1, "step": 2}')
+    with pytest.raises(AdapterError, match="given twice"):
+        read_json(file)
+    file.write_text('{"step": NaN}')
+    with pytest.raises(FinetuneError, match="trainer_state.json.*NaN"):
+        read_json(file, FinetuneError)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(FinetuneError, match="NaN"):
+        load_checkpoint(None, None, tmp_path)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakit.core import atomic
 from lorakit.core import checkpoint as ckpt
+from lorakit.core.validation import read_json
 
 from .errors import FinetuneError
 
@@ -109,8 +110,8 @@ def keep_only(root: Path, final: Path) -> None:
 
 def written_by(path: Path | None, run_id: str) -> bool:
     try:
-        return path is not None and json.loads((path / "trainer_state.json").read_text()).get("run_id") == run_id
-    except (OSError, ValueError):
+        return path is not None and read_json(path / "trainer_state.json").get("run_id") == run_id
+    except (OSError, ValueError, AttributeError):
         return False
 
 
@@ -151,11 +152,9 @@ def load_checkpoint(model, optimizer, path: Path) -> dict:
         path = found
     atomic.recover(path)
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_json(path / "trainer_state.json", FinetuneError)  # untrusted: read strictly
     except FileNotFoundError:
         raise FinetuneError(f"{path} is not a finetune checkpoint (no trainer_state.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FinetuneError(f"{path / 'trainer_state.json'} is corrupt ({exc})") from None
     _check_same_adapter(model, path)  # before load, whose optimizer check would speak of group sizes
     ckpt.load(model.backbone, path, optimizer=optimizer)  # checks recipe and shapes first
     try:

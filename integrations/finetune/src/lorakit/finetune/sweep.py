@@ -39,6 +39,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from lorakit.core.atomic import atomic_write
+from lorakit.core.validation import read_json
 
 from .errors import FinetuneError
 from .train import PRIMARY, FinetuneConfig, check_writable, finetune
@@ -145,9 +146,9 @@ def run_cell(entry: dict, lr: float, seed: int, cfg: FinetuneConfig, out: Path, 
     setup = _setup(cfg)
     if record.is_file():
         try:
-            done = json.loads(record.read_text())
+            done = read_json(record)
             problem = _record_problem(done, entry, lr, seed)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # AdapterError is a ValueError
             problem = f"cannot be read ({exc})"
         if problem:  # a damaged record: this cell only runs again
             log(f"sweep: {record} {problem}; running that cell again")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import os
 import re
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 
 from lorakit.core import AdapterError, CheckpointError, checkpoint, registry
 from lorakit.core.cli import output_problem
+from lorakit.core.validation import read_json
 
 FORMATS_HELP = "registered exporter (lorakit_exporters hook): peft, diffusers, kohya, ..."
 # the libraries whose model classes an export rebuilds by name, and the class each must derive from
@@ -85,7 +85,7 @@ def recorded_base(given: Path, source: Path) -> Path:
     checkpoint's ``trainer_state.json`` (a run stopped before its summary)."""
     for file in (given / "summary.json", source / "trainer_state.json"):
         try:
-            model = json.loads(file.read_text()).get("model")
+            model = read_json(file).get("model")
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(model, str) and model:
@@ -120,8 +120,8 @@ def load_base(folder: Path, cls: type | None = None):
     if not config_file.is_file():
         raise AdapterError(f"--base {folder}: no config.json there; give a local model folder")
     try:
-        class_name = json.loads(config_file.read_text()).get("_class_name")
-    except (json.JSONDecodeError, AttributeError):
+        class_name = read_json(config_file).get("_class_name")
+    except (AdapterError, AttributeError):
         raise AdapterError(f"--base {folder}: config.json is not a JSON object") from None
     try:
         if cls is None and class_name:

@@ -256,3 +256,11 @@ def loads_strict(data: bytes | str, what: str, error: type[AdapterError] = Adapt
     if problem := _find_bad(value, ""):
         raise error(f"{what}: {problem}")
     return value
+
+
+def read_json(file: Path, error: type[AdapterError] = AdapterError, max_bytes: int = 16 * 2**20) -> Any:
+    """A JSON file from outside (a checkpoint's, a run's, a model folder's), read strictly:
+    a bounded regular file (:func:`read_regular_file`) parsed by :func:`loads_strict`; any
+    defect is ``error`` naming the file. FileNotFoundError propagates."""
+    return loads_strict(read_regular_file(file, max_bytes, error), str(file), error)
+
