@@ -186,3 +186,97 @@ def test_checkpoint_with_another_expert_count_is_refused(tmp_path):
                                            "checkpoint has 4 experts, the model 8"):
         load(other, tmp_path / "ckpt")
     assert not adapted_layers(other)
+
+
+# -- import_peft of PEFT's target_parameters folders (lorakit.transformers.peft_experts) ------------------------
+
+def _peft_trained(base, path, **extra):
+    """A PEFT target_parameters LoRA with non-zero factors (init_lora_weights=False), saved to ``path``."""
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False,
+                             target_parameters=["gate_up_proj", "down_proj"], **extra)
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(path)
+    return path
+
+
+def _adamw_step(model):
+    step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0))
+
+
+@pytest.mark.parametrize("family", ["qwen3-grouped", "mixtral-eager"])
+@pytest.mark.parametrize("extra", [{}, {"use_rslora": True}, {"alpha_pattern": {"down_proj": 3}}])
+def test_import_peft_trained_target_parameters(tmp_path, family, extra):
+    """A PEFT-trained target_parameters adapter imports with PEFT's logits, and (recipe=None: the same
+    parameterization) a training step on it is PEFT's step on the same folder (not with an alpha_pattern,
+    folded into B: the value is exact, that parameter's learning-rate scale is lorakit's alpha/r)."""
+    from lorakit.transformers import import_peft
+
+    base = FAMILIES[family]()
+    path = _peft_trained(base, tmp_path / "peft", **extra)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path, is_trainable=True)
+    ours = import_peft(copy.deepcopy(base), path)
+    assert len(adapted_layers(ours)) == 2 + 2 * 2 * 4  # q_proj per layer, 4 experts per fused tensor
+    assert (logits(theirs) - logits(base)).abs().max() > 1e-2  # a real update
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
+    if "alpha_pattern" not in extra:
+        _adamw_step(theirs)
+        _adamw_step(ours)
+        torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
+    merged = import_peft(copy.deepcopy(base), path, "pissa")  # another recipe on the merged experts
+    torch.testing.assert_close(logits(merged), logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), path)),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_export_import_round_trip(tmp_path, recipe):
+    """lorakit -> PEFT folder -> import_peft: lorakit's logits; exported again, the same tensors; two imports
+    of one folder take identical next steps."""
+    from safetensors.torch import load_file
+
+    from lorakit.transformers import import_peft
+
+    base = qwen3()
+    model = copy.deepcopy(base)
+    Adapter.from_recipe(recipe, rank=2).apply(model, target_parameters="experts")
+    step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    export_peft(model, tmp_path / "a")
+    first, second = (import_peft(copy.deepcopy(base), tmp_path / "a") for _ in range(2))
+    torch.testing.assert_close(logits(first), logits(model), atol=1e-5, rtol=0)
+    export_peft(first, tmp_path / "b")
+    a, b = (load_file(tmp_path / f / "adapter_model.safetensors") for f in "ab")
+    assert a.keys() == b.keys()
+
+    def updates(tensors):  # per expert B_e A_e (PEFT's layout: A rows e·k + j, B columns j·E + e)
+        for key in (k for k in tensors if k.endswith("lora_A.weight")):
+            A, B = tensors[key], tensors[key.replace("lora_A", "lora_B")]
+            yield torch.einsum("okE,Eki->Eoi", B.reshape(B.shape[0], -1, 4), A.reshape(4, -1, A.shape[1]))
+    for got, want in zip(updates(b), updates(a)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    _adamw_step(first)
+    _adamw_step(second)
+    assert torch.equal(logits(first), logits(second))
+
+
+def test_import_peft_expert_count_mismatch_is_refused(tmp_path):
+    from lorakit.transformers import PeftImportError, import_peft
+
+    path = _peft_trained(qwen3(experts=4), tmp_path / "peft")
+    other = qwen3(experts=8)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(PeftImportError, match=r"parameter 'model\.layers\.0\.mlp\.experts\.gate_up_proj' has 8 "
+                                              r"experts but the file's lora_A \(8, 16\)"):
+        import_peft(other, path)
+    assert not adapted_layers(other) and all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_import_peft_parameter_the_model_lacks_is_refused(tmp_path):
+    import json
+
+    from lorakit.transformers import PeftImportError, import_peft
+
+    base = qwen3()
+    path = _peft_trained(base, tmp_path / "peft")
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "target_parameters": ["w13_weight"]}))
+    with pytest.raises(PeftImportError, match=r"target_parameters \['w13_weight'\] match no parameter"):
+        import_peft(base, path)
+    assert not adapted_layers(base)

@@ -22,6 +22,7 @@ Two semantics, both starting exactly at the PEFT model's function:
 
 Anything the file holds that lorakit cannot represent (biases, ``modules_to_save``,
 embedding LoRA, other PEFT methods) is a clear error listing it; nothing changes.
+Fused expert tensors (PEFT's ``target_parameters``) import per expert (``peft_experts``).
 So is an adapter whose ``init_lora_weights`` (pissa*, olora, corda, loftq, lora_ga)
 made PEFT rewrite the base weights: its factors only make sense on that rewritten
 base, and the error says how to convert it with PEFT first.
@@ -47,12 +48,13 @@ from lorakit.core.peft_format import most_common_rank
 from lorakit.core.validation import loads_strict, read_regular_file
 from lorakit.magnitudes import DoRA
 
+from .peft_experts import expert_updates
 from .peft_writer import EXTENSION, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 
 _KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
 # LoraConfig fields that change what the adapter computes, with the value lorakit supports.
 _UNSUPPORTED = {"bias": "none", "lora_bias": False, "modules_to_save": None, "layer_replication": None,
-                "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None,
+                "trainable_token_indices": None, "alora_invocation_tokens": None,
                 "use_qalora": False, "use_bdlora": None, "arrow_config": None}
 # init_lora_weights values for which PEFT rewrote the base weight (W_res = W̄ − B0 A0, or
 # LoftQ's quantized residual) and saved A, B relative to that residual: importing them
@@ -185,6 +187,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike, recipe: Adapter | str
     if adapted_layers(model):
         raise PeftImportError(f"{type(model).__name__} already has a lorakit adapter; import into the base "
                               "model (lorakit.core.unload(model) first)")
+    experts, bases, modules, parameters = expert_updates(model, config, modules, path, _peft_update,
+                                                         _pattern_value, PeftImportError)  # target_parameters
     names = dict(model.named_modules())
     missing = sorted(set(modules) - set(names))
     if missing:
@@ -196,21 +200,23 @@ def import_peft(model: nn.Module, path: str | os.PathLike, recipe: Adapter | str
         if kind is None:
             raise PeftImportError(f"module {name!r} is a {type(names[name]).__name__}, which lorakit cannot adapt")
         updates[name] = (kind, _peft_update(config, name, parts, kind, names[name]))
-    targets = "(?:" + "|".join(re.escape(n) for n in sorted(modules)) + ")"
+        bases[name] = names[name]
+    updates.update(experts)
+    targets = "(?:" + "|".join(re.escape(n) for n in sorted(modules)) + ")" if modules else None
     if recipe is None:
-        return _continue_same_adapter(model, config, updates, targets)
+        return _continue_same_adapter(model, config, updates, targets, parameters)
     adapter = Adapter.from_recipe(recipe) if isinstance(recipe, str) else recipe
-    return merge_then_apply(model, updates, adapter, targets, path)
+    return merge_then_apply(model, updates, adapter, targets, path, bases, parameters)
 
 
-def _continue_same_adapter(model, config, updates, targets):
+def _continue_same_adapter(model, config, updates, targets, parameters=None):
     ranks = {name: A.shape[0] for name, (_, (_, A, _)) in updates.items()}
     r = most_common_rank(ranks)
     adapter = Adapter(generator=Direct(), normalizer=Scale(alpha=config.get("lora_alpha", 8),
                                                            rs=bool(config.get("use_rslora"))),
                       init=Kaiming(), magnitude=DoRA() if config.get("use_dora") else None,
                       rank=r, rank_pattern={n: k for n, k in ranks.items() if k != r})
-    adapter.apply(model, targets=targets)
+    adapter.apply(model, targets=targets, target_parameters=parameters)
     layers = adapted_layers(model)
     with torch.no_grad():
         for name, (_, (Bs, A, m)) in updates.items():
@@ -224,24 +230,28 @@ def _continue_same_adapter(model, config, updates, targets):
     return model
 
 
-def merge_then_apply(model, updates, adapter, targets, path):
+def merge_then_apply(model, updates, adapter, targets, path, bases=None, parameters=None):
+    """Merge each PEFT update into its base matrix (``bases[name]``, else the module ``name``),
+    then apply ``adapter``; on error every matrix is restored."""
+    bases = {name: model.get_submodule(name) if bases is None or name not in bases else bases[name]
+             for name in updates}
     saved = {}
     try:
         with torch.no_grad():
             for name, (kind, (Bs, A, m)) in updates.items():
-                base = model.get_submodule(name)
+                base = bases[name]
                 W = kind.matrix(base)
                 saved[name] = W.detach().clone()
                 V = W.float() + Bs @ A
                 if m is not None:  # DoRA: W_eff = diag(m / ‖V_i‖) V
                     V = V * (m / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny))[:, None]
                 kind.set_matrix(base, V.to(W.dtype))
-        adapter.apply(model, targets=targets)
+        adapter.apply(model, targets=targets, target_parameters=parameters)
     except Exception:
         with torch.no_grad():
             for name, W in saved.items():
                 kind = updates[name][0]
-                kind.set_matrix(model.get_submodule(name), W)
+                kind.set_matrix(bases[name], W)
         raise
     # export_peft warns: the base is no longer the pretrained one
     set_extension(model, EXTENSION, {"merged_peft": str(path)})
