@@ -15,6 +15,7 @@ from .adapter import (
 )
 from .checkpoint import CheckpointError, load, load_optimizer, save
 from .hookspecs import hookimpl
+from .hotswap import hotswap
 from .layer import AdaptedLayer
 from .model_ops import (
     ExportedLayer,
@@ -54,7 +55,8 @@ __all__ = [
     "Initializer", "Magnitude", "MergeError", "Normalizer", "ParameterSlots", "Primitive", "Slot",
     "adapted_layers", "adapter_config", "default_targets", "disabled", "export_factors", "extension",
     "freeze_generators", "replace_adapter_config", "set_extension",
-    "hookimpl", "load", "load_optimizer", "merge", "param_groups", "merge_and_unload", "parameter_report",
+    "hookimpl", "hotswap", "load", "load_optimizer", "merge", "param_groups", "merge_and_unload",
+    "parameter_report",
     "register_plugin",
     "registry", "save", "set_enabled", "trainable_parameters", "unload", "unmerge",
 ]

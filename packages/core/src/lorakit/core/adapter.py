@@ -350,6 +350,9 @@ class Adapter:
     # modules trained whole (heads, norms), as PEFT's option
     modules_to_save: Iterable[str] | None = adapter_field(AdapterField(check_module_names, file_default=None),
                                                           default=None)
+    # every layer zero-padded to this rank: fixed shapes, so hot-swapped adapters never recompile
+    max_rank: int | None = adapter_field(AdapterField(lambda v, f: v if v is None else _rank(v, f),
+                                                      file_default=None), default=None)
 
     def __post_init__(self) -> None:
         schema.check_all(self)  # names, specs or instances -> instances; every field checked
@@ -536,4 +539,19 @@ class Adapter:
                                  restore_residual=restore_residual)
         except AdapterError as exc:
             raise AdapterError(f"module {name!r}: {exc}") from None
-        return layer.to(device)
+        if self.max_rank is not None:  # lorakit.core.hotswap: the same function at fixed shapes
+            from .hotswap import pad_layer
+
+            pad_layer(layer, self.max_rank, name)
+        return _to_device(layer, device)
+
+
+def _to_device(layer: AdaptedLayer, device: torch.device) -> AdaptedLayer:
+    """Move what the adapted layer built to ``device``, leaving its base (already there) alone:
+    ``Module.to`` swaps a tensor-subclass weight (torchao's ``NF4Tensor``) for a copy, which
+    fails while an autograd graph of an earlier forward still holds it."""
+    inside = {id(m) for m in layer.base.modules()}
+    for module in layer.modules():
+        if id(module) not in inside:
+            module._apply(lambda t: t.to(device), recurse=False)
+    return layer
