@@ -543,15 +543,4 @@ class Adapter:
             from .hotswap import pad_layer
 
             pad_layer(layer, self.max_rank, name)
-        return _to_device(layer, device)
-
-
-def _to_device(layer: AdaptedLayer, device: torch.device) -> AdaptedLayer:
-    """Move what the adapted layer built to ``device``, leaving its base (already there) alone:
-    ``Module.to`` swaps a tensor-subclass weight (torchao's ``NF4Tensor``) for a copy, which
-    fails while an autograd graph of an earlier forward still holds it."""
-    inside = {id(m) for m in layer.base.modules()}
-    for module in layer.modules():
-        if id(module) not in inside:
-            module._apply(lambda t: t.to(device), recurse=False)
-    return layer
+        return layer.to(device)
