@@ -27,9 +27,11 @@ def _layers(model: nn.Module):
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (computed in fp32, cast back): all layers or none.
 
-    Every layer's ``W_eff`` is computed and checked first (finite, fits the base dtype),
-    then computed again and written, so one out × in matrix is held at a time. A
-    :class:`MergeError` names the module and leaves every base weight unchanged.
+    Every layer is checked first (``AdaptedLayer.check_merge``: a bound on ``|W_eff|`` from
+    one reduction over ``W̄``; ``W_eff`` itself only where the bound does not settle it),
+    keeping its factors; then each ``W_eff`` is computed once and written, so one out × in
+    matrix is held at a time. A :class:`MergeError` names the module and leaves every base
+    weight unchanged.
     """
     layers = {n: layer for n, layer in _layers(model).items() if not layer.merged}
     for name, layer in layers.items():
@@ -43,13 +45,15 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _merge_layers(layers: dict) -> None:
-    for name, layer in layers.items():
-        layer.check_merge(name)  # every layer first: all or nothing
+def _merge_layers(layers: dict, plans: dict | None = None) -> None:
+    """Check every layer (or take its ``check_merge`` plan), then write them all; a failure
+    while writing (Ctrl-C, out of memory) unmerges the ones written."""
+    if plans is None:  # every layer first: all or nothing
+        plans = {name: layer.check_merge(name) for name, layer in layers.items()}
     done = []
     try:
         for name, layer in layers.items():
-            layer.merge(name)
+            layer.merge(name, plans[name])
             done.append(layer)
     except BaseException:  # Ctrl-C mid-way: back to all unmerged
         for layer in done:
@@ -93,8 +97,7 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module
     layers = _layers(model)
     quantized = {n: layer for n, layer in layers.items() if layer.kind.quantized and not layer.merged}
     floats = {n: layer for n, layer in layers.items() if not layer.merged and n not in quantized}
-    for name, layer in floats.items():
-        layer.check_merge(name)  # cheap bound, nothing written
+    plans = {name: layer.check_merge(name) for name, layer in floats.items()}  # cheap bound, nothing written
     modules, report, kept, swapped, merged = {}, {}, {}, [], False
     saved = saved_modules(model)
     try:
@@ -107,7 +110,7 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module
                 modules[name] = layer.kind.float_module(layer.base, W_eff)
                 report[name] = {"merged_into": f"{type(modules[name]).__name__}({W_eff.dtype})"}
             del W_eff
-        _merge_layers(floats)  # all or none itself
+        _merge_layers(floats, plans)  # all or none itself
         merged = True
         for name, layer in layers.items():
             parent, _, child = name.rpartition(".")
