@@ -206,10 +206,11 @@ def _quantized_hint(name: str, module: nn.Module, dtype: torch.dtype) -> str:
     cls = type(module)
     package = cls.__module__.partition(".")[0]
     supported = sorted(t.__name__ for t, k in registry.load().layers.items() if getattr(k, "quantized", False))
-    if supported and any(type(k).__module__.startswith(f"lorakit.{package}")
-                         for k in registry.layers.values() if getattr(k, "quantized", False)):
+    own = sorted(t.__name__ for t, k in registry.layers.items()  # what lorakit-<package> adapts
+                 if getattr(k, "quantized", False) and type(k).__module__.startswith(f"lorakit.{package}"))
+    if own:
         return (f"module {name!r} is a {package} {cls.__name__} ({dtype} weight), which no installed layer kind "
-                f"adapts; supported quantized layers: {', '.join(supported)}. Narrow the targets or convert it.")
+                f"adapts; supported quantized layers: {', '.join(own)}. Narrow the targets or convert it.")
     install = f"pip install lorakit-{package}" if package in QUANTIZATION_PACKAGES else "register a layer kind"
     if package in QUANTIZATION_PACKAGES and (unloaded := _unloaded_plugin(package)):
         return f"module {name!r} is a {package} {cls.__name__} ({dtype} weight): {unloaded}"
@@ -543,4 +544,15 @@ class Adapter:
             from .hotswap import pad_layer
 
             pad_layer(layer, self.max_rank, name)
-        return layer.to(device)
+        return _to_device(layer, device)
+
+
+def _to_device(layer: AdaptedLayer, device: torch.device) -> AdaptedLayer:
+    """Move what the adapted layer built to ``device``, leaving its base (already there) alone:
+    ``Module.to`` swaps a tensor-subclass weight (torchao's ``NF4Tensor``) for a copy, which
+    fails while an autograd graph of an earlier forward still holds it."""
+    inside = {id(m) for m in layer.base.modules()}
+    for module in layer.modules():
+        if id(module) not in inside:
+            module._apply(lambda t: t.to(device), recurse=False)
+    return layer

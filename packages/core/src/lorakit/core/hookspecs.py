@@ -32,7 +32,10 @@ def lorakit_recipes(register):
 @hookspec
 def lorakit_layers(register):
     """Register how a module type is adapted: ``register(module_type, layer_kind)``
-    where ``layer_kind`` is a ``lorakit.core.layer_kinds.LayerKind``."""
+    where ``layer_kind`` is a ``lorakit.core.layer_kinds.LayerKind``; or how a weight
+    type is: ``register(tensor_type, layer_kind)`` with a ``torch.Tensor`` subclass that
+    a module holds as its ``weight`` (torchao's ``NF4Tensor`` in an ``nn.Linear``). The
+    weight's type is looked up first, then the module's, each by nearest base class."""
 
 
 @hookspec

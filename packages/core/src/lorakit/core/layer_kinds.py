@@ -1,8 +1,13 @@
 """How an adapter sees a base layer as a matrix ``W̄`` (out × in) and applies factors.
 
-A layer kind is registered per module type through the ``lorakit_layers`` hook, so
+A layer kind is registered through the ``lorakit_layers`` hook per module type, so
 transformers' ``Conv1D`` (weight stored in × out) or a third party's quantized linear
-plug in without touching the adapted layer.
+plug in without touching the adapted layer, or per tensor type: a ``torch.Tensor``
+subclass held as a module's ``weight`` (torchao's ``NF4Tensor`` or ``Int8Tensor`` inside
+a plain ``nn.Linear``). The registry resolves the weight's type first, then the
+module's (``registry.layer_kind``); a kind keyed by a tensor type says in :meth:`check`
+which modules it adapts. :func:`plain_tensors` opens such a weight into the plain
+tensors that hold its bytes.
 """
 
 from __future__ import annotations
@@ -239,6 +244,23 @@ class EmbeddingKind(LayerKind):
         if type(base).forward is not nn.Embedding.forward:  # e.g. a scaled embedding: W̄ x is not its output
             return f"{type(base).__name__} overrides nn.Embedding.forward; register a layer kind for it"
         return None
+
+
+def plain_tensors(t: Tensor) -> dict[str, Tensor]:
+    """The plain tensors that hold ``t``: ``{"": t}``, or for a traceable wrapper subclass
+    (torchao's ``NF4Tensor``, ``Int8Tensor``) its inner tensors by dotted name
+    (``__tensor_flatten__``, recursively). Quantized bytes are compared, copied and
+    version-keyed through these, never through the subclass' own ops (an ``NF4Tensor``'s
+    ``clone`` requantizes; it has no ``equal``)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        return {"": t}
+    out = {}
+    for name in t.__tensor_flatten__()[0]:
+        for sub, inner in plain_tensors(getattr(t, name)).items():
+            out[f"{name}.{sub}" if sub else name] = inner
+    return out
 
 
 @dataclass(frozen=True)

@@ -297,9 +297,19 @@ class Registry:
         return recipes[name]
 
     def layer_kind(self, module: Any) -> Any | None:
-        for cls in type(module).__mro__:
-            if cls in self.load().layers:
-                return self.layers[cls]
+        """The layer kind adapting ``module``, nearest registered class first: one registered
+        for the type of the module's own ``weight`` parameter when that is a tensor subclass
+        (torchao's ``NF4Tensor`` in a plain ``nn.Linear``), else one for the module's type.
+        The weight decides first: the same ``nn.Linear`` is a float or a quantized layer by
+        what its weight holds."""
+        import torch  # imported by now (every caller holds a module); kept local to this lookup
+
+        layers = self.load().layers
+        weight = getattr(module, "_parameters", {}).get("weight")  # its own, not a wrapper's property
+        plain = (*torch.Tensor.__mro__, torch.nn.Parameter)  # a registered subclass only, never these
+        for cls in (*(type(weight).__mro__ if isinstance(weight, torch.Tensor) else ()), *type(module).__mro__):
+            if cls in layers and cls not in plain:
+                return layers[cls]
         return None
 
 
