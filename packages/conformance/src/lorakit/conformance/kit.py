@@ -82,7 +82,9 @@ def combinations(include: Sequence[Primitive] = ()) -> list[Combo]:
 
 @dataclass
 class Case:
-    layer: str  # "linear", "conv1d", "conv2d", "conv3d" or "embedding" (in_f is the vocabulary; not drawn by cases())
+    # "linear", "conv1d", "conv2d", "conv3d", "embedding" (in_f is the vocabulary; not drawn by cases()) or
+    # "experts" (fused expert tensors, conformance.experts; drawn by cases(layers=EXPERT_LAYERS))
+    layer: str
     in_f: int
     hidden: int
     out_f: int
@@ -94,12 +96,18 @@ class Case:
     bias: str = "none"
 
 
+LAYERS = ("linear", "linear", "linear", "linear", "conv1d", "conv2d", "conv2d", "conv3d")
+EXPERT_LAYERS = ("experts",)  # check_combination only (check_precision / check_autocast take module targets)
+
+
 @st.composite
-def cases(draw, max_dim: int = 64, dtypes=(torch.float64, torch.float32, torch.bfloat16)) -> Case:
-    layer = draw(st.sampled_from(["linear", "linear", "linear", "linear", "conv1d", "conv2d", "conv2d", "conv3d"]))
+def cases(draw, max_dim: int = 64, dtypes=(torch.float64, torch.float32, torch.bfloat16),
+          layers: Sequence[str] = LAYERS) -> Case:
+    layer = draw(st.sampled_from(list(layers)))
     top = max_dim if layer == "linear" else 8
     in_f, hidden, out_f = (draw(st.integers(1, top)) for _ in range(3))
-    limit = min(in_f, hidden, out_f) if layer == "linear" else min(hidden, out_f, in_f * 3 ** _CONV_DIMS[layer])
+    limit = (min(in_f, hidden, out_f) if layer in ("linear", "experts")
+             else min(hidden, out_f, in_f * 3 ** _CONV_DIMS[layer]))
     rank = draw(st.integers(1, max(limit, 1)))
     return Case(layer, in_f, hidden, out_f, rank, draw(st.sampled_from(dtypes)),
                 draw(st.integers(1, 4)), draw(st.integers(0, 2**16)), draw(st.sampled_from([0.0, 0.0, 0.25])),
@@ -116,6 +124,12 @@ def build_model(case: Case, device: str = "cpu") -> tuple[nn.Module, torch.Tenso
     if case.layer == "linear":
         model = nn.Sequential(nn.Linear(case.in_f, case.hidden), nn.Tanh(), nn.Linear(case.hidden, case.out_f))
         x = torch.randn(case.batch, case.in_f, generator=g)
+    elif case.layer == "experts":  # two fused expert tensors, TOKENS tokens per batch element
+        from .experts import TOKENS, TinyExperts, ensure_registered
+
+        ensure_registered()
+        model = nn.Sequential(TinyExperts(case.in_f, case.hidden, case.out_f))
+        x = torch.randn(case.batch, TOKENS, case.in_f, generator=g)
     elif case.layer == "embedding":  # a vocabulary of in_f, sequences of 6 indices
         model = nn.Sequential(nn.Embedding(case.in_f, case.hidden), nn.Tanh(), nn.Linear(case.hidden, case.out_f))
         x = torch.randint(0, case.in_f, (case.batch, 6), generator=g)
@@ -167,9 +181,10 @@ def check_combination(combo: Combo, case: Case, device: str = "cpu") -> None:
     model, x = build_model(case, device)
     pristine = copy.deepcopy(model)
     base_out = model(x)
-    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     adapter = combo.adapter(case.rank, seed=case.seed, dropout=case.dropout, bias=case.bias)
-    adapter.apply(model, targets=["0", "2"])
+    apply_to(adapter, model, case)
+    # each layer's W̄ (an expert's matrix is a view of its fused tensor): apply changed nothing yet
+    base_weights = {n: layer.kind.matrix(layer.base).detach().clone() for n, layer in adapted_layers(model).items()}
 
     # 1. identity at init (in training mode: with dropout too, B'A' − B0'A0' = 0 on any input)
     assert_close(model(x), base_out, case.dtype, f"{combo}: identity at init")
@@ -196,9 +211,9 @@ def check_combination(combo: Combo, case: Case, device: str = "cpu") -> None:
         assert_close(model(x), y, case.dtype, f"{combo}: merged vs unmerged", scale=10)
         unmerge(model)
         for name, layer in adapted_layers(model).items():
-            assert_close(layer.base.weight, base_weights[f"{name}.weight"], case.dtype,
+            assert_close(layer.kind.matrix(layer.base), base_weights[name], case.dtype,
                          f"{combo}: unmerge restores W of {name}", scale=10)
-            layer.kind.set_matrix(layer.base, base_weights[f"{name}.weight"])  # exact W̄ for the checks below
+            layer.kind.set_matrix(layer.base, base_weights[name])  # exact W̄ for the checks below
     model.train()
 
     # exported factors reproduce the adapted weight: V = W̄ + B A, and the magnitude m
@@ -241,6 +256,13 @@ def check_combination(combo: Combo, case: Case, device: str = "cpu") -> None:
             o.step()
         for (n, p), (_, q) in zip(model.named_parameters(), clone.named_parameters()):
             assert torch.equal(p, q), f"{combo}: next step differs after save/load at {n}"
+
+
+def apply_to(adapter: Adapter, model: nn.Module, case: Case) -> nn.Module:
+    """The case's targets: both layers of :func:`build_model`'s model, or every fused expert tensor."""
+    if case.layer == "experts":
+        return adapter.apply(model, target_parameters="experts")
+    return adapter.apply(model, targets=["0", "2"])
 
 
 def check_slot_contract(combo, adapter: Adapter, model: nn.Module, x: torch.Tensor) -> None:
