@@ -23,6 +23,8 @@ _EXPORTS = {
     "LorakitCallback": "trainer",
     "adapter_keys": "trainer",
     "adapter_only_saving": "trainer",
+    "AdapterDisabled": "trl",
+    "reference_model": "trl",
 }
 
 __all__ = sorted(_EXPORTS)
