@@ -49,6 +49,13 @@ def test_json_without_path_goes_to_stdout(capsys):
     assert set(result["methods"]) == {"lorakit lora", "PEFT LoRA"}
     assert "time: lorakit lora / PEFT LoRA" in result["ratios"]
     assert "lorakit lora" in captured.err  # the tables went to stderr
+    # load and merge: alternating rounds, wall and CPU time, a ratio per round
+    lk = result["methods"]["lorakit lora"]
+    assert len(lk["round_load_cpu_ms"]) == len(lk["round_merge_ms"]) == 5 and lk["merge_cpu_ms"] > 0
+    for name in ("load: lorakit lora / PEFT LoRA", "merge_and_unload: lorakit lora / PEFT LoRA"):
+        r = result["ratios"][name]
+        assert r["cpu_value"] > 0 and r["value_round_min_max"][0] <= r["value_round_min_max"][1]
+        assert r["cpu_value_round_min_max"][0] <= r["cpu_value"] * 1.000001
 
 
 def test_bench_compiled_has_no_graph_break(tmp_path):

@@ -189,9 +189,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int], None] | None =
     if config.lifecycle and not config.quantize:  # a bitsandbytes base is not deep-copied
         from .lifecycle import load_and_merge_ms
 
-        for r in runners:
-            progress(f"load/merge {r.method.label}", 0)
-            results[r.method.label].update(load_and_merge_ms(r.method, r.model, base, config.device) or {})
+        progress("load/merge (alternating rounds)", 0)
+        for method, times in load_and_merge_ms([(r.method, r.model) for r in runners], base, config.device).items():
+            results[method.label].update(times)
     return {
         "config": {**asdict(config), "recipes": list(config.recipes), "peft": list(config.peft),
                    "targets": list(config.targets)},
@@ -231,8 +231,13 @@ def ratios(results: dict) -> dict:
                 per_round = [(x - z) / (y - z) for x, y, z in zip(a[f"round_medians_{unit}"],
                                                                   b[f"round_medians_{unit}"], f)]
                 row[f"{key}_round_min_max"] = [min(per_round), max(per_round)]
-        elif metric.endswith("_ms"):
-            row["value"] = a[metric] / b[metric]
+        elif metric.endswith("_ms"):  # load / merge: wall and CPU, per alternating round
+            for unit, key in ((metric, "value"), (metric.replace("_ms", "_cpu_ms"), "cpu_value")):
+                if unit in a and unit in b:
+                    row[key] = a[unit] / b[unit]
+                if f"round_{unit}" in a and f"round_{unit}" in b:
+                    per_round = [x / y for x, y in zip(a[f"round_{unit}"], b[f"round_{unit}"])]
+                    row[f"{key}_round_min_max"] = [min(per_round), max(per_round)]
         else:
             row["value"] = a["peak_mem_mb"] / b["peak_mem_mb"]
         row["met"] = None if target is None else bool(row["value"] <= target)
