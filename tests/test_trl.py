@@ -128,3 +128,24 @@ def test_reference_model_is_the_base_without_a_copy():
     assert ref.config is model.config and not list(ref.parameters())
     with pytest.raises(Exception, match="has no lorakit adapter to disable"):
         reference_model(tiny_llama())
+
+
+def test_grpo_runs_on_cpu_adapter_only(tmp_path):
+    """GRPOTrainer generates with the adapted model itself (no vLLM) on CPU: only the adapter trains and
+    its checkpoints hold the adapter only, with the native checkpoint beside them."""
+    model = Adapter.from_recipe("lora", rank=2).apply(tiny_llama())
+    before = state(model)
+    data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "t3 t4 t5"}]} for _ in range(8)])
+
+    def reward(completions, **kwargs):  # longer answers score higher: any signal will do
+        return [float(len(c[-1]["content"] if isinstance(c, list) else c)) for c in completions]
+
+    config = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+                            max_completion_length=4, learning_rate=5e-2, use_cpu=True, report_to=[], logging_steps=1,
+                            disable_tqdm=True, save_strategy="steps", save_steps=2, seed=0, bf16=False)
+    trl.GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tokenizer(),
+                    callbacks=[LorakitCallback()]).train()
+    changed = {k for k, v in state(model).items() if not torch.equal(v, before[k])}
+    assert changed and changed <= adapter_keys(model)
+    assert set(load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))) == adapter_keys(model)
+    load(tiny_llama(), tmp_path / "checkpoint-2")
