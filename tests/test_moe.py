@@ -280,3 +280,34 @@ def test_import_peft_parameter_the_model_lacks_is_refused(tmp_path):
     with pytest.raises(PeftImportError, match=r"target_parameters \['w13_weight'\] match no parameter"):
         import_peft(base, path)
     assert not adapted_layers(base)
+
+
+@pytest.mark.parametrize("recipe", ["lora", "dora", "pissa"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_batched_expert_terms_equal_per_segment(monkeypatch, recipe, dropout):
+    """The grouped forward's stacked adapter terms (two grouped GEMMs per fused tensor) compute the
+    per-expert segment formulas to rounding: outputs and every slot's gradient, with dropout too."""
+    from lorakit.transformers import moe
+
+    def run():
+        model = qwen3(experts=8)
+        Adapter.from_recipe(recipe, rank=3, dropout=dropout).apply(model, target_parameters="experts")
+        with torch.no_grad():
+            for layer in adapted_layers(model).values():
+                for p in layer.slots.parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        model.train()
+        torch.manual_seed(3)
+        out = model(X, labels=X)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    batched, grads = run()
+    monkeypatch.setattr(moe, "_batched_terms", lambda *args: None)
+    segments, grads_ref = run()
+    torch.testing.assert_close(batched, segments, atol=1e-6, rtol=0)
+    assert grads.keys() == grads_ref.keys()
+    for n, g in grads.items():
+        assert (g is None) == (grads_ref[n] is None), n
+        if g is not None:
+            torch.testing.assert_close(g, grads_ref[n], atol=1e-6, rtol=1e-5)

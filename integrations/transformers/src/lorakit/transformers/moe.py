@@ -17,8 +17,9 @@ parameter that is not one of its weight tensors (a bias stays frozen).
 The forward below is the base's own, with each adapted expert's update added on the tokens
 routed to that expert: ``eager`` is the base's per-expert loop (``index_add_``), any other
 ``config._experts_implementation`` (``grouped_mm``, the default) the grouped form: tokens
-sorted by expert, the frozen product one ``grouped_mm``, the adapter terms per expert
-segment. A zero update therefore computes the base module bit for bit in either.
+sorted by expert, the frozen product one ``grouped_mm``, the adapter terms of every routed
+expert two more (their factors stacked, ``_batched_terms``; segment by segment where they
+cannot be stacked). A zero update therefore computes the base module bit for bit in either.
 """
 
 from __future__ import annotations
@@ -137,7 +138,10 @@ def _grouped_product(wrapper, param, x, offsets, sizes, expert_ids_g):
     base = wrapper.base
     W, bias = getattr(base, param), _bias(base, param)
     y = _grouped_linear(x, W, offsets, is_transposed=base.is_transposed)
-    if wrapper.active(param, 0) is not None:
+    if wrapper.active(param, 0) is not None and (batched := _batched_terms(wrapper, param, y, x, offsets, sizes,
+                                                                          expert_ids_g)) is not None:
+        y = batched
+    elif wrapper.active(param, 0) is not None:
         parts, start = [], 0
         for e, n in enumerate(sizes):
             seg, xs = y[start:start + n], x[start:start + n]
@@ -149,6 +153,41 @@ def _grouped_product(wrapper, param, x, offsets, sizes, expert_ids_g):
         parts.append(y[start:])  # tokens past the last expert's offset (none without expert parallelism)
         y = torch.cat(parts)
     return y if bias is None else y + bias[expert_ids_g]
+
+
+def _batched_terms(wrapper, param, base_out, x, offsets, sizes, expert_ids_g):
+    """Every routed expert's adapter term at once: its factors stacked, ``x A_eᵀ`` and ``(·) B_eᵀ``
+    two grouped GEMMs over the same segments as the base (an unrouted expert: zero factors that
+    need no gradient, so its slots get none and its factors are not computed), ``g`` gathered per
+    token. The per-segment formulas of :func:`_adapted_segment` to rounding; None where they
+    cannot be stacked (a merged or disabled expert, ranks or heads that differ, tokens past the
+    offsets), and the caller computes segment by segment."""
+    from transformers.integrations.moe import _grouped_linear
+
+    layers = [wrapper.active(param, e) if n else None for e, n in enumerate(sizes)]
+    if sum(sizes) != x.shape[0] or any(layer is None for layer, n in zip(layers, sizes) if n):
+        return None
+    factors = {e: layer.factors() for e, layer in enumerate(layers) if layer is not None}
+    if len({(B.shape, A.shape, g is None, A.dtype) for B, A, g in factors.values()}) != 1:
+        return None
+    B0, A0, g0 = next(iter(factors.values()))
+    B = torch.stack([factors[e][0] if e in factors else B0.new_zeros(B0.shape) for e in range(len(sizes))])
+    A = torch.stack([factors[e][1] if e in factors else A0.new_zeros(A0.shape) for e in range(len(sizes))])
+    pad = -A.shape[1] % 8  # grouped_mm wants 16-byte strides: zero rank components, which add exactly 0
+    A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
+    layer = next(layer for layer in layers if layer is not None)
+    dropping = layer.training and layer.dropout > 0
+    x_d = F.dropout(x, layer.dropout, training=True) if dropping else x
+    delta = _grouped_linear(_grouped_linear(x_d.to(A.dtype), A, offsets), B, offsets).to(base_out.dtype)
+    if g0 is None:
+        return base_out + delta
+    g = torch.stack([factors[e][2] if e in factors else g0.new_ones(g0.shape) for e in range(len(sizes))])
+    g = g[expert_ids_g].to(base_out.dtype)  # (tokens, out): each token's expert's row scale
+    if not dropping:
+        return (base_out + delta) * g
+    W, transposed = getattr(wrapper.base, param), wrapper.base.is_transposed
+    scaled = (_grouped_linear(x_d, W, offsets, is_transposed=transposed) + delta) * g
+    return _grouped_linear(x - x_d, W, offsets, is_transposed=transposed) + scaled
 
 
 def _adapted_segment(layer, base_out, x):
