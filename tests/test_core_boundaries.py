@@ -45,7 +45,7 @@ def test_core_names_no_primitive_or_slot_of_another_package():
 
 
 def test_no_tracker_numbers_in_code_or_docs():
-    """'issue 16' points to a tracker that is not in the repository: say what, and why."""
+    """A tracker number points to a tracker that is not in the repository: say what, and why."""
     files = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.toml", "*.yml", "*.txt"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     pattern = re.compile(r"\b[Ii]ssues? \d+|\bticket \d+")
