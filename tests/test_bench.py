@@ -133,3 +133,29 @@ def test_sweep_writes_one_table_and_one_plot(tmp_path):
         assert f"| {name} |" in table
     assert all(r["result"]["methods"]["PEFT LoRA"]["load_ms"] > 0 for r in result["runs"])
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_moe_bench_end_to_end(tmp_path):
+    """--model moe: floor, lorakit and PEFT LoRA on a tiny Qwen3-MoE's fused experts per expert count."""
+    out, md = tmp_path / "moe.json", tmp_path / "moe.md"
+    assert main(["bench", "--model", "moe", "--experts", "4,8", *TINY, "--json", str(out),
+                 "--markdown", str(md)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["experts"] == [4, 8] and list(result["results"]) == ["4", "8"]
+    for r in result["results"].values():
+        assert all(r[name]["ms"] > 0 and r[name]["peak_mib"] > 0 for name in ("floor", "lorakit lora", "peft lora"))
+        assert r["ratios"]["peak lorakit / peft"] > 0
+    assert "| 8 | lorakit / PEFT |" in md.read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--plot", "x.png"], "--model moe: --plot not supported"),
+    (["--compile"], "--model moe: --compile not supported"),
+    (["--experts", "1"], "--experts '1': give expert counts >= 2"),
+    (["--experts", "a,b"], "--experts 'a,b': give expert counts >= 2"),
+    (["--steps", "0"], "must be >= 1"),
+])
+def test_moe_bench_bad_input_is_one_clear_line(args, message, capsys):
+    assert main(["bench", "--model", "moe", *TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -11,11 +11,16 @@ from lorakit.core.cli import check_device, check_output_file, check_seed, check_
 from .methods import PEFT_METHODS
 from .runner import DTYPES, BenchConfig, run_bench, total_ticks
 
-HELP = "median step time and peak memory of lorakit recipes against PEFT on one Llama-like model"
+HELP = ("median step time and peak memory of lorakit recipes against PEFT on one Llama-like model "
+        "(--model moe: LoRA on a Qwen3-MoE's fused experts)")
 
 
 def configure(parser) -> None:
     d = BenchConfig()
+    parser.add_argument("--model", choices=("llama", "moe"), default="llama",
+                        help="llama (default): every recipe on a Llama-like model; moe: LoRA on the fused expert "
+                             "tensors of a Qwen3-MoE (target_parameters), lorakit against PEFT, per --experts")
+    parser.add_argument("--experts", default="8,32", help="--model moe: expert counts, comma-separated (top-2)")
     parser.add_argument("--device", default=d.device, help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (same settings for all)")
     parser.add_argument("--backend", default=d.backend, help="torch.compile backend (default: inductor)")
@@ -97,7 +102,53 @@ def _check_backend(name: str) -> None:
                            "(all: torch._dynamo.list_backends(exclude_tags=()))")
 
 
+def moe_config_from_args(args):
+    """``--model moe``'s :class:`~lorakit.bench.moe.MoEBench` (sizes, steps, seed, device as the Llama bench's)."""
+    from .moe import MoEBench
+
+    taken = {"--compile": args.compile, "--quantize": args.quantize, "--sweep": args.sweep, "--plot": args.plot,
+             "--no-floor": args.no_floor, "--dtype": args.dtype != BenchConfig().dtype}
+    if refused := [name for name, given in taken.items() if given]:
+        raise AdapterError(f"--model moe: {', '.join(refused)} not supported (it compares float32 eager LoRA on "
+                           "the experts against PEFT's); leave them out")
+    try:
+        experts = tuple(int(e) for e in _names(args.experts))
+    except ValueError:
+        experts = ()
+    if not experts or min(experts) < 2:
+        raise AdapterError(f"--experts {args.experts!r}: give expert counts >= 2, comma-separated (e.g. 8,32)")
+    config = config_from_args(args)  # the shared checks (sizes, device, threads, seed, output files)
+    return MoEBench(experts=experts, hidden=config.hidden, layers=config.layers, vocab=config.vocab,
+                    batch=config.batch, seq=config.seq, rank=config.rank, steps=config.steps,
+                    repeats=config.repeats, warmup=config.warmup, seed=config.seed, device=config.device)
+
+
+def _run_moe(args) -> int:
+    import torch
+
+    from .moe import markdown, run_moe
+
+    config = moe_config_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_moe(config)
+    table = markdown(result)
+    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        if args.json == "-":
+            json.dump(result, sys.stdout, indent=2)
+        else:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    return 0
+
+
 def run(args) -> int:
+    if args.model == "moe":
+        return _run_moe(args)
     config = config_from_args(args)
     if args.sweep:
         return _run_sweep(args, config)

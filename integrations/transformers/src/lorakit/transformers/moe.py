@@ -174,7 +174,8 @@ def _batched_terms(wrapper, param, base_out, x, offsets, sizes, expert_ids_g):
     B = torch.stack([factors[e][0] if e in factors else B0.new_zeros(B0.shape) for e in range(len(sizes))])
     A = torch.stack([factors[e][1] if e in factors else A0.new_zeros(A0.shape) for e in range(len(sizes))])
     pad = -A.shape[1] % 8  # grouped_mm wants 16-byte strides: zero rank components, which add exactly 0
-    A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
+    if pad:
+        A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
     layer = next(layer for layer in layers if layer is not None)
     dropping = layer.training and layer.dropout > 0
     x_d = F.dropout(x, layer.dropout, training=True) if dropping else x
