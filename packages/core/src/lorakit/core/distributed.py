@@ -25,12 +25,21 @@ docs/distributed.md for the launch commands and what the tests show.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from .adapter import adapted_layers
+from . import atomic, schema
+from .adapter import Adapter, adapted_layers, adapter_config
 from .checkpoint import adapter_state
 from .primitives import AdapterError
 
@@ -81,3 +90,111 @@ def gather(model: nn.Module, replica: nn.Module | None) -> nn.Module | None:
                                "in the replica; build the replica from the same base model and rank")
     replica.load_state_dict(state, strict=False)
     return replica
+
+
+# -- sharded checkpoints: adapter + optimizer, every rank writes its own shards -------------
+
+SHARDED_CONFIG = "lorakit_sharded.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _same_on_every_rank(value):
+    """Rank 0's ``value`` on every rank (a folder name, an error text)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The model's own adapter tensors (DTensor shards under FSDP2), by ``save``'s keys: what
+    DCP writes from and loads into in place."""
+    keys = set(adapter_state(model))
+    return {k: v for k, v in model.state_dict().items() if k in keys}
+
+
+def _config(model: nn.Module) -> dict:
+    return {"format": "lorakit-sharded", "format_version": 1,
+            "adapter": {k: v for k, v in adapter_config(model).items() if k in schema.fields_of(Adapter)}}
+
+
+def save_sharded(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write the adapter (and ``optimizer``'s state) of a plain, DDP or FSDP2 model to the
+    folder ``path`` with ``torch.distributed.checkpoint``: every rank writes its own shards,
+    nothing is gathered. A collective: call it on every rank.
+
+    Atomic as a whole, as :func:`lorakit.core.save`: the ranks write into one hidden
+    staging folder that rank 0 publishes (two renames) only after every rank's files
+    and DCP's metadata are complete; a kill of any rank at any moment leaves the
+    previous checkpoint at ``path``. :func:`load_sharded` reads it at any world size."""
+    model = unwrap(model)
+    if not adapted_layers(model):
+        raise AdapterError(f"{type(model).__name__} has no lorakit adapter to save")
+    path = Path(os.path.realpath(path))
+    folder = None
+    if _rank() == 0:
+        atomic.recover(path)  # a save killed mid-swap: reinstate the previous checkpoint first
+        folder = atomic.staging_folder(path)
+    folder = Path(_same_on_every_rank(str(folder)))
+    try:
+        state = {"adapter": _adapter_tensors(model)}
+        if optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(folder), no_dist=not dist.is_initialized())
+        if _rank() == 0:
+            (folder / SHARDED_CONFIG).write_text(json.dumps(_config(model), indent=2, sort_keys=True))
+        if dist.is_initialized():
+            dist.barrier()  # every rank's shards are on disk before the folder is published
+        if _rank() == 0:
+            atomic.publish(folder, path)
+    finally:
+        if _rank() == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # gone already once published
+    return path
+
+
+def _check_sharded(model: nn.Module, folder: Path, optimizer) -> None:
+    """One clear error, before anything is loaded, when the checkpoint does not fit."""
+    config_file = folder / SHARDED_CONFIG
+    if not config_file.is_file():
+        raise AdapterError(f"{folder} is not a lorakit sharded checkpoint (no {SHARDED_CONFIG}); write it with "
+                           "lorakit.core.distributed.save_sharded, or read a lorakit.core.save folder with "
+                           "lorakit.core.load")
+    saved = json.loads(config_file.read_text())
+    ours = json.loads(json.dumps(_config(model)))["adapter"]  # as the file holds it (lists, not tuples)
+    theirs = saved.get("adapter", {})
+    if differ := sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)):
+        raise AdapterError(f"{folder}: the checkpoint's adapter differs from the model's in {', '.join(differ)}; "
+                           "apply the recipe the checkpoint was trained with before load_sharded")
+    meta = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    stored = {k.removeprefix("adapter."): v.size for k, v in meta.items() if k.startswith("adapter.")}
+    expected = {k: tuple(v.shape) for k, v in _adapter_tensors(model).items()}
+    if set(stored) != set(expected):
+        raise AdapterError(f"{folder}: adapter tensors missing {sorted(set(expected) - set(stored))[:5]}, "
+                           f"unexpected {sorted(set(stored) - set(expected))[:5]}; apply the same targets")
+    if (bad := [k for k in expected if tuple(stored[k]) != expected[k]]):
+        raise AdapterError(f"{folder}: {bad[0]} is {tuple(stored[bad[0]])} in the checkpoint but {expected[bad[0]]} "
+                           "in the model; build it from the same base model and rank")
+    if optimizer is not None and not any(k.startswith("optimizer.") for k in meta):
+        raise AdapterError(f"{folder} holds no optimizer state (saved without one); load it with optimizer=None")
+
+
+def load_sharded(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a :func:`save_sharded` folder into ``model`` (adapted with the same recipe and
+    targets; plain, DDP or FSDP2, at any world size: DCP reads each rank's slices) and
+    ``optimizer``. In place; a collective under a process group. Mismatches are one
+    :class:`AdapterError` before anything is read."""
+    model = unwrap(model)
+    folder = atomic.readable(path)
+    _check_sharded(model, folder, optimizer)
+    state = {"adapter": _adapter_tensors(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)  # initializes the state to load into
+    dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=not dist.is_initialized())
+    model.load_state_dict(state["adapter"], strict=False)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
