@@ -35,9 +35,10 @@ def _grads(saves, x, W, b, B, A, g):
 @pytest.mark.parametrize("g_values", [None, [0.0, 0.0], [1e-300, -1e-200, 0.0]], ids=["g>0", "g=0", "g tiny"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("train_W", [False, True])
-def test_same_output_and_gradients_as_the_pre_scale_form(g_values, bias, train_W):
+@pytest.mark.parametrize("saves", ["output", "recompute"])
+def test_same_output_and_gradients_as_the_pre_scale_form(g_values, bias, train_W, saves):
     inputs = _inputs(g_values, bias, train_W)
-    z, grads = _grads("output", *inputs)
+    z, grads = _grads(saves, *inputs)
     z_ref, grads_ref = _grads("pre-scale", *inputs)
     torch.testing.assert_close(z, z_ref, rtol=0, atol=0)
     for a, b in zip(grads, grads_ref):
@@ -46,7 +47,10 @@ def test_same_output_and_gradients_as_the_pre_scale_form(g_values, bias, train_W
 
 def test_gradcheck():
     x, W, b, B, A, g = _inputs([0.0])
-    torch.autograd.gradcheck(lambda *t: functional._LowRankLinear.apply(x.reshape(-1, 7), None, W, *t), (b, B, A, g))
+    x2 = x.reshape(-1, 7)
+    for recompute in (False, True):
+        fn = lambda *t, r=recompute: functional._LowRankLinear.apply(x2, None, W, *t, r)  # noqa: E731
+        torch.autograd.gradcheck(fn, (b, B, A, g))
 
 
 def test_keeps_the_output_not_the_pre_scale_output():
@@ -67,6 +71,29 @@ def test_keeps_the_output_not_the_pre_scale_output():
 
     assert kept("output") == 128 * 64  # SiLU's input is the layer's output: one tensor
     assert kept("pre-scale") == 2 * 128 * 64
+    assert kept("recompute") == 128 * 64  # SiLU's own input only
+
+
+def test_recompute_keeps_nothing_tokens_by_out():
+    """``dora_saves="recompute"``: where no following op keeps the output, the layer keeps
+    nothing of size tokens × out ("output" keeps z); an unknown value is one clear error."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64, bias=True))
+    Adapter.from_recipe("dora", rank=4).apply(model, targets=["0"])
+    x = torch.randn(128, 32)
+
+    def kept(saves):
+        model[0].dora_saves = saves
+        sizes = {}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.setdefault(t.untyped_storage().data_ptr(),
+                                                                                  t.numel()) and t, lambda t: t):
+            model(x).sum().backward()
+        return sum(n for n in sizes.values() if n >= 128 * 64)
+
+    assert kept("output") == 128 * 64 and kept("recompute") == 0
+    model[0].dora_saves = "y"
+    with pytest.raises(ValueError, match=r"dora_saves='y': use one of \('output', 'pre-scale', 'recompute'\)"):
+        model(x)
 
 
 @pytest.mark.parametrize("dropout", [False, True])

@@ -73,9 +73,11 @@ def row_sq_norms_of_sum(W: Tensor | WeightOperator, W_row_sq: Tensor, B: Tensor,
 #: ``"output"`` (default) keeps the layer's output ``z`` (often kept by the next op
 #: anyway, then free) and recovers ``y = (z − b) / g`` in backward; ``"pre-scale"`` keeps
 #: ``y`` itself (tokens × out per layer; the earlier form, for models that edit a layer's
-#: output in place). Under ``torch.compile`` the traced autograd form is used and
-#: AOTAutograd's partitioner chooses what to keep.
-DORA_SAVES_OPTIONS = ("output", "pre-scale")
+#: output in place); ``"recompute"`` keeps nothing tokens × out and recomputes ``y`` in
+#: backward, one more base GEMM per layer (the least memory, at that cost: choose it per
+#: layer, e.g. where nothing else keeps the output). Under ``torch.compile`` the traced
+#: autograd form is used and AOTAutograd's partitioner chooses what to keep.
+DORA_SAVES_OPTIONS = ("output", "pre-scale", "recompute")
 
 
 class _LowRankLinear(torch.autograd.Function):
@@ -99,12 +101,13 @@ class _LowRankLinear(torch.autograd.Function):
     as its input (SiLU, the gate product, attention's values), so this costs nothing
     there. Rows where ``z`` does not determine ``y`` (``g_i = 0``, or so small that
     ``g·y`` may underflow) get ``y_i = W_i x + B_i h`` recomputed for those rows only.
-    ``h`` (tokens × R) is kept: small, and it spares a GEMM.
+    ``h`` (tokens × R) is kept: small, and it spares a GEMM. ``recompute=True`` keeps
+    no ``z`` and recomputes ``y = W x + B h`` in backward (one more base GEMM).
     """
 
     @staticmethod
     def forward(ctx, x2: Tensor, xl2: Tensor | None, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
-                g: Tensor | None) -> Tensor:
+                g: Tensor | None, recompute: bool) -> Tensor:
         h = (A @ (x2 if xl2 is None else xl2).T).T  # hᵀ = A xᵀ is R × tokens, contiguous
         if g is None:
             z = torch.nn.functional.linear(x2, W, bias).addmm_(h, B.T)
@@ -112,7 +115,7 @@ class _LowRankLinear(torch.autograd.Function):
             return z
         y = torch.nn.functional.linear(x2, W).addmm_(h, B.T)
         z = y.mul_(g) if bias is None else torch.addcmul(bias, y, g)  # y is not kept (freed here)
-        ctx.save_for_backward(x2, xl2, W, bias, B, A, h, g, z)
+        ctx.save_for_backward(x2, xl2, W, bias, B, A, h, g, *(() if recompute else (z,)))
         return z
 
     @staticmethod
@@ -125,10 +128,12 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, go: Tensor):
         x2, xl2, W, bias, B, A, h, *gz = ctx.saved_tensors
-        need_x, need_xl, need_W, need_b, need_B, need_A, need_g = ctx.needs_input_grad
-        g, z = gz if gz else (None, None)
+        need_x, need_xl, need_W, need_b, need_B, need_A, need_g, _ = ctx.needs_input_grad
+        g, z = (*gz, None)[:2] if gz else (None, None)
         grad_g = None
-        if g is not None and need_g:  # first: its tokens × out temporary is freed before gy exists
+        if g is not None and need_g and z is None:  # recompute: y = W x + B h, the one extra GEMM
+            grad_g = (go * torch.nn.functional.linear(x2, W).addmm_(h, B.T)).sum(0)
+        elif g is not None and need_g:  # first: its tokens × out temporary is freed before gy exists
             assert z is not None  # saved together with g
             unknown = g.abs() < torch.finfo(g.dtype).tiny ** 0.5
             safe = torch.where(unknown, torch.ones_like(g), g)
@@ -153,7 +158,7 @@ class _LowRankLinear(torch.autograd.Function):
         grad_W = gy.T @ x2 if need_W else None
         grad_B = (h.T @ gy).T if need_B else None
         grad_A = gyB_t @ (x2 if xl2 is None else xl2) if need_A else None
-        return grad_x, grad_xl, grad_W, grad_b, grad_B, grad_A, grad_g
+        return grad_x, grad_xl, grad_W, grad_b, grad_B, grad_A, grad_g, None
 
 
 def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
@@ -173,6 +178,8 @@ def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tens
     get their gradients in their own (fp32) dtype. Left to autocast, ``F.linear`` would
     give bf16 while the in-place ``addmm_`` adding ``B h`` is not cast (a dtype error).
     """
+    if saves not in DORA_SAVES_OPTIONS:
+        raise ValueError(f"dora_saves={saves!r}: use one of {DORA_SAVES_OPTIONS} (AdaptedLayer.dora_saves)")
     low = autocast_dtype(x)
     if low is None:
         return _linear_lowrank(x, W, bias, B, A, g, x_low, saves)
@@ -191,8 +198,8 @@ def _linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Ten
     x2 = x.reshape(-1, x.shape[-1])
     xl2 = None if x_low is None or x_low is x else x_low.reshape(-1, x.shape[-1])
     if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and (g is None or (xl2 is None and saves == "output"))):
-        z = _LowRankLinear.apply(x2, xl2, W, bias, B, A, g)
+            and (g is None or (xl2 is None and saves != "pre-scale"))):
+        z = _LowRankLinear.apply(x2, xl2, W, bias, B, A, g, saves == "recompute")
         return z.view(*x.shape[:-1], z.shape[-1])
     h = (A @ (x2 if xl2 is None else xl2).T).T  # tokens × R, as _LowRankLinear computes it (faster too)
     if g is None:
@@ -216,14 +223,13 @@ def residual_factors(B: Tensor, A: Tensor, B0: Tensor, A0: Tensor) -> tuple[Tens
 
         t_i = sqrt( (‖a_i‖ / ‖b_i‖) · (‖b0_i‖ / ‖a0_i‖) )
 
-    (1 where a norm is zero: that component has nothing to cancel). ``t`` is held
-    constant in autograd: the product does not depend on it, so gradients are exact.
+    (1 where that is not a finite positive number: a zero norm, whose component has
+    nothing to cancel, or an over/underflow). ``t`` is held constant in autograd: the
+    product does not depend on it, so gradients are exact. 12 small ops (it runs every
+    forward of a residualized layer): the unselected inf/NaN of ``torch.where`` are discarded.
     """
-    nb, na = B.detach().norm(dim=0), A.detach().norm(dim=1)
-    nb0, na0 = B0.norm(dim=0), A0.norm(dim=1)
-    ok = (nb > 0) & (na > 0) & (nb0 > 0) & (na0 > 0)
-    one = torch.ones_like(nb)
-    t = torch.where(ok, ((na / torch.where(ok, nb, one)) * (nb0 / torch.where(ok, na0, one))).sqrt(), one)
+    t = ((A.detach().norm(dim=1) / B.detach().norm(dim=0)) * (B0.norm(dim=0) / A0.norm(dim=1))).sqrt()
+    t = torch.where(torch.isfinite(t) & (t > 0), t, 1.0)
     Bt, At = B * t, A / t[:, None]
     return torch.cat([Bt - B0, B0], dim=1), torch.cat([At, At - A0], dim=0)
 
