@@ -211,6 +211,8 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
          NotRun("tests/test_distributed.py::test_torchrun_launch (slow) runs this launch")),
         ("python -m pytest -q tests/test_distributed.py", SUITE),
         ("LORAKIT_SLOW=1 python -m pytest -q tests/test_distributed.py", SUITE),
+        ("python -m pytest -q tests/test_distributed_sharded.py", SUITE),
+        ("LORAKIT_SLOW=1 python -m pytest -q tests/test_distributed_sharded.py", SUITE),
     ],
     "docs/finetune.md": [
         ("pip install -r requirements-dev.txt", SETUP),
@@ -265,6 +267,7 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
         ("lorakit finetune --quantize int8 --recipe dora --out runs/int8-dora", RUN),
         ("lorakit compare --quantize nf4 --recipes lora,dora,pissa --out runs/compare-nf4", RUN),
         ("lorakit bench --quantize nf4 --recipes lora,dora --peft lora,dora --markdown bench-nf4.md", RUN),
+        ("pip install lorakit-torchao", NotRun("installs from the index; requirements-dev.txt installs it editable")),
     ],
     "docs/papers/delora.md": [
         ("python - <<'EOF'  # body 75707ba0", Run(output=True, slow="50 Adam steps in a Python process of its own "
