@@ -9,7 +9,16 @@ import torch
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    GptOssConfig,
+    GptOssForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from lorakit.core import (  # noqa: E402
     Adapter,
@@ -45,8 +54,24 @@ def mixtral(experts=4, impl="eager"):
     return model
 
 
+def olmoe(experts=4, impl="grouped_mm"):
+    torch.manual_seed(0)
+    model = OlmoeForCausalLM(OlmoeConfig(**TINY, intermediate_size=8, num_experts=experts, eos_token_id=None)).eval()
+    model.set_experts_implementation(impl)
+    return model
+
+
+def gpt_oss(experts=4, impl="grouped_mm"):
+    """gpt-oss: the transposed (E, in, out) layout with biases, gate and up interleaved."""
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(GptOssConfig(**TINY, intermediate_size=8, num_local_experts=experts,
+                                           layer_types=["full_attention"] * 2)).eval()
+    model.set_experts_implementation(impl)
+    return model
+
+
 FAMILIES = {"qwen3-grouped": qwen3, "qwen3-eager": lambda: qwen3(impl="eager"), "mixtral-eager": mixtral,
-            "mixtral-grouped": lambda: mixtral(impl="grouped_mm")}
+            "mixtral-grouped": lambda: mixtral(impl="grouped_mm"), "olmoe-grouped": olmoe, "gpt-oss-grouped": gpt_oss}
 RECIPES = sorted(registry.load().recipes)
 X = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(1))
 
