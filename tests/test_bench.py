@@ -159,3 +159,24 @@ def test_moe_bench_bad_input_is_one_clear_line(args, message, capsys):
     assert main(["bench", "--model", "moe", *TINY, *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_dora_memory_study_attributes_saved_tensors():
+    """``lorakit.bench.dora_memory``: what each projection's node keeps for backward;
+    ``dora_saves="recompute"`` keeps DoRA's q_proj near LoRA's size, ``"output"`` does not."""
+    from lorakit.bench.dora_memory import saved_by_projection
+    from lorakit.core import adapted_layers
+
+    base = build_base(64, 1, 96, 64, 8, seed=0, dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(1))  # z: 256 tokens x 64
+    own = {}
+    for label, method, saves in (("lora", "lora", "output"), ("output", "dora", "output"),
+                                 ("recompute", "dora", "recompute")):
+        model = adapt(Method("lorakit", method), base, rank=4, seed=0)
+        for layer in adapted_layers(model).values():
+            layer.dora_saves = saves
+        saved = saved_by_projection(model, lambda model=model: model(input_ids=ids, labels=ids).loss.backward())
+        own[label] = saved["q_proj"]["own"]
+        assert "(rest)" in saved and all(set(v) == {"own", "shared"} for v in saved.values())
+    # recompute keeps only small extras (g: one value per output row); output keeps z (tokens x out)
+    assert own["recompute"] - own["lora"] < 0.1 * (own["output"] - own["lora"]), own

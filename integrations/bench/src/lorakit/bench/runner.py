@@ -163,6 +163,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int], None] | None =
         results[r.method.label] = {
             "library": r.method.library, "method": r.method.name,
             "trainable_params": sum(p.numel() for p in r.params),
+            # with --dtype bfloat16 both libraries keep the adapter in fp32 (PEFT's autocast_adapter_dtype)
+            "adapter_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in r.params}),
             "peak_mem_mb": peak / 2**20,
             "warmup_s": warmup_s,
             "init_loss_minus_base": init_loss - base_loss,

@@ -5,6 +5,7 @@
     python -m lorakit.bench.studies dora-saved-output
     python -m lorakit.bench.studies lowrank-layouts
     python -m lorakit.bench.studies lora-overhead
+    python -m lorakit.bench.studies dora-memory      (lorakit.bench.dora_memory)
 
 ``lowrank-layouts``: the rank-R products of one adapted layer's backward at the
 default model's shapes (1,024 tokens, R = 8), CPU time: autograd's forms
@@ -214,9 +215,13 @@ def lora_overhead(repeats: int = 8) -> dict:
 
 
 if __name__ == "__main__":
+    from .dora_memory import dora_memory, table
+
     studies = {"fused-linear": fused_linear, "mlp-batching": mlp_batching, "dora-saved-output": dora_saved_output,
-               "lowrank-layouts": lowrank_layouts, "lora-overhead": lora_overhead}
+               "lowrank-layouts": lowrank_layouts, "lora-overhead": lora_overhead, "dora-memory": dora_memory}
     if len(sys.argv) != 2 or sys.argv[1] not in studies:
         sys.exit(f"usage: python -m lorakit.bench.studies {{{','.join(studies)}}}")
+    if sys.argv[1] == "dora-memory":  # a table: per form and per projection
+        sys.exit(print(table(dora_memory())))
     for key, value in studies[sys.argv[1]]().items():
         print(f"{key:28s} {value:.1f}" if isinstance(value, float) else f"{key:28s} {value}")
