@@ -336,3 +336,26 @@ def test_batched_expert_terms_equal_per_segment(monkeypatch, recipe, dropout):
         assert (g is None) == (grads_ref[n] is None), n
         if g is not None:
             torch.testing.assert_close(g, grads_ref[n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3-grouped", "mixtral-eager", "olmoe-grouped", "gpt-oss-grouped"])
+def test_default_targets_per_family(family):
+    """The family's registered defaults (no targets) reach attention (q, k, v, o) only: the experts are
+    never a module default. With target_parameters and no targets only the fused tensors are adapted (PEFT's
+    target_modules=None); "all-linear" + "experts" takes attention and every expert (the router is not an
+    nn.Linear in transformers 5: train it whole with modules_to_save)."""
+    def adapted(**where):
+        model = FAMILIES[family]()
+        Adapter(rank=2).apply(model, **where)
+        counts = {}
+        for name in adapted_layers(model):
+            short = name.split(".param_adapters.")[1].split(".")[0] if ".param_adapters." in name \
+                else name.rpartition(".")[2]
+            counts[short] = counts.get(short, 0) + 1
+        return counts
+
+    attention = {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2}
+    experts = {"gate_up_proj": 2 * 4, "down_proj": 2 * 4}
+    assert adapted() == attention
+    assert adapted(target_parameters="experts") == experts
+    assert adapted(targets="all-linear", target_parameters="experts") == {**attention, **experts}

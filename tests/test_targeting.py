@@ -35,6 +35,8 @@ TINY = {
     "qwen2_moe": {**_DEC, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16,
                   "shared_expert_intermediate_size": 16},
     "qwen3_moe": {**_DEC, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16},
+    "olmoe": {**_DEC, "num_experts": 2, "num_experts_per_tok": 1, "eos_token_id": None},
+    "gpt_oss": {**_DEC, "num_local_experts": 2, "num_experts_per_tok": 1},
     "gemma3": dict(text_config=_DEC, vision_config=_VISION, mm_tokens_per_image=4),
     "falcon": dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2),
     "gpt_neox": dict(_TEXT),

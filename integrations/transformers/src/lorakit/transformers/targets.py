@@ -24,7 +24,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     # MoE: the experts of transformers 5 are fused parameters, not Linear modules; these
     # names reach attention, Qwen2-MoE's shared expert, and per-expert Linears where a
     # version has them (the router and shared_expert_gate stay frozen)
-    **dict.fromkeys(["mixtral", "qwen2_moe", "qwen3_moe"], LLAMA_LIKE),
+    **dict.fromkeys(["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"], LLAMA_LIKE),
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     **dict.fromkeys(["falcon", "gpt_neox", "bloom"], FUSED_QKV),
