@@ -375,8 +375,7 @@ def _check_and_load(model, config, tensors, path, optimizer=None, opt_state=None
         # a tensor on meta (load into a model built on meta) has no storage to copy into: it
         # gets its value from a second load after model.to_empty(...)
         targets = {k: v for k, v in layer.state_dict().items() if not v.is_meta}
-        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")
-               and k[len(name) + 1:] in targets}
+        own = {k: tensors[f"{name}.{k}"] for k in targets if f"{name}.{k}" in tensors}  # not a scan per layer
         layer.load_state_dict(own, strict=False)
     load_trained_base_state(model, tensors)
 
