@@ -80,14 +80,15 @@ def _install_hint(primitives: Any) -> str:
     return f" (it was saved with {', '.join(missing)}: pip install it)" if missing else ""
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
     """Every adapter tensor (slots, generator, frozen residual), base weights excluded,
-    and the base tensors it trains (biases, modules to save: ``trained.trained_base_state``)."""
+    and the base tensors it trains (biases, modules to save: ``trained.trained_base_state``).
+    ``copy=False``: the layers' live tensors, not copies (for a check of keys, dtypes, shapes)."""
     state = trained_base_state(model)
     for name, layer in adapted_layers(model).items():
         for key, value in layer.state_dict().items():
             if not key.startswith("base."):
-                state[f"{name}.{key}"] = value.detach().contiguous().clone()
+                state[f"{name}.{key}"] = value.detach().contiguous().clone() if copy else value
     return state
 
 
@@ -352,7 +353,7 @@ def _check_and_load(model, config, tensors, path, optimizer=None, opt_state=None
         extra = sorted(set(layers) - set(config["modules"]))
         raise CheckpointError(f"{path}: adapted modules differ (in checkpoint only: {missing}; "
                               f"in model only: {extra})")
-    expected = adapter_state(model)
+    expected = adapter_state(model, copy=False)  # keys, dtypes and shapes: no copies
     # row norms a magnitude head that does not use them was once given (files of older versions)
     for name, layer in layers.items():
         if layer.row_sq_norm is None:

@@ -38,6 +38,8 @@ def trained_biases(model: nn.Module, mode: str | None = None) -> dict[str, nn.Pa
     from .adapter import adapted_layers, adapter_config  # adapter imports this module
 
     mode = mode or adapter_config(model).get("bias", "none")
+    if mode == "none":  # trains no bias: no pass over the model's parameters (load calls this 3 times)
+        return {}
     layers = adapted_layers(model)
     adapter_owned = {id(p) for layer in layers.values() for p in layer.slots.parameters()}
     adapter_owned |= {id(p) for m in saved_modules(model).values() for p in m.parameters()}  # whole, not bias
