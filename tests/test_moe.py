@@ -359,3 +359,18 @@ def test_default_targets_per_family(family):
     assert adapted() == attention
     assert adapted(target_parameters="experts") == experts
     assert adapted(targets="all-linear", target_parameters="experts") == {**attention, **experts}
+
+
+def test_import_peft_use_dora_with_target_parameters_is_refused(tmp_path):
+    """PEFT refuses use_dora with target_parameters; a folder claiming both is not PEFT's (nothing changes)."""
+    import json
+
+    from lorakit.transformers import PeftImportError, import_peft
+
+    base = qwen3()
+    path = _peft_trained(base, tmp_path / "peft")
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(PeftImportError, match="use_dora with target_parameters"):
+        import_peft(base, path)
+    assert not adapted_layers(base)

@@ -36,9 +36,6 @@ def expert_updates(model: nn.Module, config: dict, modules: dict[str, dict[str, 
     targets = config.get("target_parameters") or []
     if not targets:
         return {}, {}, modules, None
-    if config.get("use_dora"):
-        raise error(f"{path}: use_dora with target_parameters: PEFT has no DoRA for parameters, so this file "
-                    "cannot come from PEFT; export it again without use_dora")
     try:
         found = resolve_parameters(model, list(targets), registry)
     except AdapterError as exc:

@@ -118,6 +118,9 @@ def read_peft(path: str | os.PathLike, prefix: str = PEFT_PREFIX) -> tuple[dict,
     if odd:
         raise PeftImportError(f"{path}: these LoraConfig options have no lorakit equivalent: {odd}; "
                               "retrain without them or merge the adapter with PEFT instead")
+    if config.get("use_dora") and config.get("target_parameters"):
+        raise PeftImportError(f"{path}: use_dora with target_parameters: PEFT has no DoRA for parameters, so "
+                              "this file cannot come from PEFT; export it again without use_dora")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and _BASE_REWRITING_INITS.fullmatch(init):
         raise PeftImportError(
