@@ -313,11 +313,20 @@ class AdaptedLayer(nn.Module):
         (``W_eff`` in the adapter's dtype, copied into the weight) and nothing else: no
         finiteness pass (the bound is one), and the rows :meth:`unmerge` cannot restore
         are those of ``g = 0`` (with ``|W_eff_i| ≤ |g_i|·U_i`` and ``U_i`` finite,
-        ``W_eff_i / g_i`` overflows nowhere else)."""
+        ``W_eff_i / g_i`` overflows nowhere else). A plain ``nn.Linear`` in the adapter's
+        dtype without a magnitude head takes ``W̄ += B A`` in place (``addmm_``): no
+        temporary at all, the same values."""
         if self.merged:
             return
         plan = plan or self.check_merge(name)
         B, A, g = plan.factors
+        W = self.base.weight if self.fused else None  # the fused forward's W̄: LinearKind's matrix, set_matrix's target
+        if plan.bounded and g is None and W is not None and W.dtype == A.dtype:
+            self._merged_with = (B.clone(), A.clone(), None, None)
+            with functional.autocast_off(self._device_type()):
+                W.data.addmm_(B, A)  # W_eff in place: one op, no out × in temporary, effective_weight's values
+            self.merged = True
+            return
         if plan.bounded:
             merged = self.effective_weight(plan.factors)
             lost = None if g is None else self._kept_rows(self.kind.matrix(self.base), g == 0)
