@@ -250,6 +250,16 @@ def vllm(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def vllm_moe(session: nox.Session) -> None:
+    """vLLM's CPU build and a Qwen3-MoE: each LoRA export (experts, attention) served with lorakit's
+    greedy tokens or refused as recorded, merged weights served with lorakit's tokens
+    (scripts/vllm_moe_check.py; docs/integrations/moe.md)."""
+    install_vllm(session)
+    session.run("python", "scripts/vllm_moe_check.py", "--json", str(ROOT / ".nox" / "vllm_moe.json"),
+                *session.posargs, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
+@nox.session(python="3.11")
 def vllm_push(session: nox.Session) -> None:
     """A live ``vllm serve --enable-lora`` on 127.0.0.1: versions 1 and 2 of a training adapter
     pushed from memory (lorakit.vllm.push), served logprobs equal lorakit's, push latency

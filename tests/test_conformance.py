@@ -10,8 +10,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from lorakit.conformance import Combo, cases, check_combination, combinations
-from lorakit.conformance.kit import EXPERT_LAYERS
+from lorakit.conformance import EXPERT_LAYERS, Combo, cases, check_combination, combinations
 from lorakit.core.plugins import registry
 
 EXAMPLES = 40 if os.environ.get("LORAKIT_SLOW") == "1" else 5

@@ -193,6 +193,7 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
         ("python -m pytest -q tests/test_dora.py tests/test_dora_saved_output.py", SUITE),
         ("python -m pytest -q tests/test_finetune.py -k compare", SUITE),
         ("LORAKIT_SLOW=1 python -m pytest -q tests/test_compile.py", SUITE),
+        ("lorakit bench --model moe --json moe.json --markdown moe.md", RUN),
     ],
     "docs/development.md": [
         ("pip install -r requirements-dev.txt", SETUP),
@@ -249,6 +250,9 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
         ("LORAKIT_SLOW=1 python -m pytest -q -m slow", SUITE),
         ("nox -s lint typecheck docs", NotRun("nox builds fresh virtualenvs from the index (minutes each); "
                                               "docs/development.md records the sessions' runs")),
+    ],
+    "docs/integrations/moe.md": [
+        ("lorakit bench --model moe --experts 8,32", RUN),
     ],
     "docs/integrations/exports.md": [
         ("lorakit export runs/finetune --format peft --out out/peft --fold-magnitude", RUN),

@@ -5,6 +5,7 @@ for any combination of registered primitives over hypothesis-drawn cases. See :m
 from .kit import (
     AUTOCAST_DTYPES,
     AUTOCAST_RTOL,
+    EXPERT_LAYERS,
     GRAD_RTOL,
     PRECISION_RTOL,
     QUANTIZED_CASE,
@@ -29,6 +30,7 @@ __all__ = [
     "AUTOCAST_RTOL",
     "Case",
     "Combo",
+    "EXPERT_LAYERS",
     "GRAD_RTOL",
     "PRECISION_RTOL",
     "QUANTIZED_CASE",
