@@ -156,12 +156,16 @@ def _grouped_product(wrapper, param, x, offsets, sizes, expert_ids_g):
 
 
 def _batched_terms(wrapper, param, base_out, x, offsets, sizes, expert_ids_g):
-    """Every routed expert's adapter term at once: its factors stacked, ``x A_eᵀ`` and ``(·) B_eᵀ``
-    two grouped GEMMs over the same segments as the base (an unrouted expert: zero factors that
-    need no gradient, so its slots get none and its factors are not computed), ``g`` gathered per
-    token. The per-segment formulas of :func:`_adapted_segment` to rounding; None where they
-    cannot be stacked (a merged or disabled expert, ranks or heads that differ, tokens past the
-    offsets), and the caller computes segment by segment."""
+    """Every routed expert's adapter term at once,
+
+        y_t = g_e ⊙ (W̄_e x_t + B_e (A_e x_t)),   e = the expert of token t (g_e = 1 without a head)
+
+    the factors stacked, ``x A_eᵀ`` and ``(·) B_eᵀ`` two grouped GEMMs over the same segments as
+    the base (an unrouted expert: zero factors that need no gradient, so its slots get none and its
+    factors are not computed), ``g`` gathered per token. The per-segment formulas of
+    :func:`_adapted_segment` to rounding; None where they cannot be stacked (a merged or disabled
+    expert, ranks or heads that differ, tokens past the offsets), and the caller computes segment
+    by segment."""
     from transformers.integrations.moe import _grouped_linear
 
     layers = [wrapper.active(param, e) if n else None for e, n in enumerate(sizes)]
