@@ -374,3 +374,60 @@ def test_import_peft_use_dora_with_target_parameters_is_refused(tmp_path):
     with pytest.raises(PeftImportError, match="use_dora with target_parameters"):
         import_peft(base, path)
     assert not adapted_layers(base)
+
+
+# -- a 2-D parameter of a module no layer kind adapts (the router's weight), as one matrix ----------------------
+
+ROUTER = {"qwen3-grouped": "mlp.gate.weight", "gpt-oss-grouped": "mlp.router.weight"}
+
+
+@pytest.mark.parametrize("family, recipe", [*(("qwen3-grouped", r) for r in RECIPES),
+                                            ("gpt-oss-grouped", "lora"), ("gpt-oss-grouped", "dora")])
+def test_two_dimensional_parameter_target(tmp_path, family, recipe):
+    """The router's 2-D weight (a module lorakit has no layer kind for) as one matrix beside the experts'
+    down_proj: identity exact, it trains, save/load/next step identical, merge, PEFT's loader on the export
+    (PEFT's 2-D ParamWrapper: the E = 1 case of the fused layout), import_peft back, unload bit-identical."""
+    from lorakit.transformers import import_peft
+
+    base = FAMILIES[family]()
+    ref = logits(base)
+    model = copy.deepcopy(base)
+    Adapter.from_recipe(recipe, rank=2).apply(model, target_parameters=[ROUTER[family], "down_proj"])
+    assert torch.equal(logits(model), ref)
+    router = adapted_layers(model)["model.layers.0." + ROUTER[family].replace(".weight", ".param_adapters.weight.0")]
+    before = {n: p.detach().clone() for n, p in router.slots.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step(model, opt)
+    assert any(not torch.equal(p, before[n]) for n, p in router.slots.named_parameters() if n in before)
+    save(model, tmp_path / "ckpt", opt)
+    again = copy.deepcopy(base)
+    load(again, tmp_path / "ckpt")
+    opt2 = torch.optim.AdamW([p for p in again.parameters() if p.requires_grad], lr=1e-2)
+    load(again, tmp_path / "ckpt", opt2)
+    step(model, opt)
+    step(again, opt2)
+    after = logits(model)
+    assert torch.equal(logits(again), after)
+    export_peft(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded), after, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(import_peft(copy.deepcopy(base), tmp_path / "peft")), after, atol=1e-5, rtol=0)
+    merge(model)
+    torch.testing.assert_close(logits(model), after, atol=1e-5, rtol=0)
+    unload(again)
+    assert torch.equal(logits(again), ref)
+
+
+@pytest.mark.parametrize("where, message", [
+    ({"target_parameters": ["mlp.gate.weight"], "dropout": 0.1}, r"parameter 'model\.layers\.0\.mlp\.gate\.weight': "
+                                                                 r"dropout=0\.1 acts on a layer's input"),
+    ({"target_parameters": ["q_norm.weight"]}, r"parameter 'model\.layers\.0\.self_attn\.q_norm\.weight' \(8,\) of a "
+                                               r"Qwen3MoeRMSNorm: lorakit adapts fused 3-D expert tensors"),
+])
+def test_two_dimensional_parameter_refusals(where, message):
+    model = qwen3()
+    dropout = where.pop("dropout", 0.0)
+    with pytest.raises(AdapterError, match=message):
+        Adapter(rank=2, dropout=dropout).apply(model, **where)
+    assert not adapted_layers(model)
+    assert not any(isinstance(m, AdaptedParameters) for m in model.modules())

@@ -8,6 +8,7 @@ PEFT nests its wrappers) under ``base_layer.`` n−1−i times:
     <module>.[base_layer.]*lora_B.weight   (out, r·E)   B_e[:, j] = column j·E + e
     ΔW_e = s · B_e A_e,   s = alpha/r (alpha/√r with use_rslora), alpha and r per full parameter name
 
+A 2-D parameter (``target_parameters`` of a module no layer kind adapts) is one matrix, E = 1.
 ``in``/``out`` are those of expert e's matrix ``W̄_e`` (``W[e]``, or ``W[e]ᵀ`` for a transposed
 layout), the same as ``lorakit.core.peft_format``'s writer. Each expert becomes one update of
 ``peft_reader``'s form, keyed by its adapted-layer name, so both import semantics (continue the
@@ -21,7 +22,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lorakit.core import AdapterError, registry
-from lorakit.core.experts import EXPERT_KIND, ExpertMatrix, layer_name, owner_kind, resolve_parameters
+from lorakit.core.experts import (
+    EXPERT_KIND,
+    ExpertMatrix,
+    expert_count,
+    layer_name,
+    parameter_kind,
+    resolve_parameters,
+)
 
 WRAPPED = ".base_layer"
 
@@ -46,7 +54,7 @@ def expert_updates(model: nn.Module, config: dict, modules: dict[str, dict[str, 
     modules, updates, bases = dict(modules), {}, {}
     for module_name, pnames in by_module.items():
         module = model.get_submodule(module_name)
-        kind = owner_kind(registry, module)
+        kind = parameter_kind(registry, module, pnames[0])  # resolve_parameters checked every parameter
         order = [p for p, _ in module.named_parameters(recurse=False) if p in pnames]
         for i, pname in enumerate(order):
             full, fused = f"{module_name}.{pname}", getattr(module, pname)
@@ -59,7 +67,7 @@ def expert_updates(model: nn.Module, config: dict, modules: dict[str, dict[str, 
                 layout = kind.layout(module, pname)
             except AdapterError as exc:
                 raise error(f"{path}: parameter {full!r} {tuple(fused.shape)}: {exc}") from None
-            experts, r = fused.shape[0], pattern_value(config.get("rank_pattern") or {}, full, config.get("r", 8))
+            experts, r = expert_count(fused), pattern_value(config.get("rank_pattern") or {}, full, config.get("r", 8))
             A, B = parts["A"], parts["B"]
             if A.dim() != 2 or B.dim() != 2 or A.shape[0] != experts * r or B.shape[1] != A.shape[0]:
                 raise error(f"{path}: parameter {full!r} has {experts} experts but the file's lora_A "
@@ -67,7 +75,8 @@ def expert_updates(model: nn.Module, config: dict, modules: dict[str, dict[str, 
                             f"E = {experts}, r = {r}; the adapter was made for a model with another expert count")
             A_e, B_e = A.reshape(experts, r, A.shape[1]), B.reshape(B.shape[0], r, experts)
             for e in range(experts):
-                name, base = layer_name(module_name, pname, e), ExpertMatrix(module, pname, e, layout)
+                name = layer_name(module_name, pname, e)
+                base = ExpertMatrix(module, pname, e if fused.dim() == 3 else None, layout)
                 Bs, A_, m = peft_update(config, full, {"A": A_e[e], "B": B_e[:, :, e]}, EXPERT_KIND, base)
                 # components zero in both factors (the writer's padding to one rank) add nothing and
                 # get no gradient: dropped, so a padded rank above min(out, in) still imports

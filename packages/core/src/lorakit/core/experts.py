@@ -22,6 +22,9 @@ How a module type lays out its tensors is a :class:`FusedExpertsKind`, registere
 any layer kind through the ``lorakit_layers`` hook (``register(ExpertsClass, kind)``), or
 under a stand-in type with :meth:`FusedExpertsKind.accepts` recognising the modules (for
 classes that share a declared layout but no base class); core knows no family.
+
+A 2-D parameter of a module no layer kind adapts (a router's ``weight``) is one matrix
+(E = 1, :class:`ParameterKind`): the module's own forward runs on ``W_eff``.
 """
 
 from __future__ import annotations
@@ -86,29 +89,33 @@ class ExpertMatrix(nn.Module):
     submodule: the fused tensor stays where it is, saved once); ``forward`` is the base's
     own product for that expert, so an adapter with a zero update computes it bit for bit."""
 
-    def __init__(self, owner: nn.Module, param: str, index: int, layout: ExpertLayout):
+    def __init__(self, owner: nn.Module, param: str, index: int | None, layout: ExpertLayout):
         super().__init__()
         object.__setattr__(self, "owner", owner)  # a reference, not a child module
-        self.param, self.index, self.layout = param, index, layout
+        self.param, self.index, self.layout = param, index, layout  # index None: a 2-D parameter, whole
 
     @property
     def fused(self) -> Tensor:
         return getattr(self.owner, self.param)
 
+    def _matrix(self, W: Tensor) -> Tensor:
+        W = W if self.index is None else W[self.index]
+        return W.T if self.layout.transposed else W
+
     @property
     def weight(self) -> Tensor:
         """``W̄_e`` (out × in), a view of the fused tensor's data."""
-        W = self.fused.detach()[self.index]
-        return W.T if self.layout.transposed else W
+        return self._matrix(self.fused.detach())
 
     bias = None
 
     def forward(self, x: Tensor) -> Tensor:
-        W = self.fused[self.index]
+        W = self.fused if self.index is None else self.fused[self.index]
         return x @ W if self.layout.transposed else F.linear(x, W)
 
     def extra_repr(self) -> str:
-        return f"{self.param}[{self.index}], shape={tuple(self.weight.shape)}"
+        where = "" if self.index is None else f"[{self.index}]"
+        return f"{self.param}{where}, shape={tuple(self.weight.shape)}"
 
 
 class ExpertKind(LayerKind):
@@ -165,6 +172,49 @@ class AdaptedParameters(nn.Module):
             return super().__getattr__(name)
         except AttributeError:  # model code reading the experts' attributes (num_experts, ...)
             return getattr(super().__getattr__("base"), name)
+
+
+class ParameterKind(FusedExpertsKind):
+    """A 2-D parameter of a module no layer kind adapts (transformers 5's MoE routers hold their
+    ``weight`` so), as one matrix ``W̄ = W`` (out × in, as ``F.linear`` uses it). How the module
+    uses it is its own business, so its forward runs unchanged on the adapted weight,
+
+        W_eff = diag(g) (W̄ + B A)     (g = 1 without a magnitude head)
+
+    passed by ``torch.func.functional_call``: one out × in tensor per forward, as PEFT's
+    ``ParamWrapper``, and no dropout (which acts on a layer's input, not on a weight)."""
+
+    def accepts(self, module):
+        return False  # chosen by resolve_parameters, never by module type
+
+    def parameter_names(self, module):
+        return []  # never part of target_parameters="experts"
+
+    def layout(self, module, param):
+        shape = tuple(getattr(module, param).shape)
+        if len(shape) != 2:
+            raise AdapterError(f"a {len(shape)}-D parameter of a {type(module).__name__}, which no registered "
+                               "FusedExpertsKind lays out; register one for this module type")
+        return ExpertLayout(transposed=False)
+
+    def forward(self, wrapper: AdaptedParameters, *args, **kwargs) -> Tensor:
+        import torch
+
+        from .functional import autocast_off
+
+        weights = {}
+        for param in getattr(wrapper, CONTAINER):
+            layer = wrapper.active(param, 0)
+            if layer is not None:
+                B, A, g = layer.factors()
+                W = layer.kind.matrix(layer.base)
+                with autocast_off(W.device.type):
+                    V = W.to(A.dtype) + B @ A
+                weights[param] = (V if g is None else V * g[:, None]).to(W.dtype)
+        return torch.func.functional_call(wrapper.base, weights, args, kwargs)
+
+
+PARAMETER_KIND = ParameterKind()
 
 
 def matching_parameters(model: nn.Module, targets: Iterable[str]) -> dict[str, tuple[str, str]]:
@@ -248,12 +298,28 @@ def resolve_parameters(model: nn.Module, targets: str | Iterable[str], registry)
     for full, (module_name, pname) in found.items():
         module = model.get_submodule(module_name)
         shape = tuple(getattr(module, pname).shape)
-        kind = owner_kind(registry, module)
-        if len(shape) != 3 or kind is None:
+        if parameter_kind(registry, module, pname) is None:
             raise AdapterError(f"parameter {full!r} {shape} of a {type(module).__name__}: lorakit adapts fused 3-D "
-                               "expert tensors of a registered layout here; adapt a 2-D weight through its module "
-                               "(targets=[...]), or register a FusedExpertsKind for this module type")
+                               "expert tensors of a registered layout, and 2-D parameters of modules no layer kind "
+                               "adapts, here; adapt this one through its module (targets=[...]), or register a "
+                               "FusedExpertsKind for this module type")
     return found
+
+
+def parameter_kind(registry, module: nn.Module, param: str) -> FusedExpertsKind | None:
+    """The kind adapting ``module.param``: the module's fused kind for a 3-D tensor (or any
+    tensor of such a module: its layout decides), :data:`PARAMETER_KIND` for a 2-D parameter
+    of a module no layer kind adapts (an ``nn.Linear``'s weight is adapted through its module)."""
+    if (kind := owner_kind(registry, module)) is not None:
+        return kind
+    if getattr(module, param).dim() == 2 and registry.layer_kind(module) is None:
+        return PARAMETER_KIND
+    return None
+
+
+def expert_count(param: Tensor) -> int:
+    """How many independent matrices ``param`` holds: E of an (E, ·, ·) tensor, 1 for a 2-D one."""
+    return param.shape[0] if param.dim() == 3 else 1
 
 
 def build_parameter_targets(model: nn.Module, targets: str | Iterable[str], registry, wrap,
@@ -268,7 +334,7 @@ def build_parameter_targets(model: nn.Module, targets: str | Iterable[str], regi
     built = {}
     for module_name, pnames in by_module.items():
         module = model.get_submodule(module_name)
-        kind = owner_kind(registry, module)
+        kind = parameter_kind(registry, module, pnames[0])
         assert kind is not None  # resolve_parameters checked
         order = [p for p, _ in module.named_parameters(recurse=False) if p in pnames]  # declaration order
         layers = {}
@@ -278,12 +344,17 @@ def build_parameter_targets(model: nn.Module, targets: str | Iterable[str], regi
                 layout = kind.layout(module, pname)
             except AdapterError as exc:
                 raise AdapterError(f"parameter {full!r} {tuple(fused.shape)}: {exc}") from None
-            experts = fused.shape[0]
+            experts = expert_count(fused)
             if restore is not None and saved.get(full, experts) != experts:
                 raise AdapterError(f"parameter {full!r}: the checkpoint has {saved[full]} experts, the model "
                                    f"{experts}; load it into the model it was trained on")
-            layers[pname] = [wrap(layer_name(module_name, pname, e), ExpertMatrix(module, pname, e, layout),
+            index = (lambda e: e) if fused.dim() == 3 else (lambda e: None)
+            layers[pname] = [wrap(layer_name(module_name, pname, e), ExpertMatrix(module, pname, index(e), layout),
                                   None if restore is None else restore.get(layer_name(module_name, pname, e), False))
                              for e in range(experts)]
+            if kind is PARAMETER_KIND and layers[pname][0].dropout > 0:
+                raise AdapterError(f"parameter {full!r}: dropout={layers[pname][0].dropout} acts on a layer's input; "
+                                   "a 2-D parameter target is adapted as a weight (as PEFT's target_parameters, "
+                                   "which refuses lora_dropout): use dropout=0")
         built[module_name] = AdaptedParameters(module, kind, layers)
     return built
