@@ -403,8 +403,10 @@ class Adapter:
         ``target_parameters``: fused expert tensors to adapt in place (PEFT's option and
         matching rule: a name matches a parameter's full name or any ``*.name``), or
         ``"experts"`` for every fused expert tensor of the model; an ``(E, out, in)`` tensor
-        gets E independent adapters (``lorakit.core.experts``). With it, ``targets=None``
-        adapts no module (as PEFT's ``target_modules=None``).
+        gets E independent adapters (``lorakit.core.experts``), and a 2-D parameter of a module
+        no layer kind adapts (an MoE router's ``gate.weight``) one adapter, the module's own
+        forward running on the adapted weight. With it, ``targets=None`` adapts no module
+        (as PEFT's ``target_modules=None``).
 
         ``train_only_adapter`` (default): every parameter of ``model`` is frozen except
         the adapter's, the biases ``bias=`` trains and the ``modules_to_save`` copies;
