@@ -91,9 +91,11 @@ def test_recompute_keeps_nothing_tokens_by_out():
         return sum(n for n in sizes.values() if n >= 128 * 64)
 
     assert kept("output") == 128 * 64 and kept("recompute") == 0
-    model[0].dora_saves = "y"
     with pytest.raises(ValueError, match=r"dora_saves='y': use one of \('output', 'pre-scale', 'recompute'\)"):
-        model(x)
+        model[0].dora_saves = "y"
+    assert model[0].dora_saves == "recompute"  # unchanged (the last value set above)
+    with pytest.raises(ValueError, match="dora_saves='y'"):  # the functional form checks too
+        functional.linear_lowrank(x, model[0].base.weight, None, *model[0].factors(), saves="y")
 
 
 @pytest.mark.parametrize("dropout", [False, True])

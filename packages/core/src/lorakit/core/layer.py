@@ -227,6 +227,20 @@ class AdaptedLayer(nn.Module):
         return self.kind.add_bias(self.base, self.kind.linear(self.base, x - x_d) + y).to(y.dtype)
 
     @property
+    def dora_saves(self) -> str:
+        """What the fused DoRA linear keeps for backward, one of
+        ``functional.DORA_SAVES_OPTIONS`` (``"recompute"``: nothing tokens × out, one more
+        base GEMM); checked when set, so a typo is an error on every kind of layer."""
+        return self._dora_saves
+
+    @dora_saves.setter
+    def dora_saves(self, value: str) -> None:
+        if value not in functional.DORA_SAVES_OPTIONS:
+            raise ValueError(f"dora_saves={value!r}: use one of {functional.DORA_SAVES_OPTIONS} "
+                             "(AdaptedLayer.dora_saves)")
+        self._dora_saves = value
+
+    @property
     def weight(self) -> Tensor:
         """The base module's weight: model code reads ``self.wo.weight.dtype`` (T5's
         feed-forward) through the wrapper, as PEFT's layers allow."""
