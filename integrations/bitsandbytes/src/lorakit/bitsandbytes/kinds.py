@@ -23,12 +23,12 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 from lorakit.core import MergeError
-from lorakit.core.layer_kinds import LayerKind
+from lorakit.core.layer_kinds import LayerKind, float_linear
 
 BLOCK_ELEMENTS = 1 << 22  # 8-bit W̄ Mᵀ in row blocks of at most ~4M weights (16 MiB in fp32)
 
@@ -74,12 +74,7 @@ class _QuantizedLinearKind(LayerKind):
                          "merge_and_unload(model) for a float model or merge_and_unload(model, requantize=True)")
 
     def float_module(self, base, W):
-        dense = nn.Linear(W.shape[1], W.shape[0], bias=base.bias is not None, device=W.device, dtype=W.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(W)
-            if base.bias is not None:
-                dense.bias.copy_(base.bias.detach().to(W.dtype))
-        return dense
+        return float_linear(W, base.bias)
 
 
 class Linear4bitKind(_QuantizedLinearKind):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.core import MergeError
-from lorakit.core.layer_kinds import LayerKind, plain_tensors
+from lorakit.core.layer_kinds import LayerKind, float_linear, plain_tensors
 from torchao.quantization import Int8Tensor, NF4Tensor, to_nf4
 from torchao.quantization.granularity import PerGroup, PerRow, PerTensor
 from torchao.quantization.quant_primitives import dequantize_affine
@@ -84,12 +84,7 @@ class _WeightSubclassKind(LayerKind):
                          "use merge_and_unload(model) for a float model or merge_and_unload(model, requantize=True)")
 
     def float_module(self, base, W):
-        dense = nn.Linear(W.shape[1], W.shape[0], bias=base.bias is not None, device=W.device, dtype=W.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(W)
-            if base.bias is not None:
-                dense.bias.copy_(base.bias.detach().to(W.dtype))
-        return dense
+        return float_linear(W, base.bias)
 
     def quantize_like(self, weight: Tensor, W: Tensor) -> Tensor:
         """``W`` quantized into ``weight``'s format (same block sizes / granularity)."""

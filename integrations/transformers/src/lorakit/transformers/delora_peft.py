@@ -52,7 +52,7 @@ from lorakit.core.trained import saved_modules, trained_biases
 from lorakit.core.validation import check_finite_tensors
 from lorakit.normalizers import DeLoRA
 
-from .peft_reader import PeftImportError, load_weights, merge_then_apply
+from .peft_reader import PeftImportError, group_by_module, load_weights, merge_then_apply
 from .peft_writer import PEFT_PREFIX, PeftExport, warn_if_merged_base
 
 PEFT_TYPE = "DELORA"
@@ -191,14 +191,7 @@ def read_delora(path, config: dict, prefix: str = PEFT_PREFIX) -> dict[str, dict
         raise PeftImportError(f"{path}: these DeloraConfig options have no lorakit equivalent: {odd}; "
                               "retrain without them or merge the adapter with PEFT instead")
     weights, tensors = load_weights(path)
-    modules: dict[str, dict[str, Tensor]] = {}
-    unknown = []
-    for key, value in tensors.items():
-        match = _KEY.fullmatch(key[len(prefix):]) if key.startswith(prefix) else None
-        if match is None:
-            unknown.append(key)
-            continue
-        modules.setdefault(match["module"], {})[match["part"]] = value
+    modules, unknown = group_by_module(tensors, prefix, _KEY)
     if unknown:
         raise PeftImportError(f"{weights}: {len(unknown)} keys lorakit does not understand: "
                               f"{', '.join(sorted(unknown)[:12])}; a DeLoRA adapter holds "

@@ -106,6 +106,22 @@ def load_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Tensor]]:
         raise PeftImportError(f"{weights} is truncated or corrupt ({exc})") from None
 
 
+def group_by_module(tensors: dict[str, Tensor], prefix: str, key: re.Pattern, part=None, default=None
+                    ) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
+    """``({module: {part: tensor}}, unknown keys)`` for the keys ``prefix + <module>.<part>``
+    that ``key`` (groups ``module``, ``part``) matches; ``part(name, default)`` renames a part."""
+    modules: dict[str, dict[str, Tensor]] = {}
+    unknown = []
+    for name, value in tensors.items():
+        match = key.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
+        if match is None:
+            unknown.append(name)
+            continue
+        label = match["part"] if part is None else part(match["part"], default)
+        modules.setdefault(match["module"], {})[label] = value
+    return modules, unknown
+
+
 def read_peft(path: str | os.PathLike, prefix: str = PEFT_PREFIX) -> tuple[dict, dict[str, dict[str, Tensor]]]:
     """``(config, {module: {"A", "B"[, "m"]}})`` from a PEFT LoRA/DoRA adapter folder, validated."""
     path = Path(path)
@@ -132,15 +148,8 @@ def read_peft(path: str | os.PathLike, prefix: str = PEFT_PREFIX) -> tuple[dict,
             "base it was made for and use merge_and_unload()'s model as the base to import into")
     weights, tensors = load_weights(path)
 
-    modules: dict[str, dict[str, Tensor]] = {}
-    unknown = []
-    for key, value in tensors.items():
-        match = _KEY.fullmatch(key[len(prefix):]) if key.startswith(prefix) else None
-        if match is None:
-            unknown.append(key)
-            continue
-        part = {"lora_A.weight": "A", "lora_B.weight": "B"}.get(match["part"], "m")
-        modules.setdefault(match["module"], {})[part] = value
+    modules, unknown = group_by_module(tensors, prefix, _KEY,
+                                       {"lora_A.weight": "A", "lora_B.weight": "B"}.get, default="m")
     if unknown:
         shown = ", ".join(sorted(unknown)[:12]) + (f" and {len(unknown) - 12} more" if len(unknown) > 12 else "")
         raise PeftImportError(

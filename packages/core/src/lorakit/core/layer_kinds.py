@@ -246,6 +246,17 @@ class EmbeddingKind(LayerKind):
         return None
 
 
+def float_linear(W: Tensor, bias: Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``W`` (and ``bias`` cast to ``W``'s dtype): what a
+    quantized kind's ``float_module`` puts in a quantized layer's place on ``merge_and_unload``."""
+    dense = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(W)
+        if bias is not None:
+            dense.bias.copy_(bias.detach().to(W.dtype))
+    return dense
+
+
 def plain_tensors(t: Tensor) -> dict[str, Tensor]:
     """The plain tensors that hold ``t``: ``{"": t}``, or for a traceable wrapper subclass
     (torchao's ``NF4Tensor``, ``Int8Tensor``) its inner tensors by dotted name
