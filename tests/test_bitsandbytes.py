@@ -16,8 +16,8 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from lorakit.bitsandbytes import frozen_base_bytes, prepare_for_kbit_training, quantize  # noqa: E402
-from lorakit.core import Adapter, AdapterError, MergeError, merge, merge_and_unload, registry  # noqa: E402
 from lorakit.conformance import Combo, check_quantized_base, combinations  # noqa: E402
+from lorakit.core import Adapter, AdapterError, MergeError, merge, merge_and_unload, registry  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]

@@ -25,8 +25,8 @@ import torch._dynamo as dynamo
 from torch import nn
 from torch._dynamo.backends.registry import lookup_backend
 
-from lorakit.core import adapted_layers, merge, registry, set_enabled, unmerge
 from lorakit.conformance import Combo, combinations
+from lorakit.core import adapted_layers, merge, registry, set_enabled, unmerge
 
 STEPS = 10
 DEVICE = os.environ.get("LORAKIT_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh compiles on cuda

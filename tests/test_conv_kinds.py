@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from lorakit.core import Adapter, AdapterError, registry
 from lorakit.conformance import Case, Combo, check_combination
+from lorakit.core import Adapter, AdapterError, registry
 from lorakit.transformers import export_peft
 
 RECIPES = sorted(registry.load().recipes)

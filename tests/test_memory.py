@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lorakit.core import Adapter, adapted_layers, registry
 from lorakit.conformance import Combo, combinations
+from lorakit.core import Adapter, adapted_layers, registry
 
 OUT, IN = 512, 384
 TOKENS = (3, 2)  # batch × sequence: activations stay far below out × in

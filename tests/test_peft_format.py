@@ -6,8 +6,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
 
-from lorakit.core import Adapter, registry
 from lorakit.conformance import perturb
+from lorakit.core import Adapter, registry
 from lorakit.core.peft_format import lora_config, lora_tensors
 
 

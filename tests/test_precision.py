@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorakit.core import functional
 from lorakit.conformance import cases, check_precision, combinations
+from lorakit.core import functional
 
 EXAMPLES = 20 if os.environ.get("LORAKIT_SLOW") == "1" else 2
 

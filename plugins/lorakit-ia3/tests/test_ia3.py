@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from lorakit_ia3 import IA3Gain
 from torch import nn
 
-from lorakit.core import Adapter, AdapterError, adapted_layers, export_factors, registry
 from lorakit.conformance import cases, check_combination, combinations
+from lorakit.core import Adapter, AdapterError, adapted_layers, export_factors, registry
 
 EXAMPLES = int(os.environ.get("LORAKIT_CONFORMANCE_EXAMPLES", "3"))
 

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from lorakit_lorafa import LoRAFA
 from torch import nn
 
-from lorakit.core import Adapter, Generator, ParameterSlots, Slot, adapted_layers, registry
 from lorakit.conformance import cases, check_combination, check_slot_contract, combinations
+from lorakit.core import Adapter, Generator, ParameterSlots, Slot, adapted_layers, registry
 
 EXAMPLES = int(os.environ.get("LORAKIT_CONFORMANCE_EXAMPLES", "3"))
 

@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from lorakit_olora import OLoRA
 
-from lorakit.core import Adapter, registry
 from lorakit.conformance import cases, check_combination, combinations
+from lorakit.core import Adapter, registry
 
 # conformance examples per combination (tests/test_plugins_thirdparty.py runs 1 in CI)
 EXAMPLES = int(os.environ.get("LORAKIT_CONFORMANCE_EXAMPLES", "3"))

@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from lorakit_vera import SharedRandom, VeRA
 
-from lorakit.core import Adapter, adapted_layers, parameter_report, registry
 from lorakit.conformance import cases, check_combination, combinations
+from lorakit.core import Adapter, adapted_layers, parameter_report, registry
 
 
 def model_and_input():

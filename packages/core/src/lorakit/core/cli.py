@@ -29,7 +29,8 @@ SEED_MAX = MAX_SEED
 
 def check_seed(value: int, option: str = "--seed") -> None:
     if not 0 <= value <= SEED_MAX:
-        raise AdapterError(f"{option} {value}: a seed must be an integer in [0, {SEED_MAX}] (the range of Adapter(seed=))")
+        raise AdapterError(f"{option} {value}: a seed must be an integer in [0, {SEED_MAX}] "
+                           "(the range of Adapter(seed=))")
 
 
 def check_threads(value: int | None, option: str = "--threads", zero: str | None = None) -> None:
