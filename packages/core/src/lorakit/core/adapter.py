@@ -41,8 +41,8 @@ class AdapterRecord(Mapping):
     """The adapter's description as its layers hold it: read-only, replaced as a whole.
     Copies of a model share it (nothing can change it); it pickles as its JSON."""
 
-    def __init__(self, data: Mapping[str, Any] = ()) -> None:
-        self._data = copy.deepcopy(dict(data))
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        self._data = copy.deepcopy(dict(data or {}))
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]
@@ -443,7 +443,7 @@ class Adapter:
         if not chosen and not only_parameters:
             raise AdapterError(f"targets {targets!r} match no module of {type(model).__name__}; "
                                + _target_hint(model))
-        if explicit and not isinstance(targets, str):  # defaults may list names of several versions
+        if explicit and targets is not None and not isinstance(targets, str):  # defaults may list several versions
             unmatched = [t for t in targets if not any(_matches(n, [t]) for n in chosen)]
             if unmatched:
                 raise AdapterError(f"targets {unmatched} match no module of {type(model).__name__} (the others "

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -141,7 +142,7 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, optimizer: torch.opt
         folder = atomic.staging_folder(path)
     folder = Path(_same_on_every_rank(str(folder)))
     try:
-        state = {"adapter": _adapter_tensors(model)}
+        state: dict[str, Any] = {"adapter": _adapter_tensors(model)}
         if optimizer is not None:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer)
         dcp.save(state, storage_writer=dcp.FileSystemWriter(folder), no_dist=not dist.is_initialized())
@@ -171,13 +172,15 @@ def _check_sharded(model: nn.Module, folder: Path, optimizer) -> None:
         raise AdapterError(f"{folder}: the checkpoint's adapter differs from the model's in {', '.join(differ)}; "
                            "apply the recipe the checkpoint was trained with before load_sharded")
     meta = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-    stored = {k.removeprefix("adapter."): v.size for k, v in meta.items() if k.startswith("adapter.")}
+    # tensor entries carry a size (bytes entries do not: none is an adapter tensor)
+    stored = {k.removeprefix("adapter."): tuple(getattr(v, "size", ())) for k, v in meta.items()
+              if k.startswith("adapter.")}
     expected = {k: tuple(v.shape) for k, v in _adapter_tensors(model).items()}
     if set(stored) != set(expected):
         raise AdapterError(f"{folder}: adapter tensors missing {sorted(set(expected) - set(stored))[:5]}, "
                            f"unexpected {sorted(set(stored) - set(expected))[:5]}; apply the same targets")
-    if (bad := [k for k in expected if tuple(stored[k]) != expected[k]]):
-        raise AdapterError(f"{folder}: {bad[0]} is {tuple(stored[bad[0]])} in the checkpoint but {expected[bad[0]]} "
+    if (bad := [k for k in expected if stored[k] != expected[k]]):
+        raise AdapterError(f"{folder}: {bad[0]} is {stored[bad[0]]} in the checkpoint but {expected[bad[0]]} "
                            "in the model; build it from the same base model and rank")
     if optimizer is not None and not any(k.startswith("optimizer.") for k in meta):
         raise AdapterError(f"{folder} holds no optimizer state (saved without one); load it with optimizer=None")
@@ -191,7 +194,7 @@ def load_sharded(model: nn.Module, path: str | os.PathLike, optimizer: torch.opt
     model = unwrap(model)
     folder = atomic.readable(path)
     _check_sharded(model, folder, optimizer)
-    state = {"adapter": _adapter_tensors(model)}
+    state: dict[str, Any] = {"adapter": _adapter_tensors(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)  # initializes the state to load into
     dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=not dist.is_initialized())

@@ -236,7 +236,8 @@ def layer_name(module: str, param: str, index: int) -> str:
 
 def split_layer_names(names: Iterable[str]) -> tuple[list[str], dict[str, int]]:
     """Adapted-layer names as ``(module targets, {full parameter name: experts})``."""
-    modules, params = [], {}
+    modules: list[str] = []
+    params: dict[str, int] = {}
     for name in names:
         match = LAYER_NAME.match(name)
         if match is None:

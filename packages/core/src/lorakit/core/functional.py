@@ -189,8 +189,8 @@ def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tens
         return None if t is None else t.to(low)
 
     with torch.autocast(x.device.type, enabled=False):
-        return _linear_lowrank(cast(x), cast(W), cast(bias), cast(B), cast(A), cast(g), None if own else cast(x_low),
-                               saves)
+        return _linear_lowrank(x.to(low), W.to(low), cast(bias), B.to(low), A.to(low), cast(g),
+                               None if own else cast(x_low), saves)
 
 
 def _linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,

@@ -60,7 +60,7 @@ def _why_not_paddable(layer: AdaptedLayer) -> str | None:
 def _ratio(layer: AdaptedLayer, rank: int, max_rank: int) -> float:
     """``s(rank) / s(max_rank)``: the factor ``d`` takes so that the update keeps its value."""
     norm = layer.normalizer
-    return 1.0 if norm.learnable else norm.initial_scale(rank) / norm.initial_scale(max_rank)
+    return 1.0 if getattr(norm, "learnable", False) else norm.initial_scale(rank) / norm.initial_scale(max_rank)
 
 
 def padded(values: Mapping[str, Tensor], roles: Mapping[str, Role], rank: int, max_rank: int,

@@ -36,7 +36,7 @@ _UNSUPPORTED = ("bias", "lora_bias", "modules_to_save", "layer_replication", "ta
 _BASE_REWRITING_INITS = re.compile(r"pissa.*|olora|corda.*|loftq|lora_ga", re.IGNORECASE)
 
 
-def _pattern(pattern: dict, name: str, default):
+def _pattern(pattern: dict | None, name: str, default):
     for key, value in (pattern or {}).items():  # PEFT's rule: the key is a regex matching a suffix
         if re.match(rf"(.*\.)?({key})$", name):
             return value
@@ -97,7 +97,7 @@ def peft_source(path: Path, layers: dict[str, AdaptedLayer], model: nn.Module):
         d = torch.full((r,), s_peft / layer.normalizer.initial_scale(r), dtype=torch.float64)
         by_role = {Role.A: A.reshape(r, -1), Role.B: B.reshape(B.shape[0], -1), Role.D: d,
                    Role.MAGNITUDE: tensors[get["magnitude"]].reshape(-1) if dora else None}
-        values = {f"slots.{slot}": by_role[i.role].to(getattr(layer.slots, slot).dtype)
-                  for slot, i in layer.slots.slot_info.items()}
+        values = {f"slots.{slot}": value.to(getattr(layer.slots, slot).dtype)
+                  for slot, i in layer.slots.slot_info.items() if (value := by_role[i.role]) is not None}
         out[name] = (r, values)
     return out

@@ -336,7 +336,8 @@ class AdaptedLayer(nn.Module):
         B, A, g = plan.factors
         W = self.base.weight if self.fused else None  # the fused forward's W̄: LinearKind's matrix, set_matrix's target
         if plan.bounded and g is None and W is not None and W.dtype == A.dtype:
-            self._merged_with = (B.clone(), A.clone(), None, None)
+            self._merged_with: tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, Tensor] | None] = (
+                B.clone(), A.clone(), None, None)
             with functional.autocast_off(self._device_type()):
                 W.data.addmm_(B, A)  # W_eff in place: one op, no out × in temporary, effective_weight's values
             self.merged = True

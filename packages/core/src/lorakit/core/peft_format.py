@@ -148,7 +148,7 @@ def _expert_tensors(model: nn.Module, factors: Mapping[str, ExportedLayer], pref
     # parameter, which PEFT (0.21) would honour but also warn "did not match any targeted module"
     k = max(f.A.shape[0] for fs in by_param.values() for _, f in fs) if by_param else 1
     for module, params in per_module.items():
-        base = model.get_submodule(module).base
+        base = model.get_submodule(module).get_submodule("base")
         order = [p for p, _ in base.named_parameters(recurse=False) if p in params]
         for i, param in enumerate(order):
             experts = [f for _, f in sorted(by_param[f"{module}.{param}"], key=lambda ef: ef[0])]
