@@ -15,6 +15,20 @@ HELP = ("median step time and peak memory of lorakit recipes against PEFT on one
         "(--model moe: LoRA on a Qwen3-MoE's fused experts)")
 
 
+def _write_outputs(args, result: dict, table: str) -> None:
+    """The Markdown table to stdout (stderr when the JSON goes to stdout), ``--json`` and ``--markdown``."""
+    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        if args.json == "-":
+            json.dump(result, sys.stdout, indent=2)
+        else:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+
+
 def configure(parser) -> None:
     d = BenchConfig()
     parser.add_argument("--model", choices=("llama", "moe"), default="llama",
@@ -133,16 +147,7 @@ def _run_moe(args) -> int:
         torch.set_num_threads(args.threads)
     result = run_moe(config)
     table = markdown(result)
-    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
-    if args.json:
-        if args.json == "-":
-            json.dump(result, sys.stdout, indent=2)
-        else:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
+    _write_outputs(args, result, table)
     return 0
 
 
@@ -197,16 +202,7 @@ def _run_sweep(args, config: BenchConfig) -> int:
     for run in result["runs"]:
         print_tables(run["result"], stderr=args.json == "-")
     table = sweep.markdown(result)
-    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
-    if args.json:
-        if args.json == "-":
-            json.dump(result, sys.stdout, indent=2)
-        else:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
+    _write_outputs(args, result, table)
     if args.plot:
         sweep.plot(result, args.plot)
     return 0
