@@ -253,3 +253,19 @@ def test_peft_loads_the_export_on_the_same_torchao_base(tmp_path, mode, recipe):
     with torch.no_grad():
         theirs = peft_model(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_the_plugin_registers_by_name_without_importing_torchao():
+    """Loading the plugins (every lorakit command, the first Adapter) must not import torchao
+    (~2 s, warnings); the names it registers are the real types' qualified names."""
+    import subprocess
+    import sys
+
+    from lorakit.torchao import plugin
+
+    code = ("import sys; from lorakit.core import registry; registry.load(); "
+            "assert 'torchao' in registry.plugins, registry.failures; print('torchao' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+    for name, cls in ((plugin.NF4_TENSOR, NF4Tensor), (plugin.INT8_TENSOR, Int8Tensor)):
+        assert f"{cls.__module__}.{cls.__qualname__}" == name

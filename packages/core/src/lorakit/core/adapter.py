@@ -24,7 +24,7 @@ from torch import nn
 from . import experts, schema
 from .layer import AdaptedLayer
 from .lora import Direct, Kaiming, Scale
-from .plugins import registry
+from .plugins import registry, type_name
 from .primitives import AdapterError, Composition, Generator, Initializer, Magnitude, Normalizer
 from .schema import AdapterField, adapter_field
 from .trained import check_bias, check_module_names, trained_biases, wrap_saved
@@ -190,7 +190,7 @@ def _target_hint(model: nn.Module, limit: int = 12) -> str:
         hint = "adaptable modules by layer kind: " + "; ".join(parts)
     else:
         hint = "it has no module of an adaptable layer kind (" + ", ".join(
-            sorted(t.__name__ for t in registry.load().layers)) + ")"
+            sorted(type_name(t) for t in registry.load().layers)) + ")"
     try:
         family = default_targets(model)
     except AdapterError:
@@ -205,9 +205,10 @@ def _quantized_hint(name: str, module: nn.Module, dtype: torch.dtype) -> str:
     falls back to the plain linear kind; the package that registers its kind is named."""
     cls = type(module)
     package = cls.__module__.partition(".")[0]
-    supported = sorted(t.__name__ for t, k in registry.load().layers.items() if getattr(k, "quantized", False))
-    own = sorted(t.__name__ for t, k in registry.layers.items()  # what lorakit-<package> adapts
-                 if getattr(k, "quantized", False) and type(k).__module__.startswith(f"lorakit.{package}"))
+    supported = sorted(type_name(t) for t, k in registry.load().layers.items() if getattr(k, "quantized", False))
+    own = sorted(type_name(t) for t, k in registry.layers.items()  # what lorakit-<package> adapts
+                 if getattr(k, "quantized", False) and (getattr(k, "package", None) == package
+                                                         or type(k).__module__.startswith(f"lorakit.{package}")))
     if own:
         return (f"module {name!r} is a {package} {cls.__name__} ({dtype} weight), which no installed layer kind "
                 f"adapts; supported quantized layers: {', '.join(own)}. Narrow the targets or convert it.")
@@ -505,7 +506,7 @@ class Adapter:
         if kind is None and (fused := experts.owner_kind(registry, module)) is not None:
             raise AdapterError(f"module {name!r}: {fused.check(module)}")  # fused experts: target_parameters
         if kind is None:
-            types = ", ".join(sorted(t.__name__ for t in registry.layers))
+            types = ", ".join(sorted(type_name(t) for t in registry.layers))
             raise AdapterError(
                 f"module {name!r} is a {type(module).__name__}; lorakit adapts {types}. "
                 "Narrow the targets or register a layer kind for it (lorakit_layers hook)."

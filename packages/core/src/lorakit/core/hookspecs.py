@@ -35,7 +35,9 @@ def lorakit_layers(register):
     where ``layer_kind`` is a ``lorakit.core.layer_kinds.LayerKind``; or how a weight
     type is: ``register(tensor_type, layer_kind)`` with a ``torch.Tensor`` subclass that
     a module holds as its ``weight`` (torchao's ``NF4Tensor`` in an ``nn.Linear``). The
-    weight's type is looked up first, then the module's, each by nearest base class."""
+    weight's type is looked up first, then the module's, each by nearest base class. A type
+    may be given by its qualified name (``"pkg.module.Type"``) with a
+    ``lorakit.core.layer_kinds.LazyKind``, so the plugin need not import its library."""
 
 
 @hookspec

@@ -246,6 +246,25 @@ class EmbeddingKind(LayerKind):
         return None
 
 
+class LazyKind:
+    """A layer kind registered without importing the library whose type it adapts:
+    ``factory()`` builds the real kind at the first lookup that finds it
+    (``Registry.layer_kind`` returns that kind, never this). Registered under a type's
+    qualified name (``"pkg.module.Type"``), it lets a plugin load without importing its
+    library (torchao's import takes ~2 s). ``package``: the library, named in errors."""
+
+    quantized = True  # what the lookups that list kinds ask (adapter._quantized_hint)
+
+    def __init__(self, factory, *, package: str) -> None:
+        self.factory, self.package = factory, package
+        self._kind: LayerKind | None = None
+
+    def resolve(self) -> LayerKind:
+        if self._kind is None:
+            self._kind = self.factory()
+        return self._kind
+
+
 def float_linear(W: Tensor, bias: Tensor | None) -> nn.Linear:
     """A plain ``nn.Linear`` holding ``W`` (and ``bias`` cast to ``W``'s dtype): what a
     quantized kind's ``float_module`` puts in a quantized layer's place on ``merge_and_unload``."""

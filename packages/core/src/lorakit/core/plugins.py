@@ -91,7 +91,7 @@ class Registry:
         self.loaded = False
         self.primitives: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
         self.recipes: dict[str, Recipe] = {}
-        self.layers: dict[type, Any] = {}
+        self.layers: dict[type | str, Any] = {}  # a type, or its qualified name (a LazyKind)
         self.targets: dict[str, list[str]] = {}
         self.exporters: dict[str, Callable] = {}
         self.commands: dict[str, tuple] = {}
@@ -233,8 +233,9 @@ class Registry:
         recipe = Recipe(name, g, n, i, as_spec(magnitude), description, info.name)
         self._claim(self.recipes, name, recipe, f"recipe {name!r}", info)
 
-    def _register_layers(self, info: PluginInfo, module_type: type, kind: Any) -> None:
-        self._claim(self.layers, module_type, kind, f"layer {module_type.__name__}", info)
+    def _register_layers(self, info: PluginInfo, module_type: type | str, kind: Any) -> None:
+        # a type, or its qualified name "pkg.module.Type" (a plugin that must not import its library)
+        self._claim(self.layers, module_type, kind, f"layer {type_name(module_type)}", info)
 
     def _register_targets(self, info: PluginInfo, model_type: str, names: list[str]) -> None:
         self._claim(self.targets, model_type, list(names), f"targets {model_type!r}", info)
@@ -308,9 +309,17 @@ class Registry:
         weight = getattr(module, "_parameters", {}).get("weight")  # its own, not a wrapper's property
         plain = (*torch.Tensor.__mro__, torch.nn.Parameter)  # a registered subclass only, never these
         for cls in (*(type(weight).__mro__ if isinstance(weight, torch.Tensor) else ()), *type(module).__mro__):
-            if cls in layers and cls not in plain:
-                return layers[cls]
+            if cls in plain:
+                continue
+            kind = layers.get(cls) or layers.get(f"{cls.__module__}.{cls.__qualname__}")
+            if kind is not None:
+                return kind.resolve() if hasattr(kind, "resolve") else kind  # a LazyKind: built now
         return None
+
+
+def type_name(t: type | str) -> str:
+    """A registered layer key as people read it: a type's name, or a qualified name's last part."""
+    return t.rpartition(".")[2] if isinstance(t, str) else t.__name__
 
 
 class _PluginFailed(Exception):
