@@ -220,6 +220,10 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
                 "matches_single_process runs this launch")),
         ("torchrun --nproc-per-node 2 --master-addr 127.0.0.1 --master-port 29500 train_with_trainer.py",
          NotRun("tests/test_distributed.py::test_torchrun_launch (slow) runs this launch")),
+        ("lorakit plan --hidden 4096 --layers 32 --heads 32 --kv-heads 8 --intermediate 14336 --vocab 128256 "
+         "--quantize nf4 --world-size 8 --rank 16", RUN),
+        ("lorakit plan --hidden 8192 --layers 80 --heads 64 --kv-heads 8 --intermediate 28672 --vocab 128256 "
+         "--quantize nf4 --world-size 8 --rank 16", RUN),
         ("python -m pytest -q tests/test_distributed.py", SUITE),
         ("LORAKIT_SLOW=1 python -m pytest -q tests/test_distributed.py", SUITE),
         ("python -m pytest -q tests/test_distributed_sharded.py", SUITE),
@@ -576,6 +580,7 @@ def check_printed(argv, out):
 CHECKS = {"finetune": check_finetune, "compare": check_compare, "sweep": check_sweep, "export": check_export,
           "bench": lambda argv, out: _files(argv, out), "mf": lambda argv, out: _files(argv, out),
           "demo": check_printed, "recipes": check_printed, "plugins": check_printed, "--help": check_printed,
+          "plan": check_printed,
           "new-plugin": lambda argv, out: None}
 
 
