@@ -71,7 +71,10 @@ def check_roundtrip(tmp_path, kind, recipe, require_change=True):
         ref = run(model, ids)
         if require_change:
             assert (ref - run(base, ids)).abs().max() > 1e-4, "training did not move the adapter; vacuous test"
-    path = export_peft(model, tmp_path / "peft")
+    # a magnitude head without DoRA's meaning (the IA3 plugin's gain) exports folded, as its docs say
+    heads = {layer.magnitude is not None and not any(i.exported_as for i in layer.slots.slot_info.values())
+             for layer in adapted_layers(model).values()}
+    path = export_peft(model, tmp_path / "peft", fold_magnitude=True in heads)
 
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["lora_alpha"] == config["r"]
