@@ -200,24 +200,39 @@ def _mtime(path: Path) -> float:
 
 
 def carry_over(old: Path, new: Path, own: tuple[str, ...]) -> None:
-    """Hard-link (or copy) the entries of ``old`` not named in ``own`` (the writer's own files) into ``new``."""
+    """Hard-link (or copy) the entries of ``old`` not named in ``own`` (the writer's own files) into ``new``.
+
+    A concurrent writer may move ``old`` away meanwhile (its own swap). The entries are then
+    carried from where they went: the folder now under ``old``'s name (that writer's, which
+    carried them too) or the newest complete hidden version. Whichever writer publishes last,
+    the other tools' files are in its folder (assuming the other writer carried them was wrong
+    when this one's rename came last)."""
+    source = old
+    for _ in range(10):  # each retry follows a rename of another writer
+        try:
+            _carry(source, new, own)
+            return
+        except FileNotFoundError:
+            source = readable(old)
+            if not os.path.lexists(source):
+                return  # no complete version left to carry from
+
+
+def _carry(old: Path, new: Path, own: tuple[str, ...]) -> None:
     def link(src, dst):
         try:
             os.link(src, dst)
         except OSError:  # no hard links on this filesystem
             shutil.copy2(src, dst)
 
-    try:
-        shutil.copymode(old, new)
-        for entry in old.iterdir():
-            target = new / entry.name
-            if entry.name in own or os.path.lexists(target):
-                continue
-            if entry.is_symlink():
-                os.symlink(os.readlink(entry), target)
-            elif entry.is_dir():
-                shutil.copytree(entry, target, symlinks=True, copy_function=link)
-            else:
-                link(entry, target)
-    except FileNotFoundError:  # a concurrent saver moved it away: it carried them itself
-        pass
+    shutil.copymode(old, new)
+    for entry in old.iterdir():
+        target = new / entry.name
+        if entry.name in own or (os.path.lexists(target) and not entry.is_dir()):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():  # completes a copy a moved-away source interrupted
+            shutil.copytree(entry, target, symlinks=True, copy_function=link, dirs_exist_ok=True)
+        else:
+            link(entry, target)
