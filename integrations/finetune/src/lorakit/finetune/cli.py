@@ -40,6 +40,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--warmup", type=float, default=D.warmup, help="warm-up share of the steps (then linear decay)")
     g.add_argument("--batch-size", type=int, default=D.batch_size)
     g.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (0: at the end)")
+    g.add_argument("--eval-every", type=int, default=D.eval_every, help="evaluate the held-out metric every N "
+                   "steps during the run (summary's curve; no retraining; 0: only at the end)")
     g.add_argument("--device", default=D.device, help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--quantize", choices=("nf4", "fp4", "int8"),
                    help="train on a bitsandbytes-quantized frozen base (QLoRA; needs lorakit-bitsandbytes)")

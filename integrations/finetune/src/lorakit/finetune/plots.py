@@ -108,3 +108,26 @@ def sweep_loss_plot(rows: list[dict], cells: list[dict], path: Path, ylabel: str
     ax.legend(fontsize="small")
     _save(fig, path)
     return path
+
+
+def sweep_curve_plot(rows: list[dict], path: Path, metric: str) -> Path:
+    """Held-out metric against training step (``--eval-every``): per entry (colour) and
+    learning rate (line style) the median over seeds and its min–max band."""
+    fig = Figure(figsize=(8, 4.6))
+    ax = fig.add_subplot()
+    styles = ["-", "--", ":", "-."]
+    for i, row in enumerate(rows):
+        for j, r in enumerate(row["per_lr"]):
+            if not r.get("curve"):
+                continue
+            xs = [s for s, _ in r["curve"]]
+            ax.plot(xs, [st["median"] for _, st in r["curve"]], styles[j % len(styles)], marker=".",
+                    color=f"C{i}", label=f"{row['label']} (lr {r['lr']:g})")
+            ax.fill_between(xs, [st["min"] for _, st in r["curve"]], [st["max"] for _, st in r["curve"]],
+                            color=f"C{i}", alpha=0.15)
+    ax.set(xlabel="step", ylabel=f"held-out {metric}",
+           title=f"held-out {metric} vs step (median, min–max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    _save(fig, path)
+    return path

@@ -25,7 +25,13 @@ optimizer state is ~130 MB) unless ``keep_checkpoints``.
 
 An entry is a recipe name, optionally with parts replaced as ``lorakit finetune``
 takes them, joined by ``+``: ``op-lora+generator=mlp:gain=2``,
-``loldu+init=ldu:init=s_uniform``.
+``loldu+init=ldu:init=s_uniform``. ``ENTRY@LR/LR...`` gives that entry its own learning
+rates instead of ``--lrs`` (``delora+normalizer=delora:lambda0=1@2.5e-2/1e-1``); its cells
+are those of the same entry and rate in any other sweep.
+
+**Along the way** (``eval_every`` > 0): each cell also records ``curve``, the held-out
+metric of the live model every ``eval_every`` steps of its one training run, and the
+sweep reports its median and [min, max] over seeds at each step (``sweep-curve.png``).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ PARTS = ("generator", "normalizer", "init", "magnitude")
 #: the setup a cell's result depends on; a cell.json that differs in any of these is rerun
 SETUP_KEYS = ("model", "data", "text_column", "label_column", "task", "targets", "rank", "steps", "lambda_lr",
               "weight_decay", "warmup", "batch_size", "max_length", "test_fraction", "split_seed", "dropout",
-              "quantize")
+              "quantize", "eval_every")
 
 
 def parse_entry(text: str) -> dict:
@@ -67,6 +73,21 @@ def parse_entry(text: str) -> dict:
                                 "(e.g. op-lora+generator=mlp:gain=2)")
         entry[key] = spec
     return entry
+
+
+def split_lrs(text: str) -> tuple[str, list[float] | None]:
+    """``"lora@6.3e-3/2.5e-2"`` → ``("lora", [0.0063, 0.025])``; no ``@``: ``(text, None)``."""
+    text, at, rates = text.strip().partition("@")
+    if not at:
+        return text, None
+    try:
+        lrs = [float(v) for v in rates.split("/") if v.strip()]
+    except ValueError:
+        lrs = []
+    if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs) or len(set(lrs)) != len(lrs):
+        raise FinetuneError(f"sweep entry {text + at + rates!r}: after @ give distinct positive learning rates "
+                            "separated by / (e.g. lora@6.3e-3/2.5e-2)")
+    return text, lrs
 
 
 def _slug(label: str) -> str:
@@ -100,6 +121,8 @@ def _record_problem(done, entry: dict, lr: float, seed: int) -> str | None:
         return f"lacks {missing}"
     bad = sorted(k for k, t in wanted.items() if not isinstance(done[k], t)
                  or (t in (int, dict) and isinstance(done[k], bool)))
+    if "curve" in done and not isinstance(done["curve"], list):
+        bad = [*bad, "curve"]
     if bad or (not done["diverged"] and not isinstance(done["trainable"].get("adapter"), int)):
         return f"has malformed {bad or ['trainable']}"
     if done["lr"] != lr or done["seed"] != seed:
@@ -116,7 +139,7 @@ def check_cell_paths(out: Path, grid: list) -> None:
         if other != entry["label"]:
             raise FinetuneError(f"sweep entries {other!r} and {entry['label']!r} share the cell folder "
                                 f"{_slug(entry['label'])!r}; rename one of them")
-    for name in ("sweep.json", "sweep.md", "sweep-lr.png", "sweep-loss.png"):
+    for name in ("sweep.json", "sweep.md", "sweep-lr.png", "sweep-loss.png", "sweep-curve.png"):
         if (out / name).exists() and not (out / name).is_file():
             raise FinetuneError(f"sweep: {out / name} is not a regular file; remove it or give another --out")
     for entry, lr, seed in grid:
@@ -163,11 +186,12 @@ def run_cell(entry: dict, lr: float, seed: int, cfg: FinetuneConfig, out: Path, 
     except FinetuneError as exc:
         if "the loss became" not in str(exc):
             raise
-        cell.update(diverged=True, error=str(exc), metric=None, metrics=None, losses=None, auc=None)
+        cell.update(diverged=True, error=str(exc), metric=None, metrics=None, losses=None, auc=None, curve=None)
     else:
         cell.update(diverged=False, metric=s["metric"]["value"], metrics=s["metrics"], losses=s["losses"],
                     auc=loss_auc(s["losses"]), trainable=s["trainable_parameters"], threads=s["threads"],
-                    train_seconds=s["train_seconds"], cpu_ms_per_step=s.get("cpu_ms_per_step"), task=s["task"])
+                    train_seconds=s["train_seconds"], cpu_ms_per_step=s.get("cpu_ms_per_step"), task=s["task"],
+                    curve=s["curve"])
     if not keep_checkpoints:
         for sub in ("checkpoints", "peft"):
             shutil.rmtree(folder / sub, ignore_errors=True)
@@ -182,17 +206,22 @@ def _stats(values: list[float]) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def aggregate(cells: list[dict], entries: list[dict], lrs: list[float]) -> list[dict]:
-    """Per entry: per learning rate the metric's and AUC's median/min/max over seeds,
-    the diverged count, and the best learning rate (highest median metric)."""
+def aggregate(cells: list[dict], entries: list[dict], lrs: list[float],
+              lrs_of: dict[str, list[float]] | None = None) -> list[dict]:
+    """Per entry: per learning rate (``lrs_of[label]``, else ``lrs``) the metric's and AUC's
+    median/min/max over seeds, the held-out curve's at each step, the diverged count, and
+    the best learning rate (highest median metric)."""
+    from .curves import curve_stats
+
     rows = []
     for entry in entries:
         per_lr = []
-        for lr in lrs:
+        for lr in (lrs_of or {}).get(entry["label"]) or lrs:
             mine = [c for c in cells if c["entry"]["label"] == entry["label"] and c["lr"] == lr]
             ok = [c for c in mine if not c["diverged"]]
             per_lr.append({"lr": lr, "metric": _stats([c["metric"] for c in ok]),
-                           "auc": _stats([c["auc"] for c in ok]), "diverged": len(mine) - len(ok),
+                           "auc": _stats([c["auc"] for c in ok]), "curve": curve_stats(ok, _stats),
+                           "diverged": len(mine) - len(ok),
                            "seeds": len(mine)})
         scored = [r for r in per_lr if r["metric"] is not None]
         best = max(scored, key=lambda r: r["metric"]["median"]) if scored else None
@@ -235,7 +264,9 @@ def sweep(entries: list[str], lrs: list[float], seeds: list[int], cfg: FinetuneC
           keep_checkpoints: bool = False, log=print) -> dict:
     """Run (or resume) the grid; write ``sweep.json``, ``sweep.md``, ``sweep-lr.png``
     and ``sweep-loss.png`` into ``cfg.out``; return the result."""
-    parsed = [parse_entry(e) for e in entries]
+    split = [split_lrs(e) for e in entries]
+    parsed = [parse_entry(text) for text, _ in split]
+    lrs_of = {e["label"]: own for e, (_, own) in zip(parsed, split) if own}
     if len({e["label"] for e in parsed}) != len(parsed) or not parsed:
         raise FinetuneError("sweep: give distinct entries")
     if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs) or len(set(lrs)) != len(lrs):
@@ -250,7 +281,7 @@ def sweep(entries: list[str], lrs: list[float], seeds: list[int], cfg: FinetuneC
     check_writable(out)
     from tqdm.auto import tqdm
 
-    grid = [(e, float(lr), seed) for e in parsed for lr in lrs for seed in seeds]
+    grid = [(e, float(lr), seed) for e in parsed for lr in lrs_of.get(e["label"], lrs) for seed in seeds]
     check_cell_paths(out, grid)
     cells = []
     with tqdm(total=len(grid), desc="sweep", unit="run", file=sys.stderr, disable=not cfg.progress,
@@ -262,26 +293,37 @@ def sweep(entries: list[str], lrs: list[float], seeds: list[int], cfg: FinetuneC
             bar.update()
     task = next((c["task"] for c in cells if not c["diverged"]), "regression")
     metric = PRIMARY[task]
-    rows = aggregate(cells, parsed, [float(lr) for lr in lrs])
+    rows = aggregate(cells, parsed, [float(lr) for lr in lrs], lrs_of)
     md = table(rows, metric)
+    if cfg.eval_every:
+        from .curves import curve_table
+
+        md += "\n\n" + curve_table(rows, metric)
     n_resumed = sum(bool(c.get("resumed")) for c in cells)
     setup = (f"{'MiniLM-L6 (embedded)' if cfg.model is None else cfg.model}, "
              f"{'VADER lexicon (embedded)' if cfg.data is None else cfg.data}, {cfg.steps} steps x batch "
              f"{cfg.batch_size}, AdamW (warm-up {cfg.warmup:g}, linear decay), rank {cfg.rank}, "
              f"lambda lr {'= lr' if cfg.lambda_lr is None else cfg.lambda_lr}, dropout {cfg.dropout:g}, "
-             f"seeds {','.join(map(str, seeds))}, split seed {cfg.split_seed}")
+             f"seeds {','.join(map(str, seeds))}, split seed {cfg.split_seed}"
+             + (f", held-out {metric} every {cfg.eval_every} steps" if cfg.eval_every else ""))
     from .plots import sweep_loss_plot, sweep_lr_plot
 
     lr_png = sweep_lr_plot(rows, out / "sweep-lr.png", metric)
     loss_png = sweep_loss_plot(rows, cells, out / "sweep-loss.png",
                                "MSE (standardized)" if task == "regression" else "cross-entropy")
+    plots = [str(lr_png), str(loss_png)]
+    if cfg.eval_every:
+        from .plots import sweep_curve_plot
+
+        plots.append(str(sweep_curve_plot(rows, out / "sweep-curve.png", metric)))
     atomic_write(out / "sweep.md", lambda tmp: tmp.write_text(f"{md}\n\n{setup}\n"))
     result = {"setup": setup, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
-              "entries": parsed, "lrs": list(lrs), "seeds": list(seeds), "metric": metric, "rows": rows,
+              "entries": parsed, "lrs": list(lrs), "lrs_of": lrs_of, "seeds": list(seeds), "metric": metric,
+              "rows": rows,
               "table": md, "cells": [{k: v for k, v in c.items() if k != "resumed"} for c in cells],
-              "plots": [str(lr_png), str(loss_png)]}
+              "plots": plots}
     atomic_write(out / "sweep.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     log("\n" + md + "\n\n" + setup)
     log(f"\n{len(grid)} runs ({n_resumed} resumed from earlier results)\ntable: {out / 'sweep.md'} "
-        f"(and {out / 'sweep.json'})\nplots: {lr_png}, {loss_png}")
+        f"(and {out / 'sweep.json'})\nplots: {', '.join(plots)}")
     return result

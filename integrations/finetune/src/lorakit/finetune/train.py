@@ -58,6 +58,7 @@ class FinetuneConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     save_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # held-out metric of the live model every N steps (the summary's "curve"); 0: at the end only
     resume: str | None = None
     out: str = "runs/finetune"
     device: str = "auto"
@@ -98,6 +99,8 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--weight-decay {cfg.weight_decay}: must be a finite number >= 0")
     if cfg.save_every < 0 or not 0 <= cfg.warmup < 1:
         raise FinetuneError("--save-every must be >= 0 and --warmup in [0, 1)")
+    if cfg.eval_every < 0:
+        raise FinetuneError(f"--eval-every {cfg.eval_every}: must be >= 0 (0: evaluate only at the end)")
 
 
 def auto_threads() -> int:
@@ -319,7 +322,7 @@ def _finetune(cfg: FinetuneConfig, label: str | None, log) -> dict:
     run = _build(cfg, adapter, data, train, test, device)
     optimizer, scheduler = _optimizer(run.model, cfg)
     state = {"label": label, "task": data.task, "norm": run.norm, "model": str(run.folder), "data": data.source,
-             "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "losses": []}
+             "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "losses": [], "curve": []}
     start = _resume(cfg, run.model, optimizer, scheduler, state) if cfg.resume else 0
     state["run_id"] = uuid.uuid4().hex
     check_writable(out)
@@ -398,6 +401,9 @@ def _resume(cfg: FinetuneConfig, model: TextModel, optimizer, scheduler, state: 
         raise FinetuneError(f"--resume {cfg.resume}: its trainer_state.json is damaged (no valid step or "
                             "losses); resume from another checkpoint or start again")
     state["losses"] = losses[:start]
+    curve = restored.get("curve", [])  # older checkpoints have none
+    state["curve"] = [p for p in curve if isinstance(p, list) and len(p) == 2 and p[0] <= start] \
+        if isinstance(curve, list) else []
     if start >= cfg.steps:
         raise FinetuneError(f"--resume {cfg.resume}: it is at step {start}, not before --steps {cfg.steps}")
     # The learning rate of step `start`, set directly: scheduler.step() before any
@@ -435,6 +441,10 @@ def _train(cfg: FinetuneConfig, run: _Built, optimizer, scheduler, state: dict, 
             ema = value if ema is None else 0.9 * ema + 0.1 * value
             bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
             bar.update(1)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                # no RNG drawn, no gradient, the model back in train mode: the trajectory is unchanged
+                metric = evaluate(model, run.test_batches, run.data.task, run.norm, device)[PRIMARY[run.data.task]]
+                state["curve"].append([step + 1, metric])
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 last_ckpt = save_checkpoint(model, optimizer, ckpt_root, step + 1, state) or last_ckpt
     except KeyboardInterrupt:
@@ -454,6 +464,8 @@ def _finish(cfg: FinetuneConfig, run: _Built, optimizer, state: dict, memory: Pe
     t_eval = time.perf_counter()
     metrics = evaluate(model, run.test_batches, data.task, run.norm, device)
     eval_seconds = time.perf_counter() - t_eval
+    if cfg.eval_every:  # the curve ends at the final evaluation
+        state["curve"].append([cfg.steps, metrics[PRIMARY[data.task]]])
     peak_mb, peak_kind = memory.read_mb()  # CPU: replaced below by one measured step (after the saves)
     # None when another run's checkpoint has this name: replaced only once this run has succeeded
     saved = save_checkpoint(model, optimizer, ckpt_root, cfg.steps, state)
@@ -487,6 +499,7 @@ def _finish(cfg: FinetuneConfig, run: _Built, optimizer, state: dict, memory: Pe
         "quantize": cfg.quantize, "frozen_base_mb": run.base_mb,
         "device": str(device), "threads": torch.get_num_threads(),
         "final_loss": timing["ema"], "losses": state["losses"],
+        "curve": state["curve"],  # [[step, held-out metric], ...] with --eval-every, else []
         "checkpoint": str(ckpt), "peft_export": peft_path, "peft_export_error": peft_error,
         "loss_plot": str(out / "loss.png"), "versions": {"torch": torch.__version__},
     }
