@@ -75,3 +75,25 @@ def test_sweep_bad_per_entry_lrs(tiny, tmp_path, capsys, entry):
     assert main(_sweep(tiny, tmp_path / "bad", "--recipes", entry)) == 2
     err = capsys.readouterr().err
     assert "after @ give distinct positive learning rates" in err and "Traceback" not in err
+
+
+def test_lambda_lr_ratio_is_lambda_lr_at_that_multiple(tiny, tmp_path):
+    ratio, fixed = tmp_path / "ratio", tmp_path / "fixed"
+    assert main(_args(tiny, ratio, "--recipe", "delora", "--lambda-lr-ratio", "10", steps=4)) == 0
+    assert main(_args(tiny, fixed, "--recipe", "delora", "--lambda-lr", "5e-2", steps=4)) == 0  # _args: --lr 5e-3
+    a, b = (json.loads((p / "summary.json").read_text()) for p in (ratio, fixed))
+    assert a["losses"] == b["losses"] and a["metrics"] == b["metrics"]
+
+
+def test_lambda_lr_ratio_bad_input_and_setup_compatibility(tiny, tmp_path, capsys):
+    from lorakit.finetune.sweep import _setup
+    from lorakit.finetune.train import FinetuneConfig
+
+    for extra, message in ((["--lambda-lr-ratio", "0"], "--lambda-lr-ratio 0.0: must be a positive number"),
+                           (["--lambda-lr-ratio", "2", "--lambda-lr", "1e-3"], "both given")):
+        assert main(_args(tiny, tmp_path / "bad", *extra)) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    # unset, the ratio is not in a cell's setup: records written before the option stay valid
+    assert "lambda_lr_ratio" not in _setup(FinetuneConfig())
+    assert _setup(FinetuneConfig(lambda_lr_ratio=10.0))["lambda_lr_ratio"] == 10.0

@@ -36,6 +36,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--steps", type=int, default=D.steps)
     g.add_argument("--lr", type=float, default=D.lr)
     g.add_argument("--lambda-lr", type=float, help="learning rate of scalar slots (DeLoRA λ, LoLDU σ)")
+    g.add_argument("--lambda-lr-ratio", type=float, help="scalar slots' learning rate as a multiple of --lr "
+                   "(a sweep's every rate; instead of --lambda-lr)")
     g.add_argument("--weight-decay", type=float, default=D.weight_decay)
     g.add_argument("--warmup", type=float, default=D.warmup, help="warm-up share of the steps (then linear decay)")
     g.add_argument("--batch-size", type=int, default=D.batch_size)

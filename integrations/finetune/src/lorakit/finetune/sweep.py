@@ -60,6 +60,8 @@ PARTS = ("generator", "normalizer", "init", "magnitude")
 SETUP_KEYS = ("model", "data", "text_column", "label_column", "task", "targets", "rank", "steps", "lambda_lr",
               "weight_decay", "warmup", "batch_size", "max_length", "test_fraction", "split_seed", "dropout",
               "quantize", "eval_every")
+#: setup keys added later, recorded only when set: the records written before them stay valid
+OPTIONAL_SETUP_KEYS = ("lambda_lr_ratio",)
 
 
 def parse_entry(text: str) -> dict:
@@ -152,8 +154,15 @@ def check_cell_paths(out: Path, grid: list) -> None:
                                     f"; remove it (that cell is then run again) or give another --out")
 
 
+def _lambda_lr_text(cfg: FinetuneConfig) -> str:
+    if cfg.lambda_lr_ratio is not None:
+        return f"= {cfg.lambda_lr_ratio:g} x lr"
+    return "= lr" if cfg.lambda_lr is None else f"{cfg.lambda_lr:g}"
+
+
 def _setup(cfg: FinetuneConfig) -> dict:
-    return {k: getattr(cfg, k, None) for k in SETUP_KEYS}
+    return {k: getattr(cfg, k, None) for k in SETUP_KEYS} | {
+        k: getattr(cfg, k) for k in OPTIONAL_SETUP_KEYS if getattr(cfg, k, None) is not None}
 
 
 def loss_auc(losses: list[float]) -> float:
@@ -303,7 +312,7 @@ def sweep(entries: list[str], lrs: list[float], seeds: list[int], cfg: FinetuneC
     setup = (f"{'MiniLM-L6 (embedded)' if cfg.model is None else cfg.model}, "
              f"{'VADER lexicon (embedded)' if cfg.data is None else cfg.data}, {cfg.steps} steps x batch "
              f"{cfg.batch_size}, AdamW (warm-up {cfg.warmup:g}, linear decay), rank {cfg.rank}, "
-             f"lambda lr {'= lr' if cfg.lambda_lr is None else cfg.lambda_lr}, dropout {cfg.dropout:g}, "
+             f"lambda lr {_lambda_lr_text(cfg)}, dropout {cfg.dropout:g}, "
              f"seeds {','.join(map(str, seeds))}, split seed {cfg.split_seed}"
              + (f", held-out {metric} every {cfg.eval_every} steps" if cfg.eval_every else ""))
     from .plots import sweep_loss_plot, sweep_lr_plot

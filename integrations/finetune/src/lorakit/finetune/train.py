@@ -49,6 +49,7 @@ class FinetuneConfig:
     steps: int = 100
     lr: float = 2e-3
     lambda_lr: float | None = None
+    lambda_lr_ratio: float | None = None  # scalar slots (DeLoRA's λ) at this many times lr; exclusive with lambda_lr
     dropout: float = 0.0  # Adapter(dropout=p): PEFT's lora_dropout on the adapter input
     weight_decay: float = 0.0
     warmup: float = 0.1
@@ -95,6 +96,10 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--lr {cfg.lr}: must be a positive number")
     if cfg.lambda_lr is not None and not (cfg.lambda_lr > 0 and math.isfinite(cfg.lambda_lr)):
         raise FinetuneError(f"--lambda-lr {cfg.lambda_lr}: must be a positive number (omit it to use --lr)")
+    if cfg.lambda_lr_ratio is not None and not (cfg.lambda_lr_ratio > 0 and math.isfinite(cfg.lambda_lr_ratio)):
+        raise FinetuneError(f"--lambda-lr-ratio {cfg.lambda_lr_ratio}: must be a positive number (omit it to use --lr)")
+    if cfg.lambda_lr_ratio is not None and cfg.lambda_lr is not None:
+        raise FinetuneError("--lambda-lr and --lambda-lr-ratio both given: pass one (a rate, or a multiple of --lr)")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):  # NaN fails both comparisons
         raise FinetuneError(f"--weight-decay {cfg.weight_decay}: must be a finite number >= 0")
     if cfg.save_every < 0 or not 0 <= cfg.warmup < 1:
@@ -261,7 +266,8 @@ def _param_groups(model, cfg: FinetuneConfig) -> list[dict]:
     except ImportError:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
                  "weight_decay": cfg.weight_decay}]
-    return param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, lambda_lr=cfg.lambda_lr)
+    lambda_lr = cfg.lambda_lr if cfg.lambda_lr_ratio is None else cfg.lambda_lr_ratio * cfg.lr
+    return param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, lambda_lr=lambda_lr)
 
 
 def _export_peft(backbone, path: Path, base: Path) -> tuple[str | None, str | None]:
