@@ -288,3 +288,48 @@ def test_resume_with_another_recipe_names_it(tiny, tmp_path, capsys):  # noqa: F
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the checkpoint was trained with recipe lora, magnitude None" in err[0], err
     assert "this run has recipe dora, magnitude dora" in err[0] and "parameter groups" not in err[0]
+
+
+# -- PEFT's DeLoRA from the command line -----------------------------------------------------
+@pytest.mark.parametrize("recipe", ["delora", "delora+init=kaiming"])
+def test_export_delora_format_loads_in_peft_with_lorakits_outputs(tmp_path, capsys, recipe):
+    """`--format delora`: PEFT's own DeLoRA tuner reads the file (rewritten exactly for the
+    recipe's residual, as is for PEFT's own B0 = 0 form) and gives lorakit's outputs."""
+    name, _, init = recipe.partition("+init=")
+    if init:
+        base = tiny_llama_model()
+        base.save_pretrained(tmp_path / "base")
+        model = copy.deepcopy(base)
+        Adapter(normalizer="delora", init=init, rank=2).apply(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        checkpoint.save(model, tmp_path / "ckpt")
+        base_dir, ckpt, model = tmp_path / "base", tmp_path / "ckpt", model.eval()
+    else:
+        base_dir, ckpt, base, model = saved(tmp_path, name)
+    out = tmp_path / "out"
+    assert main(["export", str(ckpt), "--format", "delora", "--base", str(base_dir), "--out", str(out)]) == 0
+    assert "(delora)" in capsys.readouterr().out
+    client = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+    assert client.peft_config["default"].peft_type.value == "DELORA"
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (client(input_ids=ids).last_hidden_state - model(input_ids=ids).last_hidden_state).abs().max()
+    assert diff <= TOL
+
+
+@pytest.mark.parametrize("recipe, extra, message", [
+    ("delora", ["--max-rank", "1"], "--format delora writes the update exactly"),
+    ("delora", ["--fold-magnitude"], "--format delora writes the update exactly"),
+    ("lora", [], "delora"),  # another normalizer: refused, naming the module and the way out
+])
+def test_export_delora_format_refusals(tmp_path, capsys, recipe, extra, message):
+    base_dir, ckpt, _, _ = saved(tmp_path, recipe)
+    capsys.readouterr()
+    argv = ["export", str(ckpt), "--format", "delora", "--base", str(base_dir), "--out", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lorakit: error:") and message in err[0], err
+    assert not (tmp_path / "o").exists()

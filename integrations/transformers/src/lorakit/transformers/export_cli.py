@@ -32,7 +32,7 @@ from lorakit.core import AdapterError, CheckpointError, checkpoint, registry
 from lorakit.core.cli import output_problem
 from lorakit.core.validation import read_json
 
-FORMATS_HELP = "registered exporter (lorakit_exporters hook): peft, diffusers, kohya, ..."
+FORMATS_HELP = "registered exporter (lorakit_exporters hook): peft, delora (PEFT's DeLoRA), diffusers, kohya, ..."
 # the libraries whose model classes an export rebuilds by name, and the class each must derive from
 LIBRARIES = {"transformers": "PreTrainedModel", "diffusers": "ModelMixin"}
 ONE_FILE = ".safetensors"  # an --out ending so names the file of a one-file format (kohya)

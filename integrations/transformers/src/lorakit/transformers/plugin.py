@@ -1,5 +1,5 @@
 """Hooks of lorakit-transformers: the ``Conv1D`` layer kind, default targets per
-architecture, the ``peft`` exporter and the ``export`` command."""
+architecture, the ``peft`` and ``delora`` exporters and the ``export`` command."""
 
 from lorakit.core import hookimpl
 from transformers.pytorch_utils import Conv1D
@@ -22,9 +22,23 @@ def lorakit_targets(register):
         register(model_type, names)
 
 
+def export_peft_delora(model, path, *, max_rank=None, energy: float = 0.999, fold_magnitude: bool = False,
+                       base_model_name_or_path: str | None = None, task_type: str | None = None):
+    """``export_peft(format="delora")``: PEFT's DeLoRA adapter, always exact (``lorakit
+    export --format delora``); truncation and folding are the LoRA format's options."""
+    from lorakit.core import AdapterError
+
+    if max_rank is not None or fold_magnitude:
+        raise AdapterError("--format delora writes the update exactly (PEFT's DeLoRA): --max-rank and "
+                           "--fold-magnitude apply to --format peft; drop them")
+    return export_peft(model, path, base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+                       format="delora")
+
+
 @hookimpl
 def lorakit_exporters(register):
     register("peft", export_peft)
+    register("delora", export_peft_delora)  # PEFT's own DeLoRA tuner (peft.tuners.delora)
 
 
 @hookimpl
