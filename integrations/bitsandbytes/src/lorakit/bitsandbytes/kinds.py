@@ -12,6 +12,9 @@ What each method costs, and why it keeps the quantized base byte-identical:
   (``‖W̄_i + B'_i A'‖²`` needs ``W̄ A'ᵀ``): the 4-bit layer's own ``matmul_4bit`` on
   ``A'``'s R rows in fp32 (out × R result), the 8-bit weight applied in row blocks —
   never an out × in tensor of lorakit's per step.
+- :meth:`fused_weight` gives the one-node fused linear (core ``functional.linear_lowrank``)
+  the layer's own kernel forward and :meth:`linear_t` (``gy W̄``) for backward, as for a
+  plain ``nn.Linear``: QLoRA and QDoRA keep per layer what LoRA on a float base keeps.
 - :meth:`set_matrix` refuses: an in-place merge would requantize. ``merge_and_unload``
   builds a float ``nn.Linear`` (:meth:`float_module`) or, asked to, requantizes
   (:meth:`requantize`) and reports the error added.
@@ -28,7 +31,7 @@ from torch import Tensor
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 from lorakit.core import MergeError
-from lorakit.core.layer_kinds import LayerKind, float_linear
+from lorakit.core.layer_kinds import KernelOperator, LayerKind, float_linear
 
 BLOCK_ELEMENTS = 1 << 22  # 8-bit W̄ Mᵀ in row blocks of at most ~4M weights (16 MiB in fp32)
 
@@ -66,6 +69,20 @@ class _QuantizedLinearKind(LayerKind):
     def lowrank(self, base, x, B, A):
         return F.linear(F.linear(x, A), B)
 
+    def fused_weight(self, base):
+        return KernelOperator(self, base)
+
+    def _bias_dtype(self, base, x: Tensor) -> torch.dtype:
+        return x.dtype
+
+    def fused_bias(self, base, x):
+        # the module's forward casts its bias in place on first use: done before the fused
+        # node takes it as an input (else its gradient would come in the old dtype)
+        bias, dtype = base.bias, self._bias_dtype(base, x)
+        if bias is not None and bias.dtype != dtype:
+            bias.data = bias.data.to(dtype)
+        return bias
+
     def frozen_tensors(self, base):
         return (base.weight,)
 
@@ -94,6 +111,9 @@ class Linear4bitKind(_QuantizedLinearKind):
     def _dtype(self, base):
         return base.compute_dtype or self._state(base).dtype
 
+    def _bias_dtype(self, base, x):
+        return base.compute_dtype or x.dtype  # what Linear4bit.forward casts its bias to
+
     def check(self, base):
         if getattr(base.weight, "quant_state", None) is None:
             return ("this Linear4bit is not quantized yet (no quant_state): load the model with transformers' "
@@ -118,6 +138,12 @@ class Linear4bitKind(_QuantizedLinearKind):
     def linear(self, base, x):
         """``W̄ x``: the forward's own ``matmul_4bit`` without the bias."""
         return bnb.matmul_4bit(x.to(self._dtype(base)), base.weight.t(), quant_state=self._state(base)).to(x.dtype)
+
+    def linear_t(self, base, gy):
+        """``gy W̄``, what ``matmul_4bit``'s own backward computes: the weight dequantized in
+        the compute dtype for the product and freed (PEFT's QLoRA pays the same)."""
+        dtype = self._dtype(base)
+        return (gy.to(dtype) @ bnbF.dequantize_4bit(base.weight.data, self._state(base)).to(dtype)).to(gy.dtype)
 
     def weight_times_t(self, base, M):
         """``W̄ Mᵀ = (M W̄ᵀ)ᵀ``: ``matmul_4bit`` on M's rows in fp32 (out × R)."""
@@ -181,6 +207,19 @@ class Linear8bitLtKind(_QuantizedLinearKind):
             return base(x)
         finally:
             base.bias = bias
+
+    def linear_t(self, base, gy):
+        """``gy W̄`` with ``W̄ = CB ⊙ SCB/127`` formed as bitsandbytes' backward forms it, but
+        over row blocks of at most ``BLOCK_ELEMENTS`` weights (it dequantizes all out × in)."""
+        CB, SCB = self._cb_scb(base)
+        scale = SCB.to(CB.device).unsqueeze(1).mul(1.0 / 127.0)
+        step = max(1, BLOCK_ELEMENTS // max(CB.shape[1], 1))
+        out = None
+        for i in range(0, CB.shape[0], step):
+            W = CB[i:i + step].to(gy.dtype).mul_(scale[i:i + step])
+            out = gy[:, i:i + step] @ W if out is None else out.addmm_(gy[:, i:i + step], W)
+        assert out is not None  # a layer has rows
+        return out
 
     def weight_times_t(self, base, M):
         """``W̄ Mᵀ = diag(SCB/127) (CB Mᵀ)`` in fp32, over row blocks: exact to fp32 and

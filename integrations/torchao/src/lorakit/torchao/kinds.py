@@ -16,6 +16,10 @@ What each method costs, and why the quantized bytes stay as they are:
   most ``BLOCK_ELEMENTS`` dequantized weights (out × R result), computed from the same
   inner tensors with the same elementwise operations as torchao's dequantization: never
   an out × in tensor of lorakit's per step.
+- :meth:`fused_weight` gives the one-node fused linear (core ``functional.linear_lowrank``)
+  torchao's own forward and :meth:`linear_t` (``gy W̄`` over the same row blocks) for
+  backward: nothing of ``W̄`` is kept between forward and backward, and no out × in
+  tensor is formed (torchao's own backward dequantizes the whole weight).
 - :meth:`set_matrix` refuses (an in-place merge would requantize); ``merge_and_unload``
   builds a float ``nn.Linear`` or, asked to, requantizes into the same format with the
   same block sizes and reports the error added.
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.core import MergeError
-from lorakit.core.layer_kinds import LayerKind, float_linear, plain_tensors
+from lorakit.core.layer_kinds import KernelOperator, LayerKind, float_linear, plain_tensors
 from torchao.quantization import Int8Tensor, NF4Tensor, to_nf4
 from torchao.quantization.granularity import PerGroup, PerRow, PerTensor
 from torchao.quantization.quant_primitives import dequantize_affine
@@ -75,6 +79,29 @@ class _WeightSubclassKind(LayerKind):
 
     def lowrank(self, base, x, B, A):
         return F.linear(F.linear(x, A), B)
+
+    def fused_weight(self, base):
+        return KernelOperator(self, base)
+
+    @staticmethod
+    def rows(w, i: int, j: int) -> Tensor:
+        """Rows ``i:j`` of ``W̄``, dequantized as torchao does."""
+        raise NotImplementedError
+
+    def row_unit(self, w) -> int:
+        """Row blocks are multiples of this many rows (whole quantization blocks)."""
+        return 1
+
+    def linear_t(self, base, gy):
+        """``gy W̄ = Σ_blocks gy[:, i:j] W̄[i:j]`` over row blocks of at most ``BLOCK_ELEMENTS``
+        weights, each dequantized by :meth:`rows` (bit-identical to torchao's rows)."""
+        w = base.weight
+        out = None
+        for i, j in _row_blocks(w.shape[0], w.shape[1], self.row_unit(w)):
+            W = self.rows(w, i, j).to(gy.dtype)
+            out = gy[:, i:j] @ W if out is None else out.addmm_(gy[:, i:j], W)
+        assert out is not None  # a layer has rows
+        return out
 
     def frozen_tensors(self, base):
         return tuple(plain_tensors(base.weight).values())
@@ -127,12 +154,15 @@ class NF4Kind(_WeightSubclassKind):
         first, second = w.nf4[(data >> 4).long()] * repeated, w.nf4[(data & 0b1111).long()] * repeated
         return torch.stack([first, second], dim=-1).reshape(j - i, n)
 
+    def row_unit(self, w) -> int:
+        return w.block_size // math.gcd(w.shape[1], w.block_size)
+
     def weight_times_t(self, base, M):
         """``W̄ Mᵀ`` in fp32 over row blocks, each a whole number of quantization blocks."""
         w = base.weight
         Mt = M.float().T
-        unit = w.block_size // math.gcd(w.shape[1], w.block_size)
-        out = torch.cat([self.rows(w, i, j).float() @ Mt for i, j in _row_blocks(w.shape[0], w.shape[1], unit)])
+        out = torch.cat([self.rows(w, i, j).float() @ Mt
+                         for i, j in _row_blocks(w.shape[0], w.shape[1], self.row_unit(w))])
         return out.to(M.dtype)
 
     def quantize_like(self, weight, W):

@@ -18,6 +18,32 @@ class WeightOperator(Protocol):
     def times_t(self, M: Tensor) -> Tensor: ...
 
 
+class BaseOperator(Protocol):
+    """A frozen base ``W̄`` known by its two products with activations: what the one-node
+    fused linear (:func:`linear_lowrank`) needs of a quantized base in place of a dense
+    weight (``LayerKind.fused_weight``). Neither keeps anything for backward.
+
+        linear(x, with_bias) = x W̄ᵀ (+ b)      the module's own kernel (tokens × out)
+        linear_t(gy)         = gy W̄            ∂L/∂x of it (tokens × in, a new tensor)
+    """
+
+    def linear(self, x: Tensor, with_bias: bool) -> Tensor: ...
+
+    def linear_t(self, gy: Tensor) -> Tensor: ...
+
+
+def _base_linear(W: Tensor | BaseOperator, x2: Tensor, bias: Tensor | None) -> Tensor:
+    """``x W̄ᵀ (+ b)``: a dense weight by ``F.linear``, an operator by its own kernel."""
+    if isinstance(W, Tensor):
+        return torch.nn.functional.linear(x2, W, bias)
+    return W.linear(x2, bias is not None)
+
+
+def _base_linear_t(W: Tensor | BaseOperator, gy: Tensor) -> Tensor:
+    """``gy W̄`` (the base's input gradient)."""
+    return gy @ W if isinstance(W, Tensor) else W.linear_t(gy)
+
+
 def all_finite(t: Tensor) -> bool:
     """No NaN or ±inf in ``t``: its minimum and maximum are finite (both propagate NaN).
     One fused reduction; ``isfinite(t).all()`` builds a bool tensor of ``t``'s size
@@ -106,16 +132,19 @@ class _LowRankLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2: Tensor, xl2: Tensor | None, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
-                g: Tensor | None, recompute: bool) -> Tensor:
+    def forward(ctx, x2: Tensor, xl2: Tensor | None, W: Tensor | BaseOperator, bias: Tensor | None, B: Tensor,
+                A: Tensor, g: Tensor | None, recompute: bool) -> Tensor:
+        # a quantized base (an operator) is frozen and kept by its module, not by this node
+        ctx.op = None if isinstance(W, Tensor) else W
+        Wt = W if ctx.op is None else None
         h = (A @ (x2 if xl2 is None else xl2).T).T  # hᵀ = A xᵀ is R × tokens, contiguous
         if g is None:
-            z = torch.nn.functional.linear(x2, W, bias).addmm_(h, B.T)
-            ctx.save_for_backward(x2, xl2, W, bias, B, A, h)
+            z = _base_linear(W, x2, bias).addmm_(h, B.T)
+            ctx.save_for_backward(x2, xl2, Wt, bias, B, A, h)
             return z
-        y = torch.nn.functional.linear(x2, W).addmm_(h, B.T)
+        y = _base_linear(W, x2, None).addmm_(h, B.T)
         z = y.mul_(g) if bias is None else torch.addcmul(bias, y, g)  # y is not kept (freed here)
-        ctx.save_for_backward(x2, xl2, W, bias, B, A, h, g, *(() if recompute else (z,)))
+        ctx.save_for_backward(x2, xl2, Wt, bias, B, A, h, g, *(() if recompute else (z,)))
         return z
 
     @staticmethod
@@ -128,11 +157,12 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, go: Tensor):
         x2, xl2, W, bias, B, A, h, *gz = ctx.saved_tensors
+        W = W if ctx.op is None else ctx.op
         need_x, need_xl, need_W, need_b, need_B, need_A, need_g, _ = ctx.needs_input_grad
         g, z = (*gz, None)[:2] if gz else (None, None)
         grad_g = None
         if g is not None and need_g and z is None:  # recompute: y = W x + B h, the one extra GEMM
-            grad_g = (go * torch.nn.functional.linear(x2, W).addmm_(h, B.T)).sum(0)
+            grad_g = (go * _base_linear(W, x2, None).addmm_(h, B.T)).sum(0)
         elif g is not None and need_g:  # first: its tokens × out temporary is freed before gy exists
             assert z is not None  # saved together with g
             unknown = g.abs() < torch.finfo(g.dtype).tiny ** 0.5
@@ -142,13 +172,15 @@ class _LowRankLinear(torch.autograd.Function):
             grad_g = (zgo if bias is None else zgo - bias * go.sum(0)) / safe
             rows = unknown.nonzero().flatten()
             if len(rows):
-                y_rows = torch.nn.functional.linear(x2, W[rows]).addmm_(h, B[rows].T)
+                # an operator has no rows: its whole product, for a case this rare
+                Wx = torch.nn.functional.linear(x2, W[rows]) if ctx.op is None else ctx.op.linear(x2, False)[:, rows]
+                y_rows = Wx.addmm_(h, B[rows].T)
                 grad_g[rows] = (go[:, rows] * y_rows).sum(0)
         grad_b = go.sum(0) if need_b and bias is not None else None
         gy = go if g is None else go * g
         gyB_t = B.T @ gy.T if need_x or need_xl or need_A else None  # (gy B)ᵀ, R × tokens
         gyB = gyB_t.T.contiguous() if gyB_t is not None and (need_x or need_xl) else None  # tokens × R: small
-        grad_x = gy @ W if need_x else None
+        grad_x = _base_linear_t(W, gy) if need_x else None
         grad_xl = None
         if xl2 is None and need_x:
             assert grad_x is not None and gyB is not None
@@ -161,10 +193,12 @@ class _LowRankLinear(torch.autograd.Function):
         return grad_x, grad_xl, grad_W, grad_b, grad_B, grad_A, grad_g, None
 
 
-def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
+def linear_lowrank(x: Tensor, W: Tensor | BaseOperator, bias: Tensor | None, B: Tensor, A: Tensor,
                    g: Tensor | None = None, x_low: Tensor | None = None, saves: str = "output") -> Tensor:
     """``g ⊙ (W x + B (A x_low)) + b`` for a linear layer (``g = 1`` when None;
-    ``x_low``, the adapter branch's input after dropout, is ``x`` when None).
+    ``x_low``, the adapter branch's input after dropout, is ``x`` when None). ``W`` is
+    the dense weight or, for a quantized base, a :class:`BaseOperator` (the module's
+    own kernel forward, its input gradient in backward; nothing of it is kept).
 
     ``B (A x)`` is accumulated into the output of the base GEMM (``addmm_``) instead
     of being formed and added separately: one out × tokens tensor and one pass over
@@ -189,11 +223,14 @@ def linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tens
         return None if t is None else t.to(low)
 
     with torch.autocast(x.device.type, enabled=False):
-        return _linear_lowrank(x.to(low), W.to(low), cast(bias), B.to(low), A.to(low), cast(g),
+        # an operator computes in its own dtype (AdaptedLayer sends none under autocast: the
+        # quantized modules' output dtypes there are their own)
+        Wl = W.to(low) if isinstance(W, Tensor) else W
+        return _linear_lowrank(x.to(low), Wl, cast(bias), B.to(low), A.to(low), cast(g),
                                None if own else cast(x_low), saves)
 
 
-def _linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Tensor,
+def _linear_lowrank(x: Tensor, W: Tensor | BaseOperator, bias: Tensor | None, B: Tensor, A: Tensor,
                     g: Tensor | None, x_low: Tensor | None, saves: str) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     xl2 = None if x_low is None or x_low is x else x_low.reshape(-1, x.shape[-1])
@@ -202,10 +239,12 @@ def _linear_lowrank(x: Tensor, W: Tensor, bias: Tensor | None, B: Tensor, A: Ten
         z = _LowRankLinear.apply(x2, xl2, W, bias, B, A, g, saves == "recompute")
         return z.view(*x.shape[:-1], z.shape[-1])
     h = (A @ (x2 if xl2 is None else xl2).T).T  # tokens × R, as _LowRankLinear computes it (faster too)
+    # in place but where autograd traces an operator's kernel (its output may be saved by it)
+    add = torch.addmm if torch.is_grad_enabled() and not isinstance(W, Tensor) else Tensor.addmm_
     if g is None:
-        y = torch.nn.functional.linear(x2, W, bias).addmm_(h, B.T)
+        y = add(_base_linear(W, x2, bias), h, B.T)
     else:
-        y = torch.nn.functional.linear(x2, W).addmm_(h, B.T)
+        y = add(_base_linear(W, x2, None), h, B.T)
         y = y * g if bias is None else torch.addcmul(bias, y, g)
     return y.view(*x.shape[:-1], y.shape[-1])
 

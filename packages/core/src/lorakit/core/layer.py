@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional, outputs
-from .layer_kinds import FrozenWeight, LayerKind, LinearKind
+from .layer_kinds import FrozenWeight, LayerKind
 from .primitives import FACTOR_NAMES, Composition, MergeError, Role, Slot, SlotsModule
 
 
@@ -66,9 +66,10 @@ class AdaptedLayer(nn.Module):
         # per layer, not a global; "pre-scale" for a model that edits a layer's output in place
         self.dora_saves = "output"
         self._cache: tuple[tuple, tuple[Tensor, Tensor, Tensor | None]] | None = None
-        # A plain nn.Linear gets the fused path (functional.linear_lowrank); any
-        # other module goes through its layer kind. A static decision.
-        self.fused = type(kind) is LinearKind and type(base).forward is nn.Linear.forward
+        # a kind that provides it (a plain nn.Linear's weight, a quantized base's kernels) gets
+        # the one-node fused path (functional.linear_lowrank); any other module goes through
+        # its kind's linear and lowrank. A static decision (getattr: a duck-typed plugin kind)
+        self.fused = getattr(kind, "fused_weight", lambda _: None)(base) is not None
         # integer inputs (nn.Embedding); getattr: a plugin's kind may predate the attribute
         self.indices = bool(getattr(kind, "indices", False))
 
@@ -195,8 +196,11 @@ class AdaptedLayer(nn.Module):
         # static decisions (the training flag is a guard under torch.compile); x_d is x otherwise
         dropping = self.training and self.dropout > 0 and not self.indices
         x_d = F.dropout(x, self.dropout, training=True) if dropping else x
-        if self.fused and x.dtype == A.dtype and (g is None or not dropping):
-            return functional.linear_lowrank(x, self.base.weight, self.base.bias, B, A, g, x_low=x_d,
+        W = self.kind.fused_weight(self.base) if self.fused and x.dtype == A.dtype and (g is None or not dropping) \
+            else None
+        # under autocast a quantized base's kernels keep their own dtype rules: the generic path there
+        if W is not None and (isinstance(W, Tensor) or not functional.autocast_on(x.device.type)):
+            return functional.linear_lowrank(x, W, self.kind.fused_bias(self.base, x), B, A, g, x_low=x_d,
                                              saves=self.dora_saves)
         # An adapter kept in fp32 on a bf16/fp16 base computes its term in its own dtype
         # (under autocast: in the autocast dtype, its ops cast); the sum takes the dtype the
@@ -334,8 +338,8 @@ class AdaptedLayer(nn.Module):
             return
         plan = plan or self.check_merge(name)
         B, A, g = plan.factors
-        W = self.base.weight if self.fused else None  # the fused forward's W̄: LinearKind's matrix, set_matrix's target
-        if plan.bounded and g is None and W is not None and W.dtype == A.dtype:
+        W = self.kind.fused_weight(self.base) if self.fused else None  # a dense one is matrix and set_matrix's target
+        if plan.bounded and g is None and isinstance(W, Tensor) and not self.kind.quantized and W.dtype == A.dtype:
             self._merged_with: tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, Tensor] | None] = (
                 B.clone(), A.clone(), None, None)
             with functional.autocast_off(self._device_type()):

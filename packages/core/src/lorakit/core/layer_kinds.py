@@ -58,6 +58,27 @@ class LayerKind:
         magnitude norm never dequantizes ``W̄`` into an out × in tensor."""
         return functional.dense_times_t(self.matrix(base), M)
 
+    def fused_weight(self, base: nn.Module) -> Tensor | functional.BaseOperator | None:
+        """What the one-node fused linear multiplies by (:func:`functional.linear_lowrank`: one
+        autograd node whose backward keeps nothing of ``W̄``, the rank-R products in fast
+        layouts, the two input gradients summed in place): the dense out × in weight, an
+        operator for a frozen quantized weight (:class:`KernelOperator`: the kind's
+        :meth:`linear` forward and :meth:`linear_t` backward), or None (default): the layer
+        takes the generic path, :meth:`linear` + :meth:`lowrank` traced by autograd. Only for
+        a module that is ``x W̄ᵀ + b`` over the input's last dimension."""
+        return None
+
+    def fused_bias(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """The bias the fused linear adds to ``W̄ x`` (and trains, where it is trained): the
+        module's, as its own forward is about to hold it for ``x`` (a kind whose module
+        recasts its bias in place on first use does that here first)."""
+        return getattr(base, "bias", None)
+
+    def linear_t(self, base: nn.Module, gy: Tensor) -> Tensor:
+        """``gy W̄`` (tokens × in, a new tensor): the input gradient of :meth:`linear`, for a
+        kind whose :meth:`fused_weight` is a :class:`KernelOperator`."""
+        raise NotImplementedError
+
     def frozen_tensors(self, base: nn.Module) -> tuple[Tensor, ...]:
         """The tensors holding ``W̄``: their identity and version key cached factors."""
         return (self.matrix(base),)
@@ -132,6 +153,31 @@ class LinearKind(LayerKind):
 
     def lowrank(self, base, x, B, A):
         return F.linear(F.linear(x, A), B)
+
+    def fused_weight(self, base):
+        # the dense weight, unless the module's forward or a subclass' math is not F.linear's
+        plain = (type(base).forward is nn.Linear.forward and type(self).linear is LinearKind.linear
+                 and type(self).lowrank is LinearKind.lowrank)
+        return base.weight if plain else None
+
+
+@dataclass(frozen=True)
+class KernelOperator:
+    """A frozen quantized base as the fused linear's :class:`functional.BaseOperator`, through
+    its kind: ``linear(x, True)`` is the module's own forward (its bias included: bit for bit
+    what the generic path computes), ``linear(x, False)`` is :meth:`LayerKind.linear`, and
+    ``linear_t(gy) = gy W̄`` is :meth:`LayerKind.linear_t`. Called inside the fused node (no
+    autograd): nothing of ``W̄`` is kept for backward, where a quantized module's own autograd
+    keeps its input or a dequantized copy."""
+
+    kind: LayerKind
+    base: nn.Module
+
+    def linear(self, x: Tensor, with_bias: bool) -> Tensor:
+        return self.base(x) if with_bias else self.kind.linear(self.base, x)
+
+    def linear_t(self, gy: Tensor) -> Tensor:
+        return self.kind.linear_t(self.base, gy)
 
 
 class ConvKind(LayerKind):
