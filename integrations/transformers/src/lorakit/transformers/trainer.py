@@ -14,7 +14,9 @@ What the callback does, and why:
   the adapter tensors, named as in ``model.state_dict()``. ``on_save`` also writes
   lorakit's native checkpoint (``adapter_config.json`` + ``adapter_model.safetensors``)
   into the same folder, so ``lorakit.core.load(base, "checkpoint-N")`` works on a
-  fresh model.
+  fresh model. Under FSDP2 or DeepSpeed ZeRO-3 every rank gathers the adapter's shards
+  and rank 0 writes them whole (``lorakit.core.distributed.save_full``): never one rank's
+  shard, never ZeRO-3's empty ``Size([0])`` placeholders.
 - **Resume.** ``Trainer`` reloads ``model.safetensors`` non-strictly; the keys it
   does not find are exactly the ignored base keys, so it loads the adapter silently,
   then restores optimizer, scheduler, RNG and data position itself. The model must
@@ -32,6 +34,7 @@ import os
 from torch import nn
 
 from lorakit.core import AdapterError, adapted_layers, save
+from lorakit.core.distributed import is_sharded, save_full
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -107,5 +110,10 @@ class LorakitCallback(TrainerCallback):
             model.enable_input_require_grads()
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if self.native and args.should_save and model is not None:
-            save(model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        if not self.native or model is None:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if is_sharded(model):  # FSDP2 / ZeRO-3: every rank gathers (the callback runs on all), rank 0 writes
+            save_full(model, folder)
+        elif args.should_save:
+            save(model, folder)

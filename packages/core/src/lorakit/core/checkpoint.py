@@ -95,19 +95,40 @@ def adapter_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor
 _FILES = (CONFIG, WEIGHTS, OPT_STATE, OPT_CONFIG)
 
 
-def save(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> Path:
+def _check_whole(state: dict[str, torch.Tensor]) -> None:
+    """A shard is never written as if it were the tensor: an FSDP2 ``DTensor`` or a DeepSpeed
+    ZeRO-3 partition (its parameters are ``Size([0])`` outside the forward) would silently
+    save one rank's piece or nothing. No adapter tensor is empty on a whole model."""
+    from torch.distributed.tensor import DTensor
+
+    for key, value in state.items():
+        if isinstance(value, DTensor) or value.numel() == 0:
+            what = "an FSDP2 DTensor shard" if isinstance(value, DTensor) else "empty (a ZeRO-3 partition?)"
+            raise AdapterError(f"{key} is {what}, not the whole tensor; on a sharded model call "
+                               "lorakit.core.distributed.save_full(model, path) on every rank")
+
+
+def save(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None, *,
+         tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter (and ``optimizer``'s state) to the folder ``path`` as one unit:
-    a kill at any moment leaves the previous checkpoint there or this one (see above)."""
+    a kill at any moment leaves the previous checkpoint there or this one (see above).
+    ``tensors``: the adapter tensors to write instead of the model's own (whole ones gathered
+    from a sharded model, ``save``'s keys: see ``lorakit.core.distributed.save_full``)."""
     layers = adapted_layers(model)
     if not layers:
         raise AdapterError(f"{type(model).__name__} has no lorakit adapter to save")
     if any(layer.merged for layer in layers.values()):
         raise AdapterError("the adapter is merged; unmerge(model) before saving")
+    if tensors is not None and set(tensors) != set(ours := adapter_state(model, copy=False)):
+        missing, unexpected = sorted(set(ours) - set(tensors))[:3], sorted(set(tensors) - set(ours))[:3]
+        raise AdapterError(f"tensors: keys differ from the model's adapter (missing {missing}, unexpected "
+                           f"{unexpected}); pass adapter_state_dict(model)")
+    _check_whole(tensors if tensors is not None else adapter_state(model, copy=False))
     path = Path(os.path.realpath(path))  # a symlinked folder is replaced where it points
     recover(path)  # a previous save killed mid-swap: reinstate it, so its other files carry over
     folder = staging_folder(path)
     try:
-        write_files(model, folder, optimizer)
+        write_files(model, folder, optimizer, tensors)
         if path.is_dir():
             carry_over(path, folder, _FILES)
         publish(folder, path)
@@ -116,15 +137,18 @@ def save(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optim
     return path
 
 
-def write_files(model: nn.Module, folder: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+def write_files(model: nn.Module, folder: Path, optimizer: torch.optim.Optimizer | None = None,
+                tensors: dict[str, torch.Tensor] | None = None) -> None:
     """The checkpoint files, written straight into ``folder`` (a fresh staging folder:
-    callers that add files of their own then :func:`publish` it)."""
+    callers that add files of their own then :func:`publish` it); ``tensors`` as in :func:`save`."""
     layers = adapted_layers(model)
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         # the Adapter's fields only: not where it applies (targets) nor an integration's state
         "adapter": {k: v for k, v in adapter_config(model).items() if k in schema.fields_of(Adapter)},
-        "modules": {n: {"shape": list(layer.kind.matrix(layer.base).shape), "rank": layer.rank}
+        # a ZeRO-3 partitioned base weight is Size([0]) here: its whole shape is ds_shape
+        "modules": {n: {"shape": list(getattr(layer.kind.matrix(layer.base), "ds_shape", None)
+                                      or layer.kind.matrix(layer.base).shape), "rank": layer.rank}
                     for n, layer in layers.items()},
         "base_model": type(model).__name__,
         # the class trained on, for lorakit export (a class name that is no identifier is left out)
@@ -134,7 +158,8 @@ def write_files(model: nn.Module, folder: Path, optimizer: torch.optim.Optimizer
         "primitives": {used: info.distribution or info.name
                        for used, info in _providers(adapter_config(model)).items()},
     }
-    save_file(adapter_state(model), str(folder / WEIGHTS), metadata={"format": "pt"})
+    save_file(adapter_state(model) if tensors is None else {k: v.detach().contiguous() for k, v in tensors.items()},
+              str(folder / WEIGHTS), metadata={"format": "pt"})
     if optimizer is not None:
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(folder / OPT_STATE))

@@ -42,28 +42,67 @@ from torch.nn.parallel import DistributedDataParallel
 from . import atomic, schema
 from .adapter import Adapter, adapted_layers, adapter_config
 from .checkpoint import adapter_state
+from .checkpoint import save as checkpoint_save
 from .primitives import AdapterError
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The adapted model inside a DDP wrapper (FSDP2 shards in place: itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The adapted model inside a DDP or DeepSpeed engine wrapper (FSDP2 shards in place: itself)."""
+    if isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        return model.module
+    return model
+
+
+def _zero3_partitioned(model: nn.Module, keys) -> list[nn.Parameter]:
+    """The adapter's parameters that DeepSpeed ZeRO-3 partitioned (each rank holds a flat
+    piece in ``ds_tensor``; the parameter itself is ``Size([0])`` outside the forward)."""
+    return [p for n, p in model.named_parameters() if n in keys and hasattr(p, "ds_id")]
+
+
+def _whole_adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    """``adapter_state`` with ZeRO-3 partitions gathered (a collective when there are any)."""
+    if not (partitioned := _zero3_partitioned(model, set(adapter_state(model, copy=False)))):
+        return adapter_state(model)
+    import deepspeed  # only here: a model holding ZeRO-3 parameters came from it
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        return adapter_state(model)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Every adapter tensor of a plain, DDP or FSDP2 model as a whole CPU tensor.
 
     Keys are those of ``lorakit.core.save`` (``"<module>.<slot tensor>"``), values
-    are identical on every rank. Under FSDP2 this is a collective (each sharded
-    tensor is all-gathered by ``DTensor.full_tensor``): call it on every rank, in
-    the same order. Buffers (DoRA's row norms, DeLoRA's weight norms, residual
-    factors) are never sharded and are returned as they are.
+    are identical on every rank. Under FSDP2 or DeepSpeed ZeRO-3 this is a collective
+    (each sharded tensor is all-gathered by ``DTensor.full_tensor``, ZeRO-3 partitions by
+    ``deepspeed.zero.GatheredParameters``): call it on every rank, in the same order.
+    Buffers (DoRA's row norms, DeLoRA's weight norms, residual factors) are never
+    sharded and are returned as they are.
     """
     model = unwrap(model)
     if not adapted_layers(model):
         raise AdapterError(f"{type(model).__name__} has no lorakit adapter; apply one before wrapping it")
-    state = adapter_state(model)  # DTensor shards stay DTensors here
+    state = _whole_adapter_state(model)  # DTensor shards stay DTensors here
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any adapter tensor of ``model`` is an FSDP2 shard or a ZeRO-3 partition."""
+    model = unwrap(model)
+    state = adapter_state(model, copy=False)
+    return any(isinstance(v, DTensor) for v in state.values()) or bool(_zero3_partitioned(model, set(state)))
+
+
+def save_full(model: nn.Module, path: str | os.PathLike) -> Path | None:
+    """``lorakit.core.save``'s files from a plain, DDP, FSDP2 or ZeRO-3 model: every rank
+    calls it (it gathers the shards), rank 0 writes them (atomically, as ``save``) and returns
+    the path; the other ranks return None. The files equal a single-process ``save`` of
+    the same values. For resuming a sharded run with its optimizer, see :func:`save_sharded`."""
+    state = adapter_state_dict(model)
+    written = _rank() == 0 and checkpoint_save(unwrap(model), path, tensors=state)
+    if dist.is_initialized():
+        dist.barrier()  # no rank reads the folder before rank 0 published it
+    return written or None
 
 
 @torch.no_grad()
