@@ -72,3 +72,46 @@ def test_load_skips_the_initializers(tmp_path):
     with torch.no_grad():
         assert torch.equal(clones[-1](x), model(x))
     assert all(layer.residual for layer in adapted_layers(clones[-1]).values())
+
+
+@pytest.mark.parametrize("gain", [None, 4.0])
+def test_load_skips_the_mlp_generators_init(tmp_path, gain, monkeypatch):
+    """OP-LoRA: load builds the MLP with placeholders (MLP.build_for_load: no Kaiming draws,
+    no eigenproblem for gain) and copies every tensor in: the state and outputs are the saved
+    model's, bit for bit; a corrupt file leaves the model as it was."""
+    from lorakit.generators import mlp
+
+    base = wide(layers=2, width=16)
+    adapter = Adapter.from_recipe("op-lora", rank=4, generator=mlp.MLP(width=8, embed_dim=16, gain=gain))
+    model = adapter.apply(copy.deepcopy(base), targets=r"\d+")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    save(model, tmp_path / "ck")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load initialized the MLP")
+
+    monkeypatch.setattr(mlp, "kaiming_uniform", refuse)
+    monkeypatch.setattr(mlp, "jacobian_gram_max", refuse)
+    clone = load(copy.deepcopy(base), tmp_path / "ck")
+    saved, loaded = model.state_dict(), clone.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))
+
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "ck" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("slots.W2"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights)
+    fresh = copy.deepcopy(base)
+    with pytest.raises(Exception, match="non-finite"):
+        load(fresh, tmp_path / "ck")
+    assert not adapted_layers(fresh) and all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                                               base.state_dict().values()))

@@ -29,6 +29,7 @@ from . import schema
 from .adapter import Adapter, adapted_layers, adapter_config
 from .atomic import carry_over, publish, readable, recover, staging_folder
 from .experts import split_layer_names
+from .functional import all_finite
 from .plugins import registry
 from .primitives import COMPOSITION_KINDS, AdapterError
 from .trained import load_trained_base_state, trained_base_state
@@ -288,7 +289,7 @@ def _check_untrusted(model: nn.Module, config: dict, tensors: dict[str, torch.Te
     ``shape`` or ``rank`` is not the model's (consumers read them), naming the field; warn on
     an ``adapter.rank_pattern`` entry that matches no saved module (it does nothing)."""
     for key, value in tensors.items():  # one pass each; a diverged run's save would load silently
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and value.numel() and not all_finite(value):  # one aminmax, not a bool copy
             raise CheckpointError(f"{path / WEIGHTS}: {key} has non-finite values (NaN/inf); the checkpoint is "
                                   "corrupt or from a diverged run: use an earlier checkpoint")
     layers = adapted_layers(model)

@@ -104,7 +104,9 @@ class AdaptedLayer(nn.Module):
                              and magnitude.uses_row_norms else None)
         if magnitude is not None:
             slots.update(outputs.expect_slots(magnitude, magnitude.slots(W, self.row_sq_norm)))
-        self.slots = outputs.expect_slots_module(generator, generator.build(slots, rng))
+        # a load overwrites every tensor of the module: a generator may skip its init (build_for_load)
+        build = generator.build if restore_residual is None else getattr(generator, "build_for_load", generator.build)
+        self.slots = outputs.expect_slots_module(generator, build(slots, rng))
         with torch.no_grad():
             values = outputs.expect_slots(generator, self.slots(), {n: s.value for n, s in slots.items()})
             B0n, A0n = outputs.expect_tuple(normalizer, "factors()", normalizer.factors(values, rank), 2)

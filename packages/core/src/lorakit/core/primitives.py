@@ -158,6 +158,14 @@ class Generator(Primitive):
         """A :class:`SlotsModule` whose ``forward()`` returns ``{slot name: current value}``."""
         raise NotImplementedError
 
+    def build_for_load(self, slots: Mapping[str, Slot], rng: torch.Generator) -> SlotsModule:
+        """:meth:`build` for a checkpoint load (``lorakit.core.load``), which then overwrites
+        every tensor in the module's ``state_dict``: a generator whose ``build`` draws or
+        computes much (OP-LoRA's MLP init) may return the same structure holding finite
+        placeholders instead. Only for modules whose every tensor is in the state dict (no
+        non-persistent buffer). Default: :meth:`build`."""
+        return self.build(slots, rng)
+
 
 @dataclass(frozen=True)
 class Composition:

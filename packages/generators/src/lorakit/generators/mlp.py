@@ -142,12 +142,21 @@ class MLP(Generator):
         return MLPSlots(slots, self.width, self.embed_dim, float(self.z_std), rng, self.start,
                         None if self.gain is None else float(self.gain))
 
+    def build_for_load(self, slots, rng):
+        """The same module with zero weights and no draws (no Kaiming init of ``W2``, the
+        ~``width ×`` slot-sized matrix, no eigenproblem for ``gain``): a checkpoint load
+        overwrites every tensor of it (all are parameters or persistent buffers)."""
+        return MLPSlots(slots, self.width, self.embed_dim, float(self.z_std), rng, self.start,
+                        None if self.gain is None else float(self.gain), placeholder=True)
+
 
 class MLPSlots(SlotsModule):
     """The per-layer MLP. ``forward()`` evaluates it once and returns every slot."""
 
     def __init__(self, slots, width: int, embed_dim: int, z_std: float, rng: torch.Generator,
-                 start: str = "init", gain: float | None = None):
+                 start: str = "init", gain: float | None = None, placeholder: bool = False):
+        """``placeholder``: zeros for ``z``, ``W1``, ``W2`` and a unit head scale, nothing drawn
+        (:meth:`MLP.build_for_load`); the output is then the slots' values, as at init."""
         super().__init__(slots)
         gen = [n for n, s in slots.items() if s.role in GENERATED_ROLES and s.trainable]
         self.generated = tuple(gen)
@@ -157,10 +166,16 @@ class MLPSlots(SlotsModule):
 
         F0 = torch.cat([slots[n].value.detach().reshape(-1) for n in gen])
         dtype, P = F0.dtype, F0.numel()
-        self.z = nn.Parameter(torch.randn(embed_dim, generator=rng, dtype=torch.float64).mul_(z_std).to(dtype))
-        self.W1 = nn.Parameter(kaiming_uniform((width, embed_dim), math.sqrt(5), rng, dtype))  # nn.Linear's
+        if placeholder:
+            z, W1, W2 = (torch.zeros(shape, dtype=dtype, device=F0.device)
+                         for shape in ((embed_dim,), (width, embed_dim), (P, width)))
+        else:
+            z = torch.randn(embed_dim, generator=rng, dtype=torch.float64).mul_(z_std).to(dtype)
+            W1 = kaiming_uniform((width, embed_dim), math.sqrt(5), rng, dtype)  # nn.Linear's
+            W2 = kaiming_uniform((P, width), math.sqrt(5), rng, dtype)
+        self.z = nn.Parameter(z)
+        self.W1 = nn.Parameter(W1)
         self.b1 = nn.Parameter(torch.zeros(width, dtype=dtype))
-        W2 = kaiming_uniform((P, width), math.sqrt(5), rng, dtype)
         offset = 0
         for n, size in zip(gen, self.sizes):
             if slots[n].role in ZERO_ROW_ROLES:
@@ -169,7 +184,9 @@ class MLPSlots(SlotsModule):
         self.W2 = nn.Parameter(W2)
         self.b2 = nn.Parameter(torch.zeros(P, dtype=dtype))
         alpha = None  # the paper's head: no buffer, so its checkpoints are unchanged
-        if gain is not None:  # α: λ_max(J Jᵀ) = gain at init (module docstring)
+        if gain is not None and placeholder:
+            alpha = torch.ones((), dtype=dtype, device=F0.device)
+        elif gain is not None:  # α: λ_max(J Jᵀ) = gain at init (module docstring)
             h_sq, mu = jacobian_gram_max(self.W1, self.b1, W2, self.z)
             alpha = torch.tensor(math.sqrt((gain - 1) / (h_sq + mu)) if h_sq + mu > 0 else 1.0, dtype=dtype)
         self.register_buffer("head_scale", alpha)
