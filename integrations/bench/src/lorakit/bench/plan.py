@@ -7,9 +7,12 @@ base quantization, a world size, batch and sequence length, the bytes each rank 
   (fp32 4 B, bf16 2 B per weight; ``nf4``: torchao's ``NF4Tensor``, ½ B per weight + an
   int8 scale per ``block`` 64 + an fp32 factor per ``block × scaler_block`` (64 × 256);
   ``int8``: 1 B per weight + an fp32 scale per row); embeddings, norms, head in ``dtype``.
-  ``shard=True`` (FSDP2): each tensor's dim 0 split over ``world_size`` (⌈n/w⌉ rows each),
-  plus the largest decoder block gathered whole during its forward/backward (``gather``);
-  ``shard=False`` (DDP): every rank holds all.
+  ``shard=True`` (FSDP2, ``fully_shard`` on each decoder block and the root): each tensor's
+  dim 0 split over ``world_size`` (⌈n/w⌉ rows each), plus what is gathered whole at the
+  step's peak (``gather``, measured at 2 and 4 ranks at the start of a block's backward):
+  the root's own tensors (embeddings, final norm, head: FSDP2 does not reshard the root
+  after its forward) and two decoder blocks (the one running its backward and the one its
+  backward prefetch all-gathers); ``shard=False`` (DDP): every rank holds all.
 - **adapter**: counted exactly: the adapter is built on a meta-device copy of the model
   (``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``, then
   ``Adapter.apply(..., restore={})``: the structure, no initializer runs), fp32.
@@ -109,7 +112,7 @@ def plan(config, recipe: str = "lora", rank: int = 16, quantize: str = "bf16", w
     w = world_size if shard else 1
     model = meta_model(config)
     base = {id(t) for t in [*model.parameters(), *model.buffers()]}
-    weights, block_bytes = 0, {}
+    weights, root_bytes, block_bytes = 0, 0, {}
     for name, module in model.named_modules():
         for pname, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if type(module) is nn.Linear and pname == "weight" and not name.endswith("lm_head"):
@@ -123,6 +126,8 @@ def plan(config, recipe: str = "lora", rank: int = 16, quantize: str = "bf16", w
             block = name.split(".layers.")[1].split(".")[0] if ".layers." in name else None
             if block is not None:
                 block_bytes[block] = block_bytes.get(block, 0) + full
+            else:
+                root_bytes += full
     Adapter.from_recipe(recipe, rank=rank).apply(model, targets=list(targets), restore={})
     params = [p for p in model.parameters() if id(p) not in base]
     buffers = [t for t in model.buffers() if id(t) not in base]
@@ -130,7 +135,8 @@ def plan(config, recipe: str = "lora", rank: int = 16, quantize: str = "bf16", w
     adapter = sum(_sharded(tuple(p.shape), w) * 4 for p in params) + sum(t.numel() * 4 for t in buffers)
     grads = sum(_sharded(tuple(p.shape), w) * 4 for p in trainable)
     optimizer = 2 * grads + 4 * len(trainable)
-    gather = max(block_bytes.values(), default=0) if shard and world_size > 1 else 0
+    largest = sorted(block_bytes.values(), reverse=True)[:2]  # two blocks whole: one running, one prefetched
+    gather = root_bytes + sum(largest) if shard and world_size > 1 else 0
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads

@@ -1,0 +1,34 @@
+"""``lorakit plan`` against measured per-rank bytes at 1, 2 and 4 CPU ranks (FSDP2, gloo): the
+table in docs/distributed.md. ``python tests/distributed/plan_table.py`` prints it (markdown);
+tests/test_plan.py checks the same measurements (2 ranks in CI, 4 slow)."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from test_plan import measure_ranks  # noqa: E402
+
+MIB = 2**20
+
+
+def main() -> None:
+    rows = ["| shape (hidden, inter, vocab, batch × seq) | ranks | predicted (MiB) | measured (MiB), every rank "
+            "| error |", "|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, 2, 4):
+            for shape, ranks in measure_ranks(world, Path(tmp)).items():
+                h, i, v, b, s = shape.split(",")
+                predicted = ranks[0]["predicted"]["total"]
+                measured = sorted({m["measured"] for m in ranks})
+                errors = [predicted / m - 1 for m in measured]
+                rows.append(f"| {h}, {i}, {v}, {b} × {s} | {world} | {predicted / MIB:.2f} | "
+                            f"{' / '.join(f'{m / MIB:.2f}' for m in measured)} | "
+                            f"{' / '.join(f'{e:+.1%}' for e in errors)} |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
