@@ -180,3 +180,19 @@ def test_dora_memory_study_attributes_saved_tensors():
         assert "(rest)" in saved and all(set(v) == {"own", "shared"} for v in saved.values())
     # recompute keeps only small extras (g: one value per output row); output keeps z (tokens x out)
     assert own["recompute"] - own["lora"] < 0.1 * (own["output"] - own["lora"]), own
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes_the_bench_checks(tmp_path):
+    """scripts/gpu_check.sh --dry-run (any machine): lists its steps, the quantized fused path
+    and the MoE bench among them, and every bench command line passes the bench's own checks."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for step in ("bench ", "bench-moe", "bench-nf4", "quantized-fused", "compile-tests", "conformance", "autocast"):
+        assert step in done.stdout
+    assert "every bench command line passes" in done.stdout and "refused" not in done.stdout

@@ -6,6 +6,8 @@ node keeps nothing of ``W̄`` for backward."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -16,17 +18,18 @@ from lorakit.core.layer_kinds import KernelOperator, LinearKind, plain_tensors
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 RECIPES = sorted(registry.load().recipes)
-# (library, mode, dtype the comparison runs in): fp64 where the kind's kernel computes in it
+DEVICE = os.environ.get("LORAKIT_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh runs these on cuda
+# (library, mode, dtype the comparison runs in): fp64 where the kind's CPU kernel computes in it
+F64 = torch.float64 if DEVICE == "cpu" else torch.float32
 KINDS = [("bitsandbytes", "nf4", torch.float32), ("bitsandbytes", "fp4", torch.float32),
-         ("bitsandbytes", "int8", torch.float64), ("torchao", "nf4", torch.float64),
-         ("torchao", "int8", torch.float32)]
+         ("bitsandbytes", "int8", F64), ("torchao", "nf4", F64), ("torchao", "int8", torch.float32)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 
 def quantized_model(library: str, mode: str, dtype: torch.dtype, bias: bool = True) -> nn.Module:
     pytest.importorskip(library)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128, bias=bias), nn.SiLU(), nn.Linear(128, 64, bias=bias)).to(dtype)
+    model = nn.Sequential(nn.Linear(64, 128, bias=bias), nn.SiLU(), nn.Linear(128, 64, bias=bias)).to(DEVICE, dtype)
     if library == "bitsandbytes":
         from lorakit.bitsandbytes import quantize
 
@@ -42,7 +45,7 @@ def outputs_and_grads(model: nn.Module, x: torch.Tensor, fused: bool, seed: int 
     x = x.clone().requires_grad_(True)
     torch.manual_seed(seed)  # the same dropout mask on both paths
     y = model(x)
-    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).square().mean().backward()
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype, device=y.device)).square().mean().backward()
     out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return {**out, "x.grad": x.grad, "y": y.detach()}
@@ -63,7 +66,7 @@ def fp64_reference(model: nn.Module) -> nn.Module:
     """The adapted model on dense fp64 bases holding ``W̄`` (exact: dequantized values are
     fp32 numbers) with the adapter's values: what both paths approximate in fp32."""
     ref = nn.Sequential(*(nn.Linear(layer.shape[1], layer.shape[0], bias=layer.base.bias is not None)
-                          if hasattr(layer, "base") else layer for layer in model)).double()
+                          if hasattr(layer, "base") else layer for layer in model)).to(DEVICE, torch.float64)
     layers = adapted_layers(model)
     with torch.no_grad():
         for name, layer in layers.items():
@@ -110,7 +113,7 @@ def assert_same(model: nn.Module, x: torch.Tensor, what: str, seed: int = 0) -> 
 
 @pytest.mark.parametrize("library,mode,dtype", KINDS, ids=lambda v: str(v).replace("torch.", ""))
 def test_every_recipe_fused_equals_the_generic_path(library, mode, dtype):
-    x = torch.randn(3, 5, 64, dtype=dtype)
+    x = torch.randn(3, 5, 64, dtype=dtype).to(DEVICE)
     for recipe in RECIPES:
         model = adapted(library, mode, dtype, recipe)
         layers = adapted_layers(model).values()
@@ -121,7 +124,7 @@ def test_every_recipe_fused_equals_the_generic_path(library, mode, dtype):
 
 @pytest.mark.parametrize("library,mode,dtype", KINDS, ids=lambda v: str(v).replace("torch.", ""))
 def test_dora_saves_dropout_and_bias_forms_equal_the_generic_path(library, mode, dtype):
-    x = torch.randn(2, 7, 64, dtype=dtype)
+    x = torch.randn(2, 7, 64, dtype=dtype).to(DEVICE)
     for saves in ("output", "recompute", "pre-scale"):
         model = adapted(library, mode, dtype, "dora")
         for layer in adapted_layers(model).values():
@@ -138,7 +141,7 @@ def test_the_fused_node_keeps_nothing_of_the_weight(library, mode, dtype):
     """What autograd keeps for backward, per storage: the fused DoRA layer keeps its input,
     ``h``, the factors and its output; no out × in tensor (the generic path through torchao's
     int8 linear keeps a dequantized copy), and no more than the generic path in all."""
-    x = torch.randn(3, 7, 64, dtype=dtype)  # 21 tokens: no activation of a weight's size
+    x = torch.randn(3, 7, 64, dtype=dtype).to(DEVICE)  # 21 tokens: no activation of a weight's size
     model = adapted(library, mode, dtype, "dora")
     kept = {}
     for fused in (True, False):

@@ -1,6 +1,6 @@
 """What DoRA keeps for backward, per tensor, and what each ``dora_saves`` form costs.
 
-    python -m lorakit.bench.studies dora-memory
+    python -m lorakit.bench.studies dora-memory          # dora-memory-nf4: on a bitsandbytes nf4 base
 
 On the default bench model (hidden 256, 4 layers, 8 × 128 tokens, r = 8, CPU, one
 thread), for PEFT LoRA, lorakit LoRA and lorakit DoRA with every layer's
@@ -72,7 +72,9 @@ def saved_by_projection(model: nn.Module, step) -> dict[str, dict[str, float]]:
     return out
 
 
-def dora_memory(repeats: int = 5) -> dict:
+def dora_memory(repeats: int = 5, quantize: str | None = None) -> dict:
+    """``quantize`` (``"nf4"``, ``"fp4"``, ``"int8"``): every form on the same bitsandbytes base
+    (QLoRA / QDoRA; ``lm_head`` stays float), as ``lorakit bench --quantize``."""
     from lorakit.core import adapted_layers
 
     from .measure import step_peak_bytes
@@ -80,6 +82,10 @@ def dora_memory(repeats: int = 5) -> dict:
 
     torch.set_num_threads(1)
     base = build_base(256, 4, 688, 1000, 128, seed=0, dtype=torch.float32, device="cpu")
+    if quantize:
+        from lorakit.bitsandbytes import quantize as quantize_base
+
+        quantize_base(base, quantize, compute_dtype=torch.float32).requires_grad_(False)
     ids = torch.randint(0, 1000, (8, 128), generator=torch.Generator().manual_seed(1))
     steps, result = {}, {}
     for label, (method, saves) in FORMS.items():

@@ -218,10 +218,11 @@ if __name__ == "__main__":
     from .dora_memory import dora_memory, table
 
     studies = {"fused-linear": fused_linear, "mlp-batching": mlp_batching, "dora-saved-output": dora_saved_output,
-               "lowrank-layouts": lowrank_layouts, "lora-overhead": lora_overhead, "dora-memory": dora_memory}
+               "lowrank-layouts": lowrank_layouts, "lora-overhead": lora_overhead, "dora-memory": dora_memory,
+               "dora-memory-nf4": lambda: dora_memory(quantize="nf4")}
     if len(sys.argv) != 2 or sys.argv[1] not in studies:
         sys.exit(f"usage: python -m lorakit.bench.studies {{{','.join(studies)}}}")
-    if sys.argv[1] == "dora-memory":  # a table: per form and per projection
-        sys.exit(print(table(dora_memory())))
+    if sys.argv[1].startswith("dora-memory"):  # a table: per form and per projection
+        sys.exit(print(table(studies[sys.argv[1]]())))
     for key, value in studies[sys.argv[1]]().items():
         print(f"{key:28s} {value:.1f}" if isinstance(value, float) else f"{key:28s} {value}")
