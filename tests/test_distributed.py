@@ -197,6 +197,21 @@ def test_files_from_sharded_model_equal_single_process(world_run, recipe, tmp_pa
         assert (f"{name}.m" in exported) == (e.magnitude is not None)
         if e.magnitude is not None:
             torch.testing.assert_close(exported[f"{name}.m"], e.magnitude, **TOL)
+    # the PEFT export written from the sharded run loads in PEFT as the single-process one does
+    from peft import PeftModel
+
+    from lorakit.transformers import export_peft
+
+    export_peft(model, tmp_path / "peft")
+    assert json.loads((files / "peft" / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "peft" / "adapter_config.json").read_text())
+    x = torch.randn(common.GLOBAL_BATCH, common.IN, generator=torch.Generator().manual_seed(11))
+    clients = [PeftModel.from_pretrained(common.base_model(), str(folder)).eval() for folder in
+               (files / "peft", tmp_path / "peft")]
+    with torch.no_grad():
+        torch.testing.assert_close(clients[0](x), clients[1](x), **TOL)
+        torch.testing.assert_close(clients[0](x), model.eval()(x), **TOL)
+    _assert_close(clients[0].merge_and_unload().state_dict(), clients[1].merge_and_unload().state_dict(), "peft")
     _assert_close(load_file(str(files / "merged.safetensors")), lk.merge_and_unload(model).state_dict(), "merge")
 
 

@@ -114,12 +114,27 @@ def _filled_single(recipe: str):
     return model, opt
 
 
-@pytest.mark.parametrize("recipe", ["dora", pytest.param("op-lora", marks=pytest.mark.slow)])
-def test_sharded_checkpoint_restores_every_element_at_any_world_size(tmp_path, recipe):
+def _ckpt_run(tmp: Path, recipe: str) -> dict[str, torch.Tensor]:
+    """One process's checkpoint (for 1 → 2), then the 2-rank ckpt run; returns the former's values."""
     model, opt = _filled_single(recipe)
-    save_sharded(model, tmp_path / "single", opt)  # no process group: one process writes it all
+    save_sharded(model, tmp / "single", opt)  # no process group: one process writes it all
     single_expected = worker_sharded.gathered(model, opt)
-    _launch(2, tmp_path, ["ckpt", recipe])
+    _launch(2, tmp, ["ckpt", recipe])
+    return single_expected
+
+
+@pytest.fixture(scope="module")
+def dora_ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt-dora")
+    return tmp, _ckpt_run(tmp, "dora")
+
+
+@pytest.mark.parametrize("recipe", ["dora", pytest.param("op-lora", marks=pytest.mark.slow)])
+def test_sharded_checkpoint_restores_every_element_at_any_world_size(tmp_path, recipe, request):
+    if recipe == "dora":  # shared with the 2 → 4 and merge tests
+        tmp_path, single_expected = request.getfixturevalue("dora_ckpt")
+    else:
+        single_expected = _ckpt_run(tmp_path, recipe)
     expected = load_file(str(tmp_path / "expected.safetensors"))
     assert any(k.startswith("opt.") for k in expected) and len(expected) > 10
     # each rank's own values are in the file (not one rank's copy): rank r's rows hold 1 + r + ...
@@ -146,6 +161,37 @@ def test_sharded_checkpoint_restores_every_element_at_any_world_size(tmp_path, r
     load_sharded(plain, tmp_path / "sharded", plain_opt)
     for key, value in worker_sharded.gathered(plain, plain_opt).items():
         assert torch.equal(value, expected[key]), f"2 -> 1: {key}"
+
+
+def test_sharded_checkpoint_resumes_at_4_ranks(dora_ckpt):
+    """2 → 4: four ranks read the two ranks' checkpoint; each holds a quarter, every element is back."""
+    tmp, _ = dora_ckpt
+    _launch(4, tmp, ["load", "dora"])
+    expected = load_file(str(tmp / "expected.safetensors"))
+    for r in range(4):
+        resized = load_file(str(tmp / f"resized-world4-rank{r}.safetensors"))
+        assert resized.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(resized[key], value), f"2 -> 4, rank {r}: {key} not restored"
+        meta = json.loads((tmp / f"resized-world4-rank{r}.json").read_text())
+        assert meta["local_rows"] * 4 == meta["rows"], meta  # really sharded 4 ways
+
+
+def test_sharded_merge_on_an_nf4_base_is_bit_identical(dora_ckpt):
+    """The merge rank 0 wrote from the 2-rank FSDP2 model (gathered into a plain NF4 replica)
+    equals, bit for bit, one process merging the same adapter values on the same NF4 base."""
+    tmp, _ = dora_ckpt
+    expected = load_file(str(tmp / "expected.safetensors"))
+    model = nf4.build("dora")
+    adapter = {k: v for k, v in expected.items() if not k.startswith("opt.")}
+    assert set(adapter) == set(adapter_state_dict(model))
+    model.load_state_dict(adapter, strict=False)
+    single = lk.merge_and_unload(model).state_dict()
+    merged = load_file(str(tmp / "merged.safetensors"))
+    assert merged.keys() == single.keys()
+    for key, value in single.items():
+        assert torch.equal(merged[key], value), f"{key}: the sharded merge differs"
+    assert merged["blocks.0.q.weight"].dtype == torch.float32  # dequantized, W̄ + ΔW
 
 
 def test_sharded_checkpoint_bad_input_is_one_clear_error(tmp_path):

@@ -14,7 +14,7 @@ For every recipe given, and in one gloo world:
 Each trains ``STEPS`` steps on its half of every global batch and writes, per rank,
 ``{scenario}-{recipe}-rank{r}.safetensors`` (the whole adapter state, gathered) and
 a ``.json`` (global losses, how every parameter was sharded). For ``fsdp2`` rank 0
-also writes what ``gather`` gives: a lorakit checkpoint, exported factors and the
+also writes what ``gather`` gives: a lorakit checkpoint, exported factors, a PEFT export and the
 merged model, to be compared with the single-process files.
 """
 
@@ -85,6 +85,9 @@ def write_exports(out: Path, recipe: str, rank: int, model) -> None:
     tensors = {f"{n}.{k}": v for n, e in factors.items() for k, v in (("B", e.B), ("A", e.A), ("m", e.magnitude))
                if v is not None}
     save_file(tensors, str(out / "factors.safetensors"))
+    from lorakit.transformers import export_peft  # rank 0 only: transformers' import costs seconds
+
+    export_peft(replica, out / "peft")  # PEFT's LoRA/DoRA folder, as a single process writes it
     save_file(lk.merge_and_unload(replica).state_dict(), str(out / "merged.safetensors"))
 
 

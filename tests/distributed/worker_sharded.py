@@ -2,6 +2,7 @@
 
     worker_sharded.py OUT_DIR parity RECIPE...   # FSDP2 over a torchao-NF4 base: train, write
     worker_sharded.py OUT_DIR ckpt RECIPE        # rank-specific values: save_sharded, load_sharded
+    worker_sharded.py OUT_DIR load RECIPE        # another world size loads ckpt's checkpoint (2 -> 4)
     worker_sharded.py OUT_DIR kill RECIPE        # rank 1 is killed (SIGKILL) in its second save
 
 ``parity`` writes ``parity-{recipe}-rank{r}.safetensors`` (the gathered adapter, eval
@@ -9,7 +10,8 @@ outputs) and ``.json`` (global losses, whether the NF4 shards kept every byte). 
 fills every rank's local shards (adapter and AdamW state) with values of its own, saves,
 loads into a zeroed model and writes what it gathered before (``expected``) and after
 (``restored``); it also loads ``OUT_DIR/single`` (written by one process) into the sharded
-model (1 → world). ``kill`` leaves ``OUT_DIR/kill`` holding the first save.
+model (1 → world), and merges on a plain NF4 replica (``merged.safetensors``). ``load`` writes
+``resized-world{w}-rank{r}.safetensors``. ``kill`` leaves ``OUT_DIR/kill`` holding the first save.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import nf4  # noqa: E402
 
-from lorakit.core.distributed import adapter_state_dict, load_sharded, save_sharded  # noqa: E402
+import lorakit.core as lk  # noqa: E402
+from lorakit.core.distributed import adapter_state_dict, gather, load_sharded, save_sharded  # noqa: E402
 from lorakit.core.layer_kinds import plain_tensors  # noqa: E402
 
 
@@ -133,6 +136,10 @@ def ckpt(out: Path, recipe: str, rank: int, world: int) -> None:
     step(model, opt, rank, world)  # AdamW state exists
     fill_rank_specific(model, opt, rank)
     expected = gathered(model, opt)
+    # the sharded merge: the adapter gathered into a plain NF4 replica on rank 0, merged there
+    replica = gather(model, nf4.build(recipe) if rank == 0 else None)
+    if rank == 0:
+        save_file(lk.merge_and_unload(replica).state_dict(), str(out / "merged.safetensors"))
     save_sharded(model, out / "sharded", opt)
     fresh = shard(zeroed(recipe))
     fresh_opt = optimizer(fresh)
@@ -152,6 +159,17 @@ def ckpt(out: Path, recipe: str, rank: int, world: int) -> None:
         save_file(after_fresh, str(out / "next-step-loaded.safetensors"))
     save_file(restored, str(out / f"restored-rank{rank}.safetensors"))
     save_file(from_single, str(out / f"from-single-rank{rank}.safetensors"))
+
+
+def load(out: Path, recipe: str, rank: int, world: int) -> None:
+    """Another world size reads ``ckpt``'s checkpoint (2 → world): every element, every rank."""
+    model = shard(zeroed(recipe))
+    opt = optimizer(model)
+    load_sharded(model, out / "sharded", opt)
+    save_file(gathered(model, opt), str(out / f"resized-world{world}-rank{rank}.safetensors"))
+    weight = next(p for p in model.parameters() if p.requires_grad and p.shape[0] > world)
+    (out / f"resized-world{world}-rank{rank}.json").write_text(json.dumps(
+        {"local_rows": weight.to_local().shape[0], "rows": weight.shape[0]}))
 
 
 def kill(out: Path, recipe: str, rank: int, world: int) -> None:
@@ -180,6 +198,8 @@ def main() -> None:
         parity(out, recipes, rank, world)
     elif mode == "ckpt":
         ckpt(out, recipes[0], rank, world)
+    elif mode == "load":
+        load(out, recipes[0], rank, world)
     else:
         kill(out, recipes[0], rank, world)
     dist.barrier()
