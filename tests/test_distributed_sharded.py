@@ -194,6 +194,21 @@ def test_sharded_merge_on_an_nf4_base_is_bit_identical(dora_ckpt):
     assert merged["blocks.0.q.weight"].dtype == torch.float32  # dequantized, W̄ + ΔW
 
 
+def test_save_full_from_fsdp2_writes_whole_tensors_and_save_refuses_shards(dora_ckpt):
+    """What ``LorakitCallback`` calls on a sharded model: every rank gathers, rank 0 writes
+    ``lorakit.core.save``'s files, whole; ``lorakit.core.save`` on one rank refuses its DTensor shards."""
+    tmp, _ = dora_ckpt
+    expected = load_file(str(tmp / "expected.safetensors"))
+    saved = load_file(str(tmp / "full" / "adapter_model.safetensors"))
+    assert saved.keys() == {k for k in expected if not k.startswith("opt.")}
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+    loaded = lk.load(nf4.base_model(), tmp / "full")
+    assert all(torch.equal(v, expected[k]) for k, v in adapter_state_dict(loaded).items())
+    for r in range(2):
+        assert "an FSDP2 DTensor shard, not the whole tensor" in (tmp / f"plain-save-rank{r}.txt").read_text()
+        assert not (tmp / f"plain-rank{r}").exists()
+
+
 def test_sharded_checkpoint_bad_input_is_one_clear_error(tmp_path):
     model, opt = _filled_single("lora")
     save_sharded(model, tmp_path / "ckpt")  # without the optimizer

@@ -33,7 +33,7 @@ import common  # noqa: E402
 import nf4  # noqa: E402
 
 import lorakit.core as lk  # noqa: E402
-from lorakit.core.distributed import adapter_state_dict, gather, load_sharded, save_sharded  # noqa: E402
+from lorakit.core.distributed import adapter_state_dict, gather, load_sharded, save_full, save_sharded  # noqa: E402
 from lorakit.core.layer_kinds import plain_tensors  # noqa: E402
 
 
@@ -140,6 +140,13 @@ def ckpt(out: Path, recipe: str, rank: int, world: int) -> None:
     replica = gather(model, nf4.build(recipe) if rank == 0 else None)
     if rank == 0:
         save_file(lk.merge_and_unload(replica).state_dict(), str(out / "merged.safetensors"))
+    save_full(model, out / "full")  # lorakit.core.save's files, whole, from rank 0
+    try:
+        lk.save(model, out / f"plain-rank{rank}")
+        refused = ""
+    except lk.AdapterError as error:
+        refused = str(error)
+    (out / f"plain-save-rank{rank}.txt").write_text(refused)
     save_sharded(model, out / "sharded", opt)
     fresh = shard(zeroed(recipe))
     fresh_opt = optimizer(fresh)

@@ -147,9 +147,10 @@ def write_files(model: nn.Module, folder: Path, optimizer: torch.optim.Optimizer
         "format": FORMAT, "format_version": FORMAT_VERSION,
         # the Adapter's fields only: not where it applies (targets) nor an integration's state
         "adapter": {k: v for k, v in adapter_config(model).items() if k in schema.fields_of(Adapter)},
-        # a ZeRO-3 partitioned base weight is Size([0]) here: its whole shape is ds_shape
-        "modules": {n: {"shape": list(getattr(layer.kind.matrix(layer.base), "ds_shape", None)
-                                      or layer.kind.matrix(layer.base).shape), "rank": layer.rank}
+        # the shape the layer was built with: the base weight may be an FSDP2 shard or a
+        # ZeRO-3 partition (Size([0])) now, and a quantized one need not be dequantized for it
+        "modules": {n: {"shape": list(getattr(layer, "shape", None) or layer.kind.matrix(layer.base).shape),
+                        "rank": layer.rank}
                     for n, layer in layers.items()},
         "base_model": type(model).__name__,
         # the class trained on, for lorakit export (a class name that is no identifier is left out)
