@@ -204,8 +204,9 @@ def bench(session: nox.Session) -> None:
 @nox.session(python="3.11", venv_backend="none")
 def gpu(session: nox.Session) -> None:
     """The CUDA run of docs/benchmarks.md, "GPU": the bench (compiled, bf16, hidden 2048 x 8),
-    the compile tests and the conformance kit on CUDA (scripts/gpu_check.sh), in the
-    current environment, whose torch must be a CUDA build; results in docs/gpu/."""
+    the MoE and nf4 benches, the quantized fused path's, compile, conformance and autocast
+    tests on CUDA (scripts/gpu_check.sh), in the current environment, whose torch must be a
+    CUDA build; results in the first posarg, $OUT or docs/gpu/."""
     session.run("bash", str(ROOT / "scripts" / "gpu_check.sh"), *session.posargs, external=True)
 
 
