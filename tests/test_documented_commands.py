@@ -225,16 +225,30 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
          "--dynamo_backend no --main_process_ip 127.0.0.1 --main_process_port 29500 train.py",
          NotRun("the page's train.py under accelerate: tests/test_distributed.py::test_accelerate_launch_"
                 "matches_single_process runs this launch")),
+        ("accelerate launch --config_file configs/accelerate/fsdp2_cpu.yaml --num_processes 2 "
+         "--main_process_port 29500 train.py",
+         NotRun("tests/test_accelerate_launchers.py::test_accelerate_fsdp2_config_on_cpu_runs_ddp_and_the_trainer_"
+                "matches runs this launch of the Trainer")),
+        ("accelerate launch --use_deepspeed --deepspeed_config_file configs/accelerate/zero3_cpu.json "
+         "--num_processes 2 --num_machines 1 --main_process_ip 127.0.0.1 --main_process_port 29500 train.py",
+         NotRun("tests/test_accelerate_launchers.py::test_deepspeed_through_accelerate_saves_real_values runs "
+                "this launch of the Trainer")),
         ("torchrun --nproc-per-node 2 --master-addr 127.0.0.1 --master-port 29500 train_with_trainer.py",
          NotRun("tests/test_distributed.py::test_torchrun_launch (slow) runs this launch")),
         ("lorakit plan --hidden 4096 --layers 32 --heads 32 --kv-heads 8 --intermediate 14336 --vocab 128256 "
          "--quantize nf4 --world-size 8 --rank 16", RUN),
         ("lorakit plan --hidden 8192 --layers 80 --heads 64 --kv-heads 8 --intermediate 28672 --vocab 128256 "
          "--quantize nf4 --world-size 8 --rank 16", RUN),
+        ("python tests/distributed/plan_table.py",
+         NotRun("launches 1, 2 and 4 gloo ranks (a minute of CPU); tests/test_plan.py checks the same measurements "
+                "(2 ranks; 4 slow)")),
         ("python -m pytest -q tests/test_distributed.py", SUITE),
         ("LORAKIT_SLOW=1 python -m pytest -q tests/test_distributed.py", SUITE),
         ("python -m pytest -q tests/test_distributed_sharded.py", SUITE),
         ("LORAKIT_SLOW=1 python -m pytest -q tests/test_distributed_sharded.py", SUITE),
+        ("python -m pytest -q tests/test_accelerate_launchers.py", SUITE),
+        ("LORAKIT_SLOW=1 python -m pytest -q tests/test_accelerate_launchers.py", SUITE),
+        ("python -m pytest -q tests/test_plan.py", SUITE),
     ],
     "docs/finetune.md": [
         ("pip install -r requirements-dev.txt", SETUP),

