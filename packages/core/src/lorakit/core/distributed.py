@@ -49,7 +49,9 @@ from .primitives import AdapterError
 def unwrap(model: nn.Module) -> nn.Module:
     """The adapted model inside a DDP or DeepSpeed engine wrapper (FSDP2 shards in place: itself)."""
     if isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
-        return model.module
+        inner = model.module
+        assert isinstance(inner, nn.Module)
+        return inner
     return model
 
 
