@@ -183,3 +183,27 @@ def test_fused_weight_is_the_capability_not_the_class():
     assert Doubled().fused_weight(linear) is None
     assert Exports().fused_weight(linear) is linear.weight
     assert LinearKind().fused_weight(Scaled(4, 3)) is None
+
+
+@pytest.mark.parametrize("variant", [dict(mode="nf4"), dict(mode="fp4"), dict(mode="nf4", double_quant=True),
+                                     dict(mode="nf4", compute_dtype=torch.bfloat16), dict(mode="int8")], ids=str)
+def test_bitsandbytes_linear_t_is_the_dense_product(variant, monkeypatch):
+    """``gy W̄`` against fp64 with the dequantized weight (41 × 96: the last quantization
+    block partial); int8 over row blocks too (one, several, one row at a time)."""
+    pytest.importorskip("bitsandbytes")
+    from lorakit.bitsandbytes import kinds, quantize
+
+    mode = variant.pop("mode")
+    torch.manual_seed(0)
+    model = quantize(nn.Sequential(nn.Linear(96, 41)).to(DEVICE), mode, skip=(), **variant)
+    base = model[0]
+    kind = registry.load().layer_kind(base)
+    gy = torch.randn(7, 41, device=DEVICE)
+    dtype = torch.float32 if mode == "int8" else variant.get("compute_dtype", torch.float32)
+    exact = gy.to(dtype).double() @ kind.matrix(base).double()
+    for elements in (1 << 22, 96 * 5, 1):
+        monkeypatch.setattr(kinds, "BLOCK_ELEMENTS", elements)
+        got = kind.linear_t(base, gy)
+        assert got.shape == (7, 96) and got.dtype == gy.dtype
+        tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 compute: the product is in bf16
+        assert _rel(got, exact) <= tol, (elements, _rel(got, exact))

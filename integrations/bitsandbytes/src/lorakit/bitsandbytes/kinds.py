@@ -141,7 +141,9 @@ class Linear4bitKind(_QuantizedLinearKind):
 
     def linear_t(self, base, gy):
         """``gy W̄``, what ``matmul_4bit``'s own backward computes: the weight dequantized in
-        the compute dtype for the product and freed (PEFT's QLoRA pays the same)."""
+        the compute dtype for the product and freed (PEFT's QLoRA pays the same). Not in row
+        blocks: dequantizing a row range of the packed bytes with its block scales did not
+        reproduce those rows of the whole weight's dequantization (bitsandbytes 0.50, CPU)."""
         dtype = self._dtype(base)
         return (gy.to(dtype) @ bnbF.dequantize_4bit(base.weight.data, self._state(base)).to(dtype)).to(gy.dtype)
 
