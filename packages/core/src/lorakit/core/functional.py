@@ -39,6 +39,12 @@ def _base_linear(W: Tensor | BaseOperator, x2: Tensor, bias: Tensor | None) -> T
     return W.linear(x2, bias is not None)
 
 
+def _plus_lowrank(W: Tensor | BaseOperator, y: Tensor, h: Tensor, B: Tensor) -> Tensor:
+    """``y + h Bᵀ``: in place into the dense GEMM's own output; out of place on an operator's,
+    which its module may have handed to someone else too (a forward hook, its autograd)."""
+    return y.addmm_(h, B.T) if isinstance(W, Tensor) else torch.addmm(y, h, B.T)
+
+
 def _base_linear_t(W: Tensor | BaseOperator, gy: Tensor) -> Tensor:
     """``gy W̄`` (the base's input gradient)."""
     return gy @ W if isinstance(W, Tensor) else W.linear_t(gy)
@@ -139,10 +145,10 @@ class _LowRankLinear(torch.autograd.Function):
         Wt = W if ctx.op is None else None
         h = (A @ (x2 if xl2 is None else xl2).T).T  # hᵀ = A xᵀ is R × tokens, contiguous
         if g is None:
-            z = _base_linear(W, x2, bias).addmm_(h, B.T)
+            z = _plus_lowrank(W, _base_linear(W, x2, bias), h, B)
             ctx.save_for_backward(x2, xl2, Wt, bias, B, A, h)
             return z
-        y = _base_linear(W, x2, None).addmm_(h, B.T)
+        y = _plus_lowrank(W, _base_linear(W, x2, None), h, B)
         z = y.mul_(g) if bias is None else torch.addcmul(bias, y, g)  # y is not kept (freed here)
         ctx.save_for_backward(x2, xl2, Wt, bias, B, A, h, g, *(() if recompute else (z,)))
         return z
@@ -162,7 +168,7 @@ class _LowRankLinear(torch.autograd.Function):
         g, z = (*gz, None)[:2] if gz else (None, None)
         grad_g = None
         if g is not None and need_g and z is None:  # recompute: y = W x + B h, the one extra GEMM
-            grad_g = (go * _base_linear(W, x2, None).addmm_(h, B.T)).sum(0)
+            grad_g = (go * _plus_lowrank(W, _base_linear(W, x2, None), h, B)).sum(0)
         elif g is not None and need_g:  # first: its tokens × out temporary is freed before gy exists
             assert z is not None  # saved together with g
             unknown = g.abs() < torch.finfo(g.dtype).tiny ** 0.5
@@ -174,7 +180,7 @@ class _LowRankLinear(torch.autograd.Function):
             if len(rows):
                 # an operator has no rows: its whole product, for a case this rare
                 Wx = torch.nn.functional.linear(x2, W[rows]) if ctx.op is None else ctx.op.linear(x2, False)[:, rows]
-                y_rows = Wx.addmm_(h, B[rows].T)
+                y_rows = _plus_lowrank(W, Wx, h, B[rows])
                 grad_g[rows] = (go[:, rows] * y_rows).sum(0)
         grad_b = go.sum(0) if need_b and bias is not None else None
         gy = go if g is None else go * g
@@ -239,12 +245,10 @@ def _linear_lowrank(x: Tensor, W: Tensor | BaseOperator, bias: Tensor | None, B:
         z = _LowRankLinear.apply(x2, xl2, W, bias, B, A, g, saves == "recompute")
         return z.view(*x.shape[:-1], z.shape[-1])
     h = (A @ (x2 if xl2 is None else xl2).T).T  # tokens × R, as _LowRankLinear computes it (faster too)
-    # in place but where autograd traces an operator's kernel (its output may be saved by it)
-    add = torch.addmm if torch.is_grad_enabled() and not isinstance(W, Tensor) else Tensor.addmm_
     if g is None:
-        y = add(_base_linear(W, x2, bias), h, B.T)
+        y = _plus_lowrank(W, _base_linear(W, x2, bias), h, B)
     else:
-        y = add(_base_linear(W, x2, None), h, B.T)
+        y = _plus_lowrank(W, _base_linear(W, x2, None), h, B)
         y = y * g if bias is None else torch.addcmul(bias, y, g)
     return y.view(*x.shape[:-1], y.shape[-1])
 
