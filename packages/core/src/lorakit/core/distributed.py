@@ -191,8 +191,16 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, optimizer: torch.opt
             (folder / SHARDED_CONFIG).write_text(json.dumps(_config(model), indent=2, sort_keys=True))
         if dist.is_initialized():
             dist.barrier()  # every rank's shards are on disk before the folder is published
+        failed = None
         if _rank() == 0:
-            atomic.publish(folder, path)
+            try:
+                atomic.publish(folder, path)
+            except OSError as error:
+                failed = f"{path}: publishing the checkpoint failed ({error}); the previous one is kept"
+        # every rank returns only once the checkpoint is at `path` (a load right after
+        # save_sharded on another rank would find the previous one, or none)
+        if failed := _same_on_every_rank(failed):
+            raise AdapterError(failed)
     finally:
         if _rank() == 0:
             shutil.rmtree(folder, ignore_errors=True)  # gone already once published
