@@ -101,10 +101,16 @@ def save_full(model: nn.Module, path: str | os.PathLike) -> Path | None:
     the path; the other ranks return None. The files equal a single-process ``save`` of
     the same values. For resuming a sharded run with its optimizer, see :func:`save_sharded`."""
     state = adapter_state_dict(model)
-    written = _rank() == 0 and checkpoint_save(unwrap(model), path, tensors=state)
-    if dist.is_initialized():
-        dist.barrier()  # no rank reads the folder before rank 0 published it
-    return written or None
+    written, failed = None, None
+    if _rank() == 0:
+        try:
+            written = checkpoint_save(unwrap(model), path, tensors=state)
+        except (AdapterError, OSError) as error:
+            failed = str(error)
+    # no rank returns before rank 0 published the folder, and its failure is every rank's
+    if failed := _same_on_every_rank(failed):
+        raise AdapterError(failed)
+    return written
 
 
 @torch.no_grad()
