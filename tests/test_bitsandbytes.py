@@ -223,6 +223,21 @@ def test_bench_quantize_runs_lorakit_and_peft_on_the_same_nf4_base():
     assert "memory: lorakit dora / PEFT LoRA" in result["ratios"]
 
 
+def test_bench_quantize_int8_shares_one_base_between_methods():
+    """An 8-bit base's first forward moves its int8 weight and scales off the shared weight;
+    the bench puts them back, so every method after it (PEFT's LoRA, which moves the module)
+    still finds them: identity at init for every method, the quantized layers fused."""
+    from lorakit.bench import BenchConfig, run_bench
+
+    config = BenchConfig(hidden=64, layers=1, intermediate=128, vocab=64, batch=1, seq=8, steps=1, repeats=1,
+                         warmup=0, recipes=("lora", "dora"), peft=("lora",), floor=False, quantize="int8",
+                         lifecycle=False)
+    result = run_bench(config)
+    assert list(result["methods"]) == ["lorakit lora", "lorakit dora", "PEFT LoRA"]
+    for label, row in result["methods"].items():
+        assert row["init_loss_minus_base"] == 0, label
+
+
 def test_ddp_trains_on_a_quantized_base_and_fsdp2_is_refused_clearly(tmp_path):
     """One gloo rank (file store): DDP replicates the frozen quantized base and reduces
     only the adapter's gradients; FSDP2's fully_shard would replace the quantized weight

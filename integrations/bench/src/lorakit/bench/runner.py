@@ -139,6 +139,13 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int], None] | None =
     batch = {"input_ids": ids, "labels": ids}
     with torch.no_grad():
         base_loss = float(base(**batch).loss)
+    for module in base.modules():  # bitsandbytes int8: its first forward moved CB/SCB off the shared weight
+        state = getattr(module, "state", None)
+        if callable(getattr(module, "init_8bit_state", None)) and getattr(module.weight, "CB", 0) is None \
+                and state is not None and state.CB is not None:
+            # back on it, as on a model no forward has run on: every method's first forward (and
+            # PEFT's .to(), which copies the weight's SCB) then finds them there
+            module.weight.CB, module.weight.SCB = state.CB, state.SCB
 
     methods = [Method("lorakit", r) for r in config.recipes] + [Method("peft", p) for p in config.peft]
     methods += [FLOOR] if config.floor else []
