@@ -200,6 +200,7 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
         ("lorakit bench --threads 1 --dtype bfloat16 --json bf16.json --markdown bf16.md", RUN),
         ("lorakit bench --quantize nf4 --recipes lora,dora --peft lora,dora --threads 1 --no-load-merge "
          "--json nf4.json --markdown nf4.md", RUN),
+        ("lorakit bench --quantize int8 --recipes lora,dora --peft lora --threads 1 --no-load-merge", RUN),
         ("python -m lorakit.bench.studies dora-memory-nf4",
          Run(slow="seven DoRA forms on the default bench model's nf4 base (minutes)")),
         ("scripts/gpu_check.sh", NotRun(CUDA)),
