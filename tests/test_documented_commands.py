@@ -211,6 +211,8 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
         ("python -m pytest -q tests/test_dora.py tests/test_dora_saved_output.py", SUITE),
         ("python -m pytest -q tests/test_finetune.py -k compare", SUITE),
         ("LORAKIT_SLOW=1 python -m pytest -q tests/test_compile.py", SUITE),
+        ("python -m pytest -q tests/test_quantized_fused.py tests/test_bitsandbytes.py tests/test_torchao.py", SUITE),
+        ("python -m pytest -q tests/test_fast_load.py", SUITE),
         ("lorakit bench --model moe --json moe.json --markdown moe.md", RUN),
     ],
     "docs/development.md": [
