@@ -1,7 +1,7 @@
 """The launchers people use: ``accelerate launch`` with an FSDP2 config and with DeepSpeed
 ZeRO-2/3, the HF ``Trainer`` + ``LorakitCallback`` (docs/distributed.md).
 
-Two CPU processes (gloo) run tests/distributed/worker_fsdp_trainer.py: 4 AdamW steps of a
+Two CPU processes (gloo) run tests/distributed/worker_launchers.py: 4 AdamW steps of a
 tiny Llama, a checkpoint every 2, then ``trainer.train(resume_from_checkpoint=checkpoint-2)``
 on a fresh model; one plain process runs the same script with the doubled per-device batch
 (the reference). Checked per launcher: the wrapper the Trainer really used; losses and the
@@ -39,7 +39,7 @@ from lorakit.core.distributed import adapter_state_dict
 
 ROOT = Path(__file__).parent.parent
 HERE = Path(__file__).parent / "distributed"
-WORKER = HERE / "worker_fsdp_trainer.py"
+WORKER = HERE / "worker_launchers.py"
 sys.path.insert(0, str(HERE))
 lk.registry.load()
 PLUGINS = ",".join(sorted(name for name, info in lk.registry.plugins.items() if name == "core" or any(

@@ -1,7 +1,11 @@
-"""The HF ``Trainer`` + ``LorakitCallback`` under ``accelerate launch`` with an FSDP2 config::
+"""The HF ``Trainer`` + ``LorakitCallback`` under ``accelerate launch`` (tests/test_accelerate_launchers.py)::
 
-    accelerate launch --config_file configs/accelerate/fsdp2_cpu.yaml --num_processes 2 \\
-        --main_process_port 29500 tests/distributed/worker_fsdp_trainer.py OUT_DIR RECIPE
+    LORAKIT_ENGINE=fsdp accelerate launch --config_file configs/accelerate/fsdp2_cpu.yaml \\
+        --num_processes 2 --main_process_port 29500 tests/distributed/worker_launchers.py OUT_DIR RECIPE
+    LORAKIT_ENGINE=zero3 accelerate launch --use_deepspeed --deepspeed_config_file \\
+        configs/accelerate/zero3_cpu.json --num_processes 2 ... tests/distributed/worker_launchers.py OUT_DIR RECIPE
+
+(``LORAKIT_ENGINE`` only names the outputs.)
 
 As a plain ``python`` process it is the single-process reference (the per-device batch doubled).
 Each run trains ``STEPS`` steps, checkpointing every ``SAVE_EVERY`` (adapter-only; lorakit's
@@ -47,9 +51,9 @@ def train(out: Path, recipe: str, world: int, resume: str | None = None):
     model = Adapter.from_recipe(recipe, rank=4, seed=7).apply(tiny_llama(), targets=TARGETS)
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
-        learning_rate=0.05, optim="adamw_torch", adam_epsilon=1e-3, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-        seed=0, logging_steps=1, save_strategy="steps", save_steps=SAVE_EVERY, report_to=[], use_cpu=True,
-        ddp_backend="gloo" if world > 1 else None, dataloader_num_workers=0, disable_tqdm=True)
+        learning_rate=0.05, optim="adamw_torch", adam_epsilon=1e-3, lr_scheduler_type="linear", warmup_steps=0,
+        weight_decay=0.0, seed=0, logging_steps=1, save_strategy="steps", save_steps=SAVE_EVERY, report_to=[],
+        use_cpu=True, ddp_backend="gloo" if world > 1 else None, dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=dataset(),
                       callbacks=[LorakitCallback()])
     trainer.train(resume_from_checkpoint=resume)
