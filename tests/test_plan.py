@@ -40,6 +40,27 @@ def test_plan_matches_a_measured_step():
     assert abs(p.total / measured - 1) < 0.10, (p.as_dict(), measured)
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_plan_weights_are_the_quantized_tensors_bytes(mode):
+    """The weight formulas against torchao's real ``NF4Tensor`` / ``Int8Tensor`` (every inner tensor)."""
+    pytest.importorskip("torchao")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.bench.plan import plan
+    from lorakit.core.layer_kinds import plain_tensors
+    from lorakit.torchao import quantize
+
+    cfg = LlamaConfig(hidden_size=256, num_hidden_layers=2, intermediate_size=512, vocab_size=512,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = quantize(LlamaForCausalLM(cfg), mode, skip=("lm_head",))
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        for inner in plain_tensors(t).values():
+            storages[inner.untyped_storage().data_ptr()] = inner.untyped_storage().nbytes()
+    assert plan(cfg, "lora", 8, mode, 1, 2, 64, dtype="fp32").weights == sum(storages.values())
+
+
 def test_plan_shards_over_ranks_and_refuses_bad_input():
     from transformers import LlamaConfig
 

@@ -5,8 +5,10 @@ base quantization, a world size, batch and sequence length, the bytes each rank 
 
 - **weights**: the base. Every ``nn.Linear`` but ``lm_head`` in ``quantize``'s format
   (fp32 4 B, bf16 2 B per weight; ``nf4``: torchao's ``NF4Tensor``, ½ B per weight + an
-  int8 scale per ``block`` 64 + an fp32 factor per ``block × scaler_block`` (64 × 256);
-  ``int8``: 1 B per weight + an fp32 scale per row); embeddings, norms, head in ``dtype``.
+  int8 scale per ``block`` 64 + an fp32 factor per ``block × scaler_block`` (64 × 256) + 68 B
+  (its fp32 scaler mean and 16-value table); ``int8``: 1 B per weight + an fp32 scale and an
+  int8 zero point per row: the real tensors' bytes, tests/test_plan.py); embeddings, norms,
+  head in ``dtype``.
   ``shard=True`` (FSDP2, ``fully_shard`` on each decoder block and the root): each tensor's
   dim 0 split over ``world_size`` (⌈n/w⌉ rows each), plus what is gathered whole at the
   step's peak (``gather``, measured at 2 and 4 ranks at the start of a block's backward):
@@ -80,10 +82,10 @@ def linear_bytes(out_f: int, in_f: int, quantize: str, block: int = 64, scaler_b
     n = out_f * in_f
     if quantize in DTYPE_BYTES:
         return n * DTYPE_BYTES[quantize]
-    if quantize == "nf4":  # codes + int8 block scales + fp32 scaler factors
-        return n // 2 + n // block + 4 * (n // (block * scaler_block))
-    if quantize == "int8":
-        return n + 4 * out_f
+    if quantize == "nf4":  # codes + int8 block scales + fp32 scaler factors + scaler mean and the 16-value table
+        return n // 2 + n // block + 4 * (n // (block * scaler_block)) + 4 + 64
+    if quantize == "int8":  # codes + an fp32 scale and an int8 zero point per row
+        return n + 5 * out_f
     raise AdapterError(f"quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
 
 
