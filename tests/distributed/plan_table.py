@@ -9,25 +9,28 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from test_plan import measure_ranks  # noqa: E402
+from test_plan import SHAPES, measure_ranks  # noqa: E402
 
 MIB = 2**20
+WIDER = "256,512,512,2,64"  # where the plan is off by more than 10 % (docs/distributed.md)
 
 
 def main() -> None:
-    rows = ["| shape (hidden, inter, vocab, batch × seq) | ranks | predicted (MiB) | measured (MiB), every rank "
-            "| error | lowest of 3 more steps (MiB) | error |", "|---|---|---|---|---|---|---|"]
+    rows = ["| shape (hidden, inter, vocab, batch × seq[, base]) | ranks | predicted (MiB) | measured (MiB), "
+            "every rank | error | lowest of 3 more steps (MiB) | error |", "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for world in (1, 2, 4):
-            for shape, ranks in measure_ranks(world, Path(tmp)).items():
-                h, i, v, b, s = shape.split(",")
+            shapes = (*SHAPES, WIDER, *((f"{WIDER},nf4",) if world < 4 else ()))  # NF4 needs whole scaler blocks
+            for shape, ranks in measure_ranks(world, Path(tmp), shapes).items():
+                h, i, v, b, s, *q = shape.split(",")
                 predicted = ranks[0]["predicted"]["total"]
                 cells = []
                 for key in ("measured", "measured_lower"):
                     measured = sorted({m[key] for m in ranks})
                     cells += [" / ".join(f"{m / MIB:.2f}" for m in measured),
                               " / ".join(f"{predicted / m - 1:+.1%}" for m in measured)]
-                rows.append(f"| {h}, {i}, {v}, {b} × {s} | {world} | {predicted / MIB:.2f} | {' | '.join(cells)} |")
+                rows.append(f"| {h}, {i}, {v}, {b} × {s}{', ' + q[0] if q else ''} | {world} | {predicted / MIB:.2f} "
+                            f"| {' | '.join(cells)} |")
     print("\n".join(rows))
 
 

@@ -1,6 +1,6 @@
 """One rank of the ``lorakit plan`` check under FSDP2 (tests/test_plan.py)::
 
-    worker_plan.py OUT_DIR [SHAPE ...]     # SHAPE = hidden,intermediate,vocab,batch,seq
+    worker_plan.py OUT_DIR [SHAPE ...]     # SHAPE = hidden,intermediate,vocab,batch,seq[,nf4|int8]
 
 A tiny Llama (fp32, LoRA r=8 on all seven projections) sharded with ``fully_shard`` per
 decoder layer and at the root (at world size 1: not sharded), AdamW; after one step (AdamW's state exists) the rank's
@@ -28,6 +28,7 @@ import lorakit.core as lk  # noqa: E402
 from lorakit.bench.measure import step_peak_bytes  # noqa: E402
 from lorakit.bench.methods import TARGETS  # noqa: E402
 from lorakit.bench.plan import plan  # noqa: E402
+from lorakit.core.layer_kinds import plain_tensors  # noqa: E402
 
 
 def config(hidden: int, intermediate: int, vocab: int):
@@ -39,22 +40,29 @@ def config(hidden: int, intermediate: int, vocab: int):
 
 
 def local_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a DTensor: its local shard's)."""
+    """Bytes of the distinct storages behind ``tensors`` (a DTensor: its local shard's; a
+    torchao tensor: its inner tensors')."""
     seen = {}
     for t in tensors:
-        storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        for inner in plain_tensors(t.to_local() if isinstance(t, DTensor) else t).values():
+            seen[inner.untyped_storage().data_ptr()] = inner.untyped_storage().nbytes()
     return sum(seen.values())
 
 
 def measure(shape: tuple[int, ...], world: int) -> dict:
     from transformers import LlamaForCausalLM
 
-    hidden, intermediate, vocab, batch, seq = shape
+    hidden, intermediate, vocab, batch, seq, *quantized = shape
+    mode = quantized[0] if quantized else "fp32"
     cfg = config(hidden, intermediate, vocab)
-    predicted = plan(cfg, "lora", 8, "fp32", world, batch, seq, dtype="fp32")
+    predicted = plan(cfg, "lora", 8, mode, world, batch, seq, dtype="fp32")
     torch.manual_seed(0)
-    model = lk.Adapter.from_recipe("lora", rank=8).apply(LlamaForCausalLM(cfg), targets=TARGETS)
+    base = LlamaForCausalLM(cfg)
+    if mode != "fp32":  # a torchao base: every decoder linear, the head stays fp32
+        from lorakit.torchao import quantize
+
+        base = quantize(base, mode, skip=("lm_head",))
+    model = lk.Adapter.from_recipe("lora", rank=8).apply(base, targets=TARGETS)
     if world > 1:  # one process: the plain model, as tests/test_plan.py's 1-rank check
         for layer in model.model.layers:
             fully_shard(layer)
@@ -79,7 +87,7 @@ def measure(shape: tuple[int, ...], world: int) -> dict:
 
 
 def main() -> None:
-    out, shapes = Path(sys.argv[1]), [tuple(int(v) for v in s.split(",")) for s in sys.argv[2:]]
+    out, shapes = Path(sys.argv[1]), [tuple(int(v) if v.isdigit() else v for v in s.split(",")) for s in sys.argv[2:]]
     rank, world = common.init_process_group()
     for shape in shapes:
         name = f"plan-{'x'.join(map(str, shape))}-world{world}"

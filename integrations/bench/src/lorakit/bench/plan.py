@@ -14,7 +14,8 @@ base quantization, a world size, batch and sequence length, the bytes each rank 
   step's peak (``gather``, measured at 2 and 4 ranks at the start of a block's backward):
   the root's own tensors (embeddings, final norm, head: FSDP2 does not reshard the root
   after its forward) and two decoder blocks (the one running its backward and the one its
-  backward prefetch all-gathers); ``shard=False`` (DDP): every rank holds all.
+  backward prefetch all-gathers; fits hidden 128, about 0.8 block low at hidden 256:
+  docs/distributed.md's table); ``shard=False`` (DDP): every rank holds all.
 - **adapter**: counted exactly: the adapter is built on a meta-device copy of the model
   (``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``, then
   ``Adapter.apply(..., restore={})``: the structure, no initializer runs), fp32.
