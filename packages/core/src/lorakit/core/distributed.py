@@ -19,8 +19,11 @@ wrapped or sharded model to whole tensors, for the single-process API::
 
 Why a plain replica for merge and export: under FSDP2 each rank holds a shard of
 ``W̄`` and of the factors, so a merged weight or an SVD of the update needs whole
-tensors; the replica holds them once, where the files are written. See
-docs/distributed.md for the launch commands and what the tests show.
+tensors; the replica holds them once, where the files are written. DeepSpeed ZeRO-3
+(its parameters are ``Size([0])`` outside the forward) is gathered the same way by
+``adapter_state_dict``; ``save_full(model, path)`` writes ``save``'s files from any of
+them (every rank calls it, rank 0 writes). See docs/distributed.md for the launch
+commands and what the tests show.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def _whole_adapter_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every adapter tensor of a plain, DDP or FSDP2 model as a whole CPU tensor.
+    """Every adapter tensor of a plain, DDP, FSDP2 or DeepSpeed (ZeRO-3) model as a whole CPU tensor.
 
     Keys are those of ``lorakit.core.save`` (``"<module>.<slot tensor>"``), values
     are identical on every rank. Under FSDP2 or DeepSpeed ZeRO-3 this is a collective
