@@ -55,7 +55,7 @@ def measure(shape: tuple[int, ...], world: int) -> dict:
     hidden, intermediate, vocab, batch, seq, *quantized = shape
     mode = quantized[0] if quantized else "fp32"
     cfg = config(hidden, intermediate, vocab)
-    predicted = plan(cfg, "lora", 8, mode, world, batch, seq, dtype="fp32")
+    predicted = plan(cfg, "lora", 8, mode, world, batch, seq, dtype="fp32", backend="gloo")
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg)
     if mode != "fp32":  # a torchao base: every decoder linear, the head stays fp32
