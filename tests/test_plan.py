@@ -76,6 +76,8 @@ def test_plan_shards_over_ranks_and_refuses_bad_input():
         plan(cfg, quantize="fp8")
     with pytest.raises(AdapterError, match="backend"):
         plan(cfg, backend="mpi")
+    with pytest.raises(AdapterError, match="world_size, batch, seq_len, rank must be >= 1"):
+        plan(cfg, world_size=0)
 
 
 def test_plan_peak_moments():

@@ -23,6 +23,8 @@ def configure(parser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="per rank")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--no-shard", action="store_true", help="replicated base (DDP) instead of FSDP2")
+    parser.add_argument("--backend", default="nccl", choices=("nccl", "gloo"),
+                        help="the all-gather's: gloo (CPU) holds a flat copy of a gathered block more")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -44,7 +46,7 @@ def run(args) -> int:
     from .plan import PARTS, plan
 
     result = plan(model_config(args), args.recipe, args.rank, args.quantize, args.world_size, args.batch,
-                  args.seq_len, shard=not args.no_shard)
+                  args.seq_len, shard=not args.no_shard, backend=args.backend)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
