@@ -10,7 +10,8 @@ base quantization, a world size, batch and sequence length, the bytes each rank 
   int8 zero point per row: the real tensors' bytes, tests/test_plan.py); embeddings, norms,
   head in ``dtype``.
   ``shard=True`` (FSDP2, ``fully_shard`` on each decoder block and the root): each tensor's
-  dim 0 split over ``world_size`` (⌈n/w⌉ rows each); ``shard=False`` (DDP): every rank holds all.
+  dim 0 split over ``world_size`` (⌈n/w⌉ rows each), buffers (rotary ``inv_freq``) whole;
+  ``shard=False`` (DDP): every rank holds all.
 - **gather** (FSDP2, ``world_size`` > 1): what is all-gathered whole at the step's peak
   moment (below): the root's own tensors (embeddings, final norm, head: FSDP2 does not
   reshard the root after its forward) and decoder blocks' base and adapter tensors (the
@@ -139,22 +140,24 @@ def plan(config, recipe: str = "lora", rank: int = 16, quantize: str = "bf16", w
     base = {id(t) for t in [*model.parameters(), *model.buffers()]}
     weights, root_bytes, block_bytes, largest_linear = 0, 0, {}, 0
     for name, module in model.named_modules():
+        own_buffers = {id(t) for t in module.buffers(recurse=False)}  # FSDP2 shards parameters, not buffers
         for pname, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if type(module) is nn.Linear and pname == "weight" and not name.endswith("lm_head"):
-                rows = _rows(t.shape[0], w)
-                size = linear_bytes(rows, t.shape[1], quantize)
+                size = linear_bytes(_rows(t.shape[0], w), t.shape[1], quantize)
                 full = linear_bytes(t.shape[0], t.shape[1], quantize)
                 largest_linear = max(largest_linear, t.numel())
             else:
-                size = _sharded(tuple(t.shape), w) * (b if t.is_floating_point() else t.element_size())
-                full = t.numel() * (b if t.is_floating_point() else t.element_size())
+                element = b if t.is_floating_point() else t.element_size()
+                full = t.numel() * element
+                size = full if id(t) in own_buffers else _sharded(tuple(t.shape), w) * element
             weights += size
-            root_bytes += _add_to_block(block_bytes, name, full)
+            if id(t) not in own_buffers:  # what FSDP2 all-gathers
+                root_bytes += _add_to_block(block_bytes, f"{name}.{pname}", full)
     Adapter.from_recipe(recipe, rank=rank).apply(model, targets=list(targets), restore={})
     params = [p for p in model.parameters() if id(p) not in base]
     buffers = [t for t in model.buffers() if id(t) not in base]
     trainable = [p for p in params if p.requires_grad]
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:  # adapter tensors gather with their block
+    for name, t in model.named_parameters():  # adapter parameters gather with their block
         if id(t) not in base and ".layers." in name:
             _add_to_block(block_bytes, name, t.numel() * 4)
     adapter = sum(_sharded(tuple(p.shape), w) * 4 for p in params) + sum(t.numel() * 4 for t in buffers)
