@@ -322,6 +322,19 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
          Run(slow="the default grid plus one entry")),
         ("lorakit sweep --recipes delora+normalizer=delora:lambda0=1 delora+normalizer=delora:lambda0=1,"
          "residual_lambda=live --lrs 1.6e-3,6.3e-3,2.5e-2,1e-1 --seeds 0 --out runs/sweep-delora-lambda1", RUN),
+        ("lorakit sweep --recipes lora@2e-3 delora delora+normalizer=delora:lambda0=12 "
+         "delora+normalizer=delora:lambda0=4 delora+normalizer=delora:lambda0=1 "
+         "--lrs 4e-4,1.6e-3,2e-3,6.3e-3,2.5e-2,1e-1 --threads 1 --out runs/sweep-lambda0",
+         Run(slow="75 fine-tunes even on the tiny model")),
+        ("lorakit sweep --recipes delora+normalizer=delora:lambda0=4 delora+normalizer=delora:lambda0=1 "
+         "--lrs 2e-3,6.3e-3,2.5e-2,1e-1 --lambda-lr-ratio 10 --threads 1 --out runs/sweep-lambda-lr",
+         Run(slow="24 fine-tunes")),
+        ("lorakit sweep --recipes lora@6.3e-3/2.5e-2 delora@6.3e-3/2.5e-2 "
+         "delora+normalizer=delora:lambda0=1@2.5e-2/1e-1 op-lora@6.3e-3/2.5e-2 --steps 1000 --eval-every 100 "
+         "--threads 1 --out runs/prolonged",
+         Run(slow="24 fine-tunes evaluated along the way")),
+        ("lorakit sweep --recipes delora+normalizer=delora:lambda0=4@2.5e-2 --seeds 0 --steps 1000 --eval-every 100 "
+         "--threads 1 --out runs/prolonged-l4", RUN),
         ("python - <<'EOF'  # body f66957e2", Run(slow="8 trainings of 400 steps in a Python process of its own")),
     ],
     "docs/papers/loldu.md": [
@@ -356,6 +369,8 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
         ("cp -r runs/sweep-delora/cells/lora runs/sweep-oplora/cells/", Run(slow="its block has the default grid")),
         ("lorakit sweep --recipes lora op-lora op-lora+generator=mlp:gain=2 --lrs 4e-4,1.6e-3,6.3e-3 "
          "--out runs/sweep-oplora", Run(slow="its block has the default grid")),
+        ("lorakit sweep --recipes op-lora op-lora+generator=mlp:gain=2 --lrs 2.5e-2 --threads 1 "
+         "--out runs/sweep-oplora-gain", Run(slow="6 OP-LoRA fine-tunes")),
     ],
     "docs/plugins.md": [
         ("lorakit new-plugin my-init --kind initializer --dir .", Run(output=True)),
