@@ -16,7 +16,7 @@ MIB = 2**20
 
 def main() -> None:
     rows = ["| shape (hidden, inter, vocab, batch × seq[, base]) | ranks | predicted (MiB) | measured (MiB), "
-            "every rank | error | lowest of 3 more steps (MiB) | error |", "|---|---|---|---|---|---|---|"]
+            "every rank | error | lowest of 6 steps (MiB) | error |", "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for world in (1, 2, 4):
             shapes = (*SHAPES, *(WIDER if world < 4 else WIDER[:1]))  # NF4 needs whole scaler blocks per rank
