@@ -36,19 +36,21 @@ The peak is the largest of three moments, each what is gathered + a transient:
   gradient alive together);
 - *a block's backward prefetch* (the start of block ``l``'s backward, all-gathering block
   ``l − 1``): ``root + B₁ + B₂`` (block ``l`` whole, block ``l − 1``'s all-gather output),
-  ``root + B₁ + 2 B₂`` with ``backend="gloo"``: gloo's ``_allgather_base`` gathers into a flat tensor of its own
-  (``newLikeFlat``) and copies it into the output, so the gathered block is there twice;
-  NCCL gathers in place. No transient;
-- *an NF4 linear's forward* (``quantize="nf4"``): ``root + B₁ + B₂`` (the block running and its
-  all-gather result, freed at the next copy-out), transient ``(8 + 3b) · n`` for the largest
+  ``root + B₁ + 2 B₂`` with ``backend="gloo"``: gloo's ``_allgather_base`` gathers into a
+  flat tensor of its own (``newLikeFlat``) and copies it into the output, so the gathered
+  block is there twice; NCCL gathers in place. No transient;
+- *an NF4 linear's forward* (``quantize="nf4"``): ``root + B₁ + B₂`` (the running block whole
+  and its all-gather output, whose free FSDP2 defers to the next block's copy-out; blocks
+  alike), transient ``(8 + 3b) · n`` for the largest
   base linear (``n = out × in``): torchao's ``F.linear`` dequantizes the whole weight
   (``get_original_weight``: two int64 code tensors of ``n/2``, two table lookups and two
   scaled halves of ``n/2`` in ``b``, their interleaved ``n``, all alive at the ``stack``).
   lorakit-torchao's backward (``linear_t``, row blocks of at most 4M weights) holds less.
   int8's dequantization is not modelled (not measured).
 
-Unsharded (or one rank) nothing is gathered. Checked against the profiler's peak on tiny Llamas at
-1, 2 and 4 gloo ranks (fp32 and NF4: within 5 %; tests/test_plan.py, docs/distributed.md).
+Unsharded (or one rank) nothing is gathered. Checked against the profiler's peak on tiny
+Llamas at 1, 2 and 4 gloo ranks (fp32 and NF4: within 5 % of each rank's lowest of six steps;
+tests/test_plan.py, docs/distributed.md).
 
 ``total`` = weights + gather + adapter + optimizer + gradients + activations.
 """
