@@ -369,6 +369,8 @@ KNOWN: dict[str, list[tuple[str, Run | NotRun | Suite]]] = {
         ("cp -r runs/sweep-delora/cells/lora runs/sweep-oplora/cells/", Run(slow="its block has the default grid")),
         ("lorakit sweep --recipes lora op-lora op-lora+generator=mlp:gain=2 --lrs 4e-4,1.6e-3,6.3e-3 "
          "--out runs/sweep-oplora", Run(slow="its block has the default grid")),
+        ("lorakit mf --optimizer adam --stable-gain 2 --seed 1 --json mf-adam-stable-1.json", RUN),
+        ("lorakit mf --optimizer adam --stable-gain 2 --seed 2 --json mf-adam-stable-2.json", RUN),
         ("lorakit sweep --recipes op-lora op-lora+generator=mlp:gain=2 --lrs 2.5e-2 --threads 1 "
          "--out runs/sweep-oplora-gain", Run(slow="6 OP-LoRA fine-tunes")),
     ],
