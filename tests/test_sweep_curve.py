@@ -97,3 +97,15 @@ def test_lambda_lr_ratio_bad_input_and_setup_compatibility(tiny, tmp_path, capsy
     # unset, the ratio is not in a cell's setup: records written before the option stay valid
     assert "lambda_lr_ratio" not in _setup(FinetuneConfig())
     assert _setup(FinetuneConfig(lambda_lr_ratio=10.0))["lambda_lr_ratio"] == 10.0
+
+
+def test_a_diverged_cell_with_eval_every_is_resumed(tiny, tmp_path, capsys):
+    argv = _sweep(tiny, tmp_path / "div", "--recipes", "lora", "--lrs", "1e30", "--seeds", "0", "--eval-every", "2",
+                  steps=4)
+    assert main(argv) == 0
+    (cell,) = json.loads((tmp_path / "div" / "sweep.json").read_text())["cells"]
+    assert cell["diverged"] and cell["curve"] is None
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 runs (1 resumed" in out and "running that cell again" not in out

@@ -123,7 +123,7 @@ def _record_problem(done, entry: dict, lr: float, seed: int) -> str | None:
         return f"lacks {missing}"
     bad = sorted(k for k, t in wanted.items() if not isinstance(done[k], t)
                  or (t in (int, dict) and isinstance(done[k], bool)))
-    if "curve" in done and not isinstance(done["curve"], list):
+    if done.get("curve") is not None and not isinstance(done["curve"], list):  # None: a diverged cell
         bad = [*bad, "curve"]
     if bad or (not done["diverged"] and not isinstance(done["trainable"].get("adapter"), int)):
         return f"has malformed {bad or ['trainable']}"
