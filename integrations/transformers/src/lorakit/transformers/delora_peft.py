@@ -61,18 +61,20 @@ PARTS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
 _KEY = re.compile(r"(?P<module>.+)\.(?P<part>" + "|".join(PARTS) + ")")
 # DeloraConfig fields that change what the adapter computes, with the value lorakit supports
 _UNSUPPORTED = {"bias": "none", "modules_to_save": None}
+# the way out, named for both callers: export_peft's argument and the CLI's flag
+AS_LORA = "format='lora' (lorakit export --format peft)"
 
 
 def _check_exportable(name: str, layer) -> None:
     if type(layer.kind) is not LinearKind or not isinstance(layer.base, nn.Linear):
         raise AdapterError(f"module {name!r} is a {type(layer.base).__name__}; PEFT's DeLoRA adapts torch.nn.Linear "
-                           "only: leave it out of the targets, or export format='lora'")
+                           f"only: leave it out of the targets, or export {AS_LORA}")
     if not isinstance(layer.normalizer, DeLoRA):
         raise AdapterError(f"module {name!r} has the {layer.normalizer.name!r} normalizer; format='delora' writes "
-                           "DeLoRA adapters (normalizer 'delora'): export it with format='lora'")
+                           f"DeLoRA adapters (normalizer 'delora'): export it with {AS_LORA}")
     if layer.magnitude is not None:
         raise AdapterError(f"module {name!r} has the magnitude head {layer.magnitude.name!r}, which PEFT's DeLoRA "
-                           "cannot hold: export it with format='lora' (DoRA heads as use_dora)")
+                           f"cannot hold: export it with {AS_LORA} (DoRA heads as use_dora)")
     if layer.merged or layer.disabled:
         raise AdapterError(f"module {name!r} is {'merged' if layer.merged else 'disabled'}; "
                            f"{'unmerge(model)' if layer.merged else 'enable it'} before exporting")
@@ -167,7 +169,7 @@ def delora_export(model: nn.Module, *, prefix: str = PEFT_PREFIX, base_model_nam
     trained += [f"modules_to_save {sorted(saved_modules(model))}"] if saved_modules(model) else []
     if trained:
         raise AdapterError(f"PEFT DeLoRA export: lorakit writes only DeLoRA tensors and would drop the "
-                           f"{' and '.join(trained)}: export format='lora', or train without them")
+                           f"{' and '.join(trained)}: export {AS_LORA}, or train without them")
     warn_if_merged_base(model)
     tensors, ranks = {}, {}
     with torch.no_grad():
