@@ -18,6 +18,18 @@ def wide(layers=12, width=768):
     return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
 
 
+def trained_and_saved(adapter: Adapter, base: nn.Module, path):
+    """``adapter`` on a copy of ``base``, every trainable tensor moved off its initial value
+    (so a load that re-ran the initializers would differ), saved at ``path``."""
+    model = adapter.apply(copy.deepcopy(base), targets=r"\d+")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    save(model, path)
+    return model
+
+
 def best_of(n, fn):
     times = []
     for _ in range(n):
@@ -57,12 +69,7 @@ def test_load_skips_the_initializers(tmp_path):
     """The issue's measure: 12 layers 768 wide with PiSSA, load ≤ 0.1 × apply."""
     base = wide()
     adapter = Adapter.from_recipe("pissa", rank=8)
-    model = adapter.apply(copy.deepcopy(base), targets=r"\d+")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.01)
-    save(model, tmp_path / "ck")
+    model = trained_and_saved(adapter, base, tmp_path / "ck")
     t_apply = best_of(1, lambda: Adapter.from_recipe("pissa", rank=8).apply(copy.deepcopy(base), targets=r"\d+"))
     clones = []
     t_load = best_of(2, lambda: clones.append(load(copy.deepcopy(base), tmp_path / "ck")))
@@ -83,12 +90,7 @@ def test_load_skips_the_mlp_generators_init(tmp_path, gain, monkeypatch):
 
     base = wide(layers=2, width=16)
     adapter = Adapter.from_recipe("op-lora", rank=4, generator=mlp.MLP(width=8, embed_dim=16, gain=gain))
-    model = adapter.apply(copy.deepcopy(base), targets=r"\d+")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.01)
-    save(model, tmp_path / "ck")
+    model = trained_and_saved(adapter, base, tmp_path / "ck")
 
     def refuse(*args, **kwargs):
         raise AssertionError("load initialized the MLP")

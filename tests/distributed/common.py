@@ -9,6 +9,7 @@ the two comes from the distributed engine, not from the test.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import traceback
 from pathlib import Path
@@ -115,6 +116,15 @@ def evaluate(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {"eval.first": model(x), "eval.cached": model(x)}
     model.train()
     return out
+
+
+def write_result(out: Path, name: str, rank: int, tensors: dict, meta: dict) -> None:
+    """One rank's result of case ``name``: ``{name}-rank{r}.safetensors`` and ``.json``,
+    which the test reads back and compares with the single-process reference."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / f"{name}-rank{rank}.safetensors"))
+    (out / f"{name}-rank{rank}.json").write_text(json.dumps(meta))
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ merged model, to be compared with the single-process files.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -69,9 +68,7 @@ def from_meta(recipe: str, inputs: Path):
 def write(out: Path, name: str, rank: int, model, losses: list[float]) -> None:
     state = adapter_state_dict(model)  # collective under FSDP2
     state.update(common.evaluate(model))
-    save_file(state, str(out / f"{name}-rank{rank}.safetensors"))
-    meta = {"losses": losses, "sharding": sharding(model)}
-    (out / f"{name}-rank{rank}.json").write_text(json.dumps(meta))
+    common.write_result(out, name, rank, state, {"losses": losses, "sharding": sharding(model)})
 
 
 def write_exports(out: Path, recipe: str, rank: int, model) -> None:

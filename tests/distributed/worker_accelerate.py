@@ -10,13 +10,11 @@ Writes ``accelerate-{recipe}-rank{r}.safetensors`` / ``.json`` as worker.py does
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,9 +48,7 @@ def main() -> None:
                 losses.append(float(accelerator.gather(loss.detach()[None]).mean()))
             state = adapter_state_dict(accelerator.unwrap_model(model))
             state.update(common.evaluate(model))
-            save_file(state, str(out / f"{name}-rank{rank}.safetensors"))
-            wrapper = type(model).__name__
-            (out / f"{name}-rank{rank}.json").write_text(json.dumps({"losses": losses, "wrapper": wrapper}))
+            common.write_result(out, name, rank, state, {"losses": losses, "wrapper": type(model).__name__})
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

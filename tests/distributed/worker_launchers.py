@@ -18,13 +18,11 @@ checkpoints stay in ``OUT_DIR/{name}/``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainingArguments
 
@@ -84,8 +82,7 @@ def main() -> None:
         state.update({f"resumed.{k}": v for k, v in adapter_state_dict(resumed.model).items()})
         meta = {"losses": losses, "resumed_losses": resumed_losses, "wrapper": type(trainer.model_wrapped).__name__,
                 "sharding": sharding, "plain_save": refused}
-        save_file(state, str(out / f"{name}-rank{rank}.safetensors"))
-        (out / f"{name}-rank{rank}.json").write_text(json.dumps(meta))
+        common.write_result(out, name, rank, state, meta)
     if world > 1:
         torch.distributed.barrier()
 

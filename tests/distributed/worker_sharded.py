@@ -72,12 +72,11 @@ def parity(out: Path, recipes: list[str], rank: int, world: int) -> None:
             after = local_base_bytes(model)
             unchanged = before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
             state = {**adapter_state_dict(model), **evaluate(model)}
-            save_file(state, str(out / f"parity-{recipe}-rank{rank}.safetensors"))
             weight = model.blocks[0].q.base.weight
             meta = {"losses": losses, "base_unchanged": unchanged, "base_bytes": len(before),
                     "weight": [type(weight).__name__, type(weight.to_local()).__name__,
                                list(weight.to_local().shape)]}
-            (out / f"parity-{recipe}-rank{rank}.json").write_text(json.dumps(meta))
+            common.write_result(out, f"parity-{recipe}", rank, state, meta)
 
 
 @torch.no_grad()

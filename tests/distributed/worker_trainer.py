@@ -12,13 +12,11 @@ Llama built from a config trains ``STEPS`` steps on fixed-length token sequences
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,8 +66,7 @@ def main() -> None:
                      if p.requires_grad]
             meta = {"losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
                     "wrapper": type(trainer.model_wrapped).__name__, "moved": [min(moved), max(moved)]}
-            save_file(state, str(out / f"{name}-rank{rank}.safetensors"))
-            (out / f"{name}-rank{rank}.json").write_text(json.dumps(meta))
+            common.write_result(out, name, rank, state, meta)
     if world > 1:
         torch.distributed.barrier()
 
