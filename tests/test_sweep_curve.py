@@ -109,3 +109,18 @@ def test_a_diverged_cell_with_eval_every_is_resumed(tiny, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "1 runs (1 resumed" in out and "running that cell again" not in out
+
+
+def test_plots_of_a_sweep_where_every_run_diverged_say_so(tmp_path):
+    # nothing to draw: no empty legend (matplotlib's warning), a note on the figure instead
+    import warnings
+
+    from lorakit.finetune.plots import sweep_curve_plot, sweep_loss_plot, sweep_lr_plot
+
+    rows = [{"label": "lora", "best_lr": 0.1, "per_lr": [{"lr": 0.1, "metric": None, "diverged": True}]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for path in (sweep_lr_plot(rows, tmp_path / "lr.png", "pearson"),
+                     sweep_loss_plot([{**rows[0], "per_lr": []}], [], tmp_path / "loss.png", "loss"),
+                     sweep_curve_plot(rows, tmp_path / "curve.png", "pearson")):
+            assert path.read_bytes().startswith(PNG)

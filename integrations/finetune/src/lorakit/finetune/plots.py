@@ -29,6 +29,16 @@ def _save(fig: Figure, path: Path) -> None:
     tmp.replace(path)
 
 
+def _legend(ax, fontsize: str = "small") -> None:
+    """A legend, or where nothing was drawn (every run diverged) a note saying so:
+    an empty plot must not look like a plot of nothing wrong."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+    else:
+        ax.text(0.5, 0.5, "no finished run to show (every run diverged)", ha="center", va="center",
+                transform=ax.transAxes)
+
+
 def loss_curve(losses: list[float], path: Path, title: str, ylabel: str) -> Path:
     fig = Figure(figsize=(6, 3.6))
     ax = fig.add_subplot()
@@ -83,7 +93,7 @@ def sweep_lr_plot(rows: list[dict], path: Path, metric: str) -> Path:
     ax.set(xlabel="learning rate", ylabel=f"held-out {metric}",
            title=f"held-out {metric} vs learning rate (median, min–max over seeds)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
+    _legend(ax)
     _save(fig, path)
     return path
 
@@ -105,7 +115,7 @@ def sweep_loss_plot(rows: list[dict], cells: list[dict], path: Path, ylabel: str
         ax.fill_between(steps, [min(c) for c in cols], [max(c) for c in cols], color=f"C{i}", alpha=0.2)
     ax.set(xlabel="step", ylabel=ylabel + " (moving average)", title="training loss at each entry's best lr")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax)
     _save(fig, path)
     return path
 
@@ -128,6 +138,6 @@ def sweep_curve_plot(rows: list[dict], path: Path, metric: str) -> Path:
     ax.set(xlabel="step", ylabel=f"held-out {metric}",
            title=f"held-out {metric} vs step (median, min–max over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="x-small")
+    _legend(ax, "x-small")
     _save(fig, path)
     return path
